@@ -1,0 +1,76 @@
+"""cffi builder (out-of-line API mode) for keychain_ext._native.
+
+The cdef is csrc/keychain.h itself, minus its preprocessor guard lines; the
+backend is chosen by platform: Security.framework on macOS, a PKCS#11 token
+(dlopen'ed at run time, never linked) with OpenSSL elsewhere.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from cffi import FFI
+
+CSRC = Path(__file__).resolve().parent
+ROOT = CSRC.parent
+STRICT = ["-Wall", "-Wextra", "-Werror"]
+
+
+def _version() -> str:
+    text = (ROOT / "keychain_ext" / "_version.py").read_text()
+    match = re.search(r'__version__ = "([^"]+)"', text)
+    assert match, "keychain_ext/_version.py has no __version__"
+    return match.group(1)
+
+
+def _cdef() -> str:
+    lines = (CSRC / "keychain.h").read_text().splitlines()
+    keep = [
+        line
+        for line in lines
+        if not re.match(r"\s*#\s*(ifndef|endif|include|define\s+KEYCHAIN_EXT_KEYCHAIN_H)", line)
+    ]
+    return "\n".join(keep)
+
+
+def _pkg_config_cflags(package: str) -> list[str]:
+    try:
+        out = subprocess.run(
+            ["pkg-config", "--cflags", package], check=True, capture_output=True, text=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ["-I/usr/include/p11-kit-1"]
+    return shlex.split(out)
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(_cdef())
+
+if sys.platform == "darwin":
+    _sources = [str(CSRC / "keychain_darwin.c")]
+    _kwargs: dict[str, list[str]] = {
+        "extra_compile_args": STRICT,
+        "extra_link_args": ["-framework", "Security", "-framework", "CoreFoundation"],
+    }
+else:
+    _sources = [str(CSRC / "keychain_pkcs11.c")]
+    _kwargs = {
+        "extra_compile_args": STRICT + _pkg_config_cflags("p11-kit-1"),
+        "libraries": ["crypto", "dl", "pthread"],
+    }
+
+ffibuilder.set_source(
+    "keychain_ext._native",
+    '#include "keychain.h"',
+    sources=[str(Path(s).relative_to(ROOT)) for s in _sources],
+    include_dirs=[str(CSRC.relative_to(ROOT))],
+    define_macros=[("KC_VERSION", '"%s"' % _version())],
+    **_kwargs,
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

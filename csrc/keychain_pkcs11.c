@@ -1,0 +1,1267 @@
+/*
+ * keychain_pkcs11.c -- the keychain.h API on a PKCS#11 token.
+ *
+ * The Linux counterpart of Passenger's Crypto.cpp: a token chosen by label
+ * plays the keychain, a CK_ATTRIBUTE template plays the query dictionary,
+ * key attributes (private, sensitive, non-extractable, sign-only) play the
+ * SecAccess, OpenSSL's PKCS12_parse plays SecPKCS12Import, and CKA_ID (the
+ * SHA-1 of the public key, the bytes macOS reports as kSecImportItemKeyID)
+ * is the remembered key id.
+ *
+ * Process-wide state, kept on purpose:
+ *  - a module is dlopen'ed once and never unloaded, and C_Finalize is never
+ *    called: libcurl's pkcs11 engine may share the module in this process;
+ *  - one "anchor" session per token stays open for the life of the process,
+ *    so closing a handle never closes the token's last session (SoftHSM2
+ *    #464, and the login would be lost for every other user).
+ */
+#define _GNU_SOURCE
+#include "keychain.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/core_names.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/objects.h>
+#include <openssl/pkcs12.h>
+#include <openssl/provider.h>
+#include <openssl/sha.h>
+#include <openssl/x509.h>
+
+#include <p11-kit/pkcs11.h>
+
+#ifndef KC_VERSION
+#define KC_VERSION "0.0.0"
+#endif
+
+#define TOKEN_LABEL_LEN 32   /* CK_TOKEN_INFO.label: space padded */
+#define MAX_SLOTS 16         /* tokens per module we remember logins for */
+#define MAX_FOUND 64         /* objects one label may carry that we handle */
+#define TRANSIENT_RETRIES 5  /* tries for CKR_TOKEN_NOT_PRESENT and kin */
+#define LEASE_APPLICATION "keychain_ext"
+
+/* ---------------------------------------------------------------- errors */
+
+static int32_t fail(kc_error *err, int32_t status, int64_t native,
+                    const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static int32_t fail(kc_error *err, int32_t status, int64_t native,
+                    const char *fmt, ...)
+{
+    if (err) {
+        va_list ap;
+        err->status = status;
+        err->native_code = native;
+        va_start(ap, fmt);
+        vsnprintf(err->message, sizeof err->message, fmt, ap);
+        va_end(ap);
+    }
+    return status;
+}
+
+static const char *ckr_name(CK_RV rv)
+{
+    switch (rv) {
+#define N(x) case x: return #x;
+    N(CKR_OK) N(CKR_HOST_MEMORY) N(CKR_SLOT_ID_INVALID) N(CKR_GENERAL_ERROR)
+    N(CKR_FUNCTION_FAILED) N(CKR_ARGUMENTS_BAD) N(CKR_ATTRIBUTE_READ_ONLY)
+    N(CKR_ATTRIBUTE_SENSITIVE) N(CKR_ATTRIBUTE_TYPE_INVALID)
+    N(CKR_ATTRIBUTE_VALUE_INVALID) N(CKR_DEVICE_ERROR) N(CKR_DEVICE_MEMORY)
+    N(CKR_DEVICE_REMOVED) N(CKR_FUNCTION_NOT_SUPPORTED)
+    N(CKR_KEY_TYPE_INCONSISTENT) N(CKR_OBJECT_HANDLE_INVALID)
+    N(CKR_OPERATION_ACTIVE) N(CKR_OPERATION_NOT_INITIALIZED)
+    N(CKR_PIN_INCORRECT) N(CKR_PIN_INVALID) N(CKR_PIN_LEN_RANGE)
+    N(CKR_PIN_EXPIRED) N(CKR_PIN_LOCKED) N(CKR_SESSION_CLOSED)
+    N(CKR_SESSION_COUNT) N(CKR_SESSION_HANDLE_INVALID)
+    N(CKR_SESSION_READ_ONLY) N(CKR_TEMPLATE_INCOMPLETE)
+    N(CKR_TEMPLATE_INCONSISTENT) N(CKR_TOKEN_NOT_PRESENT)
+    N(CKR_TOKEN_NOT_RECOGNIZED) N(CKR_TOKEN_WRITE_PROTECTED)
+    N(CKR_USER_ALREADY_LOGGED_IN) N(CKR_USER_NOT_LOGGED_IN)
+    N(CKR_USER_PIN_NOT_INITIALIZED) N(CKR_USER_TYPE_INVALID)
+    N(CKR_BUFFER_TOO_SMALL) N(CKR_CRYPTOKI_NOT_INITIALIZED)
+    N(CKR_CRYPTOKI_ALREADY_INITIALIZED) N(CKR_MECHANISM_INVALID)
+#undef N
+    default: return "CKR_VENDOR_OR_UNKNOWN";
+    }
+}
+
+/* CK_RV -> OSStatus: the closest errSec* meaning; the CK_RV stays in
+ * kc_error.native_code. */
+static int32_t ckr_status(CK_RV rv)
+{
+    switch (rv) {
+    case CKR_OK: return KC_errSecSuccess;
+    case CKR_PIN_INCORRECT: case CKR_PIN_INVALID: case CKR_PIN_LEN_RANGE:
+    case CKR_PIN_EXPIRED: case CKR_PIN_LOCKED: case CKR_USER_NOT_LOGGED_IN:
+    case CKR_USER_PIN_NOT_INITIALIZED:
+        return KC_errSecAuthFailed;
+    case CKR_SLOT_ID_INVALID: case CKR_TOKEN_NOT_PRESENT:
+    case CKR_TOKEN_NOT_RECOGNIZED: case CKR_DEVICE_REMOVED:
+        return KC_errSecNoSuchKeychain;
+    case CKR_HOST_MEMORY: case CKR_DEVICE_MEMORY: case CKR_SESSION_COUNT:
+        return KC_errSecAllocate;
+    case CKR_ARGUMENTS_BAD: case CKR_ATTRIBUTE_VALUE_INVALID:
+    case CKR_ATTRIBUTE_TYPE_INVALID: case CKR_TEMPLATE_INCOMPLETE:
+    case CKR_TEMPLATE_INCONSISTENT: case CKR_ATTRIBUTE_READ_ONLY:
+        return KC_errSecParam;
+    case CKR_OBJECT_HANDLE_INVALID: case CKR_SESSION_HANDLE_INVALID:
+    case CKR_SESSION_CLOSED:
+        return KC_errSecInvalidItemRef;
+    case CKR_TOKEN_WRITE_PROTECTED: case CKR_SESSION_READ_ONLY:
+        return KC_errSecReadOnly;
+    case CKR_FUNCTION_NOT_SUPPORTED: case CKR_KEY_TYPE_INCONSISTENT:
+    case CKR_MECHANISM_INVALID:
+        return KC_errSecUnimplemented;
+    case CKR_CRYPTOKI_NOT_INITIALIZED:
+        return KC_errSecNotAvailable;
+    default:
+        return KC_errSecIO;
+    }
+}
+
+static int32_t fail_ck(kc_error *err, CK_RV rv, const char *what)
+{
+    return fail(err, ckr_status(rv), (int64_t)rv, "%s failed: %s (0x%lx)",
+                what, ckr_name(rv), (unsigned long)rv);
+}
+
+/* Fail with OpenSSL's reason for the newest queued error, then clear the
+ * queue: it is per thread and shared with libcurl. */
+static int32_t fail_ssl(kc_error *err, int32_t status, const char *what)
+{
+    unsigned long e = ERR_peek_last_error();
+    char reason[256] = "no OpenSSL reason";
+    if (e)
+        ERR_error_string_n(e, reason, sizeof reason);
+    ERR_clear_error();
+    return fail(err, status, (int64_t)e, "%s (%s)", what, reason);
+}
+
+/* Transient results SoftHSM2 gives under concurrent use (see DESIGN.md). */
+static int transient(CK_RV rv)
+{
+    return rv == CKR_TOKEN_NOT_PRESENT || rv == CKR_DEVICE_ERROR ||
+           rv == CKR_GENERAL_ERROR;
+}
+
+static void backoff(int attempt)
+{
+    struct timespec ts = {0, 2000000L << attempt}; /* 2, 4, 8, ... ms */
+    nanosleep(&ts, NULL);
+}
+
+/* --------------------------------------------------------------- modules */
+
+typedef struct slot_login {
+    CK_SLOT_ID slot;
+    CK_SESSION_HANDLE anchor;           /* never closed, see top comment */
+    unsigned char pin_digest[SHA256_DIGEST_LENGTH];
+} slot_login;
+
+typedef struct module {
+    struct module *next;
+    char *path;
+    CK_FUNCTION_LIST_PTR f;
+    pid_t init_pid;                     /* process that C_Initialize'd */
+    slot_login logins[MAX_SLOTS];
+    size_t n_logins;
+} module;
+
+static pthread_mutex_t modules_lock = PTHREAD_MUTEX_INITIALIZER;
+static module *modules;
+
+/* After fork() the child must initialize the module again (and it has none
+ * of the parent's logins). */
+static int32_t module_ready(module *m, kc_error *err)
+{
+    CK_C_INITIALIZE_ARGS args;
+    CK_RV rv;
+    if (m->init_pid == getpid())
+        return KC_errSecSuccess;
+    memset(&args, 0, sizeof args);
+    args.flags = CKF_OS_LOCKING_OK;
+    rv = m->f->C_Initialize(&args);
+    if (rv != CKR_OK && rv != CKR_CRYPTOKI_ALREADY_INITIALIZED)
+        return fail_ck(err, rv, "C_Initialize");
+    m->init_pid = getpid();
+    m->n_logins = 0;
+    return KC_errSecSuccess;
+}
+
+/* The module at path, loaded and initialized in this process. */
+static int32_t get_module(const char *path, module **out, kc_error *err)
+{
+    module *m;
+    int32_t st = KC_errSecSuccess;
+    void *dl;
+    CK_C_GetFunctionList get_list;
+    CK_FUNCTION_LIST_PTR f = NULL;
+    CK_RV rv;
+
+    pthread_mutex_lock(&modules_lock);
+    for (m = modules; m; m = m->next)
+        if (strcmp(m->path, path) == 0)
+            break;
+    if (!m) {
+        dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+        if (!dl) {
+            st = fail(err, KC_errSecNoSuchKeychain, 0,
+                      "cannot load PKCS#11 module %s: %s", path, dlerror());
+            goto out;
+        }
+        get_list = (CK_C_GetFunctionList)dlsym(dl, "C_GetFunctionList");
+        if (!get_list) {
+            dlclose(dl);
+            st = fail(err, KC_errSecNoSuchKeychain, 0,
+                      "%s is not a PKCS#11 module (no C_GetFunctionList)",
+                      path);
+            goto out;
+        }
+        rv = get_list(&f);
+        if (rv != CKR_OK || !f) {
+            dlclose(dl);
+            st = fail(err, KC_errSecNoSuchKeychain, (int64_t)rv,
+                      "C_GetFunctionList of %s failed: %s", path,
+                      ckr_name(rv));
+            goto out;
+        }
+        m = calloc(1, sizeof *m);
+        if (!m || !(m->path = strdup(path))) {
+            free(m);
+            m = NULL;
+            st = fail(err, KC_errSecAllocate, 0, "out of memory");
+            goto out; /* the dlopen handle stays: harmless, rare */
+        }
+        m->f = f;
+        m->next = modules;
+        modules = m;
+    }
+    st = module_ready(m, err);
+out:
+    pthread_mutex_unlock(&modules_lock);
+    *out = m;
+    return st;
+}
+
+/* Log the token in once per process, keeping an anchor session open.  A
+ * later login with another PIN while logged in would get
+ * CKR_USER_ALREADY_LOGGED_IN, so we compare PIN digests to still report a
+ * wrong PIN. */
+static int32_t login(module *m, CK_SLOT_ID slot, const char *pin,
+                     kc_error *err)
+{
+    unsigned char digest[SHA256_DIGEST_LENGTH];
+    CK_SESSION_HANDLE anchor = CK_INVALID_HANDLE;
+    int32_t st = KC_errSecSuccess;
+    CK_RV rv;
+    size_t i;
+
+    SHA256((const unsigned char *)pin, strlen(pin), digest);
+    pthread_mutex_lock(&modules_lock);
+    for (i = 0; i < m->n_logins; i++)
+        if (m->logins[i].slot == slot)
+            break;
+    if (i < m->n_logins) {
+        if (CRYPTO_memcmp(m->logins[i].pin_digest, digest, sizeof digest))
+            st = fail(err, KC_errSecAuthFailed, (int64_t)CKR_PIN_INCORRECT,
+                      "C_Login failed: CKR_PIN_INCORRECT (0xa0)");
+        goto out;
+    }
+    if (m->n_logins == MAX_SLOTS) {
+        st = fail(err, KC_errSecAllocate, 0, "too many tokens open");
+        goto out;
+    }
+    rv = m->f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL,
+                             NULL, &anchor);
+    if (rv != CKR_OK) {
+        st = fail_ck(err, rv, "C_OpenSession");
+        goto out;
+    }
+    rv = m->f->C_Login(anchor, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin));
+    if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
+        m->f->C_CloseSession(anchor);
+        st = fail_ck(err, rv, "C_Login");
+        goto out;
+    }
+    m->logins[m->n_logins].slot = slot;
+    m->logins[m->n_logins].anchor = anchor;
+    memcpy(m->logins[m->n_logins].pin_digest, digest, sizeof digest);
+    m->n_logins++;
+out:
+    pthread_mutex_unlock(&modules_lock);
+    OPENSSL_cleanse(digest, sizeof digest);
+    return st;
+}
+
+static void pad_label(const char *label, CK_UTF8CHAR out[TOKEN_LABEL_LEN])
+{
+    size_t n = strlen(label);
+    memset(out, ' ', TOKEN_LABEL_LEN);
+    memcpy(out, label, n < TOKEN_LABEL_LEN ? n : TOKEN_LABEL_LEN);
+}
+
+/* The slot whose token carries label; with want_uninitialized, instead the
+ * first slot holding a token that is not initialized yet. */
+static int32_t find_slot(module *m, const char *label, int want_uninitialized,
+                         CK_SLOT_ID *out, CK_FLAGS *flags, kc_error *err)
+{
+    CK_UTF8CHAR want[TOKEN_LABEL_LEN];
+    CK_SLOT_ID *slots = NULL;
+    CK_ULONG n = 0, i;
+    CK_TOKEN_INFO info;
+    CK_RV rv = CKR_OK;
+    int32_t st;
+    int attempt;
+
+    pad_label(label, want);
+    for (attempt = 0; attempt < TRANSIENT_RETRIES; attempt++) {
+        if (attempt)
+            backoff(attempt);
+        free(slots);
+        slots = NULL;
+        rv = m->f->C_GetSlotList(CK_TRUE, NULL, &n);
+        if (rv == CKR_OK && n) {
+            slots = calloc(n, sizeof *slots);
+            if (!slots)
+                return fail(err, KC_errSecAllocate, 0, "out of memory");
+            rv = m->f->C_GetSlotList(CK_TRUE, slots, &n);
+        }
+        if (rv != CKR_OK) {
+            if (transient(rv) || rv == CKR_BUFFER_TOO_SMALL)
+                continue;
+            break;
+        }
+        for (i = 0; i < n; i++) {
+            rv = m->f->C_GetTokenInfo(slots[i], &info);
+            if (rv != CKR_OK)
+                continue;
+            if (want_uninitialized
+                    ? !(info.flags & CKF_TOKEN_INITIALIZED)
+                    : (info.flags & CKF_TOKEN_INITIALIZED) &&
+                          memcmp(info.label, want, TOKEN_LABEL_LEN) == 0) {
+                *out = slots[i];
+                *flags = info.flags;
+                free(slots);
+                return KC_errSecSuccess;
+            }
+        }
+        rv = CKR_OK;
+        break;
+    }
+    free(slots);
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, "C_GetSlotList");
+    st = fail(err, KC_errSecNoSuchKeychain, 0,
+              want_uninitialized ? "module %s has no free slot for token '%s'"
+                                 : "module %s has no token labelled '%s'",
+              m->path, label);
+    return st;
+}
+
+/* ---------------------------------------------------------------- handle */
+
+struct kc_keychain {
+    pthread_mutex_t lock;           /* serializes this handle's calls */
+    module *mod;
+    CK_SLOT_ID slot;
+    CK_SESSION_HANDLE session;
+    pid_t pid;                      /* process that opened session/lock */
+    char *pin;                      /* to log in again after fork() */
+    char *lock_path;
+    int lock_fd;
+    /* Crypto.cpp's `id` member, done right: the key id of the last import
+     * and the label it was imported under. */
+    char imported_label[KC_LABEL_MAX];
+    CK_BYTE imported_id[SHA_DIGEST_LENGTH];
+    int has_imported_id;
+};
+
+const char *kc_backend(void) { return "pkcs11"; }
+const char *kc_version(void) { return KC_VERSION; }
+
+static void free_secret(char *s)
+{
+    if (s) {
+        OPENSSL_cleanse(s, strlen(s));
+        free(s);
+    }
+}
+
+/* Open (or, after fork(), reopen) the session and the lock file. */
+static int32_t ensure_session(kc_keychain *kc, kc_error *err)
+{
+    CK_RV rv;
+    int32_t st;
+
+    if (kc->pid == getpid())
+        return KC_errSecSuccess;
+    pthread_mutex_lock(&modules_lock);
+    st = module_ready(kc->mod, err);
+    pthread_mutex_unlock(&modules_lock);
+    if (st)
+        return st;
+    if ((st = login(kc->mod, kc->slot, kc->pin, err)))
+        return st;
+    rv = kc->mod->f->C_OpenSession(kc->slot,
+                                   CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL,
+                                   NULL, &kc->session);
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, "C_OpenSession");
+    if (kc->lock_path) {
+        /* a forked child gets its own open file: flock is per open file */
+        if (kc->lock_fd >= 0)
+            close(kc->lock_fd);
+        kc->lock_fd = open(kc->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        if (kc->lock_fd < 0)
+            return fail(err, KC_errSecIO, errno, "cannot open lock file %s: %s",
+                        kc->lock_path, strerror(errno));
+    }
+    kc->pid = getpid();
+    return KC_errSecSuccess;
+}
+
+
+int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
+{
+    kc_keychain *kc;
+    module *m;
+    CK_SLOT_ID slot;
+    CK_FLAGS flags = 0;
+    int32_t st;
+
+    if (!out)
+        return fail(err, KC_errSecParam, 0, "no output handle");
+    *out = NULL;
+    if (!opts || !opts->module || !*opts->module)
+        return fail(err, KC_errSecParam, 0, "no PKCS#11 module given");
+    if (!opts->token || !*opts->token)
+        return fail(err, KC_errSecParam, 0, "no token label given");
+    if (strlen(opts->token) > TOKEN_LABEL_LEN)
+        return fail(err, KC_errSecParam, 0,
+                    "token label longer than %d bytes", TOKEN_LABEL_LEN);
+    if ((st = get_module(opts->module, &m, err)))
+        return st;
+    if ((st = find_slot(m, opts->token, 0, &slot, &flags, err)))
+        return st;
+    /* A PIN pad or other protected path would prompt someone: never. */
+    if (flags & CKF_PROTECTED_AUTHENTICATION_PATH)
+        return fail(err, KC_errSecInteractionNotAllowed, 0,
+                    "token '%s' needs a protected authentication path "
+                    "(PIN pad); keychain_ext never prompts", opts->token);
+    if (!opts->pin)
+        return fail(err, KC_errSecInteractionRequired, 0,
+                    "token '%s' needs a PIN and none was given", opts->token);
+
+    kc = calloc(1, sizeof *kc);
+    if (!kc)
+        return fail(err, KC_errSecAllocate, 0, "out of memory");
+    pthread_mutex_init(&kc->lock, NULL);
+    kc->mod = m;
+    kc->slot = slot;
+    kc->lock_fd = -1;
+    kc->pid = 0; /* ensure_session opens session and lock file */
+    kc->pin = strdup(opts->pin);
+    kc->lock_path = opts->lock_path ? strdup(opts->lock_path) : NULL;
+    if (!kc->pin || (opts->lock_path && !kc->lock_path)) {
+        kc_close(kc);
+        return fail(err, KC_errSecAllocate, 0, "out of memory");
+    }
+    if ((st = ensure_session(kc, err))) {
+        kc_close(kc);
+        return st;
+    }
+    *out = kc;
+    return KC_errSecSuccess;
+}
+
+void kc_close(kc_keychain *kc)
+{
+    if (!kc)
+        return;
+    /* Only the process that opened the session may close it: a forked
+     * child's copy must not close its parent's session on a real device. */
+    if (kc->pid == getpid() && kc->session != CK_INVALID_HANDLE)
+        kc->mod->f->C_CloseSession(kc->session);
+    if (kc->lock_fd >= 0)
+        close(kc->lock_fd);
+    free_secret(kc->pin);
+    free(kc->lock_path);
+    pthread_mutex_destroy(&kc->lock);
+    free(kc);
+}
+
+/* Every operation runs between begin() and end(): the handle's mutex, the
+ * session (reopened after fork) and the cross-process token lock. */
+static int32_t begin(kc_keychain *kc, kc_error *err)
+{
+    int32_t st;
+    if (!kc)
+        return fail(err, KC_errSecParam, 0, "no keychain handle");
+    pthread_mutex_lock(&kc->lock);
+    if ((st = ensure_session(kc, err))) {
+        pthread_mutex_unlock(&kc->lock);
+        return st;
+    }
+    if (kc->lock_fd >= 0)
+        while (flock(kc->lock_fd, LOCK_EX) < 0 && errno == EINTR)
+            ;
+    return KC_errSecSuccess;
+}
+
+static void end(kc_keychain *kc)
+{
+    if (kc->lock_fd >= 0)
+        flock(kc->lock_fd, LOCK_UN);
+    pthread_mutex_unlock(&kc->lock);
+}
+
+static int32_t check_label(const char *label, kc_error *err)
+{
+    size_t n;
+    if (!label || !*label)
+        return fail(err, KC_errSecParam, 0, "empty label");
+    n = strlen(label);
+    if (n >= KC_LABEL_MAX)
+        return fail(err, KC_errSecParam, 0, "label longer than %d bytes",
+                    KC_LABEL_MAX - 1);
+    return KC_errSecSuccess;
+}
+
+/* ---------------------------------------------------------- token objects */
+
+#define ATTR(type, ptr, len) {(type), (void *)(ptr), (CK_ULONG)(len)}
+
+/* C_FindObjectsInit / C_FindObjects / C_FindObjectsFinal: up to max
+ * handles matching the template. */
+static CK_RV find(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+                  CK_OBJECT_HANDLE *found, CK_ULONG max, CK_ULONG *count)
+{
+    CK_FUNCTION_LIST_PTR f = kc->mod->f;
+    CK_RV rv, rv_final;
+    *count = 0;
+    rv = f->C_FindObjectsInit(kc->session, tmpl, n);
+    if (rv != CKR_OK)
+        return rv;
+    rv = f->C_FindObjects(kc->session, found, max, count);
+    rv_final = f->C_FindObjectsFinal(kc->session);
+    return rv != CKR_OK ? rv : rv_final;
+}
+
+/* The attributes lookup reports, read in one C_GetAttributeValue. */
+typedef struct object {
+    CK_OBJECT_HANDLE handle;
+    CK_OBJECT_CLASS cls;
+    CK_BBOOL token;
+    CK_KEY_TYPE key_type;
+    CK_BYTE id[KC_KEY_ID_MAX];
+    CK_ULONG id_len;
+    char label[KC_LABEL_MAX];
+    CK_BYTE value[8192];            /* certificate DER */
+    CK_ULONG value_len;
+} object;
+
+static CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o)
+{
+    CK_ATTRIBUTE t[] = {
+        ATTR(CKA_CLASS, &o->cls, sizeof o->cls),
+        ATTR(CKA_TOKEN, &o->token, sizeof o->token),
+        ATTR(CKA_KEY_TYPE, &o->key_type, sizeof o->key_type),
+        ATTR(CKA_ID, o->id, sizeof o->id),
+        ATTR(CKA_LABEL, o->label, sizeof o->label - 1),
+        ATTR(CKA_VALUE, o->value, sizeof o->value),
+    };
+    CK_RV rv;
+    memset(o, 0, sizeof *o);
+    o->handle = h;
+    o->cls = (CK_OBJECT_CLASS)-1;
+    o->key_type = (CK_KEY_TYPE)-1;
+    rv = kc->mod->f->C_GetAttributeValue(kc->session, h, t, 6);
+    /* These three still fill every attribute they can (PKCS#11 5.7):
+     * a key's CKA_VALUE is sensitive, a certificate has no CKA_KEY_TYPE. */
+    if (rv != CKR_OK && rv != CKR_ATTRIBUTE_SENSITIVE &&
+        rv != CKR_ATTRIBUTE_TYPE_INVALID && rv != CKR_BUFFER_TOO_SMALL)
+        return rv;
+    if (t[0].ulValueLen == CK_UNAVAILABLE_INFORMATION)
+        return CKR_OBJECT_HANDLE_INVALID;
+    o->id_len = t[3].ulValueLen == CK_UNAVAILABLE_INFORMATION ? 0
+                                                             : t[3].ulValueLen;
+    if (t[4].ulValueLen != CK_UNAVAILABLE_INFORMATION)
+        o->label[t[4].ulValueLen] = 0;
+    o->value_len = t[5].ulValueLen == CK_UNAVAILABLE_INFORMATION
+                       ? 0 : t[5].ulValueLen;
+    return CKR_OK;
+}
+
+static CK_RV destroy(kc_keychain *kc, CK_OBJECT_HANDLE h)
+{
+    CK_RV rv = CKR_OK;
+    int attempt;
+    for (attempt = 0; attempt < TRANSIENT_RETRIES; attempt++) {
+        if (attempt)
+            backoff(attempt);
+        rv = kc->mod->f->C_DestroyObject(kc->session, h);
+        if (!transient(rv))
+            break;
+    }
+    return rv;
+}
+
+/* ------------------------------------------------------------- PKCS#12 */
+
+typedef struct identity {
+    EVP_PKEY *key;
+    X509 *cert;
+    CK_BYTE key_id[SHA_DIGEST_LENGTH];
+    int key_type;
+} identity;
+
+static void free_identity(identity *id)
+{
+    EVP_PKEY_free(id->key);
+    X509_free(id->cert);
+    memset(id, 0, sizeof *id);
+}
+
+static pthread_once_t providers_once = PTHREAD_ONCE_INIT;
+
+/* `openssl pkcs12 -export -legacy` files use RC2-40: the legacy provider.
+ * retain_fallbacks keeps the default provider available too. */
+static void load_providers(void)
+{
+    OSSL_PROVIDER_try_load(NULL, "legacy", 1);
+    ERR_clear_error();
+}
+
+/* Crypto.cpp copyIdentityFromPKCS12: certificate and private key out of the
+ * PKCS#12 bytes, and the key id (SHA-1 of the public key). */
+static int32_t copy_identity_from_pkcs12(const uint8_t *data, size_t len,
+                                         const char *password, identity *out,
+                                         kc_error *err)
+{
+    const unsigned char *p = data;
+    const char *pass = password ? password : "";
+    PKCS12 *p12 = NULL;
+    STACK_OF(X509) *ca = NULL;
+    unsigned int n = 0;
+    int32_t st = KC_errSecSuccess;
+
+    pthread_once(&providers_once, load_providers);
+    ERR_clear_error();
+    if (!data || len == 0)
+        return fail(err, KC_errSecDecode, 0, "empty PKCS#12 data");
+    if (len > 16 * 1024 * 1024)
+        return fail(err, KC_errSecDecode, 0, "PKCS#12 data too large");
+    p12 = d2i_PKCS12(NULL, &p, (long)len);
+    if (!p12) {
+        st = fail_ssl(err, KC_errSecDecode, "not a PKCS#12 file");
+        goto out;
+    }
+    if (PKCS12_mac_present(p12) && !PKCS12_verify_mac(p12, pass, -1)) {
+        /* an empty password may have been encoded as "no password" */
+        if (*pass == 0 && PKCS12_verify_mac(p12, NULL, 0)) {
+            pass = NULL;
+        } else {
+            ERR_clear_error();
+            st = fail(err, KC_errSecPkcs12VerifyFailure, 0,
+                      "wrong password for the PKCS#12 file "
+                      "(MAC verification failed)");
+            goto out;
+        }
+    }
+    if (!PKCS12_parse(p12, pass, &out->key, &out->cert, &ca)) {
+        st = fail_ssl(err, KC_errSecDecode, "cannot decrypt the PKCS#12 file");
+        goto out;
+    }
+    if (!out->key) {
+        st = fail(err, KC_errSecDecode, 0,
+                  "the PKCS#12 file holds no private key");
+        goto out;
+    }
+    if (!out->cert) {
+        st = fail(err, KC_errSecDecode, 0,
+                  "the PKCS#12 file holds no certificate for its private key");
+        goto out;
+    }
+    if (!X509_check_private_key(out->cert, out->key)) {
+        st = fail_ssl(err, KC_errSecDecode,
+                      "the private key does not match the certificate");
+        goto out;
+    }
+    switch (EVP_PKEY_get_base_id(out->key)) {
+    case EVP_PKEY_RSA: out->key_type = KC_KEY_RSA; break;
+    case EVP_PKEY_EC: out->key_type = KC_KEY_EC; break;
+    default:
+        st = fail(err, KC_errSecUnimplemented, 0,
+                  "unsupported key type %s (RSA and EC are supported)",
+                  OBJ_nid2sn(EVP_PKEY_get_base_id(out->key)));
+        goto out;
+    }
+    if (!X509_pubkey_digest(out->cert, EVP_sha1(), out->key_id, &n) ||
+        n != SHA_DIGEST_LENGTH) {
+        st = fail_ssl(err, KC_errSecDecode, "cannot hash the public key");
+        goto out;
+    }
+out:
+    sk_X509_pop_free(ca, X509_free);
+    PKCS12_free(p12);
+    if (st)
+        free_identity(out);
+    ERR_clear_error();
+    return st;
+}
+
+/* Subject (RFC 2253) and common name of a certificate, as UTF-8. */
+static void describe_cert(X509 *cert, kc_item_info *info)
+{
+    X509_NAME *name = X509_get_subject_name(cert);
+    BIO *bio = BIO_new(BIO_s_mem());
+    int i, n;
+    unsigned char *cn = NULL;
+
+    if (bio) {
+        X509_NAME_print_ex(bio, name, 0, XN_FLAG_RFC2253 & ~ASN1_STRFLGS_ESC_MSB);
+        n = BIO_read(bio, info->subject, sizeof info->subject - 1);
+        info->subject[n > 0 ? n : 0] = 0;
+        BIO_free(bio);
+    }
+    i = X509_NAME_get_index_by_NID(name, NID_commonName, -1);
+    if (i >= 0) {
+        n = ASN1_STRING_to_UTF8(
+            &cn, X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, i)));
+        if (n >= 0)
+            snprintf(info->common_name, sizeof info->common_name, "%.*s", n,
+                     (const char *)cn);
+        OPENSSL_free(cn);
+    }
+    ERR_clear_error();
+}
+
+/* ------------------------------------------------------ creating objects */
+
+typedef struct blob {
+    unsigned char *p;
+    int n;
+} blob;
+
+static void free_blob(blob *b)
+{
+    OPENSSL_clear_free(b->p, (size_t)(b->n > 0 ? b->n : 0));
+    b->p = NULL;
+    b->n = 0;
+}
+
+/* A big number parameter of the key, big-endian, left-padded to pad bytes
+ * (0: minimal length). */
+static int bn_blob(EVP_PKEY *key, const char *name, int pad, blob *b)
+{
+    BIGNUM *bn = NULL;
+    if (!EVP_PKEY_get_bn_param(key, name, &bn))
+        return 0;
+    b->n = pad ? pad : BN_num_bytes(bn);
+    b->p = OPENSSL_malloc(b->n ? (size_t)b->n : 1);
+    if (b->p && BN_bn2binpad(bn, b->p, b->n) < 0)
+        free_blob(b);
+    BN_clear_free(bn);
+    return b->p != NULL;
+}
+
+static int der_blob(int n, unsigned char *p, blob *b)
+{
+    b->p = p;
+    b->n = n;
+    return n > 0 && p;
+}
+
+/* Crypto.cpp createAccess: the SecAccess "only this application" becomes a
+ * private key that is private, sensitive, never extractable and good for
+ * signing only. */
+#define ACCESS_ATTRS(t, f)                                                 \
+    ATTR(CKA_PRIVATE, &(t), sizeof(CK_BBOOL)),                             \
+    ATTR(CKA_SENSITIVE, &(t), sizeof(CK_BBOOL)),                           \
+    ATTR(CKA_EXTRACTABLE, &(f), sizeof(CK_BBOOL)),                         \
+    ATTR(CKA_SIGN, &(t), sizeof(CK_BBOOL)),                                \
+    ATTR(CKA_DECRYPT, &(f), sizeof(CK_BBOOL)),                             \
+    ATTR(CKA_UNWRAP, &(f), sizeof(CK_BBOOL)),                              \
+    ATTR(CKA_DERIVE, &(f), sizeof(CK_BBOOL)),                              \
+    ATTR(CKA_SIGN_RECOVER, &(f), sizeof(CK_BBOOL)),                        \
+    ATTR(CKA_ALWAYS_AUTHENTICATE, &(f), sizeof(CK_BBOOL))
+
+enum { RSA_N, RSA_E, RSA_D, RSA_P, RSA_Q, RSA_DP, RSA_DQ, RSA_QINV, N_KEY_BLOBS };
+
+static int32_t create_key(kc_keychain *kc, const identity *id,
+                          const char *label, CK_BBOOL token,
+                          CK_OBJECT_HANDLE *out, kc_error *err)
+{
+    static const char *rsa_params[N_KEY_BLOBS] = {
+        OSSL_PKEY_PARAM_RSA_N, OSSL_PKEY_PARAM_RSA_E, OSSL_PKEY_PARAM_RSA_D,
+        OSSL_PKEY_PARAM_RSA_FACTOR1, OSSL_PKEY_PARAM_RSA_FACTOR2,
+        OSSL_PKEY_PARAM_RSA_EXPONENT1, OSSL_PKEY_PARAM_RSA_EXPONENT2,
+        OSSL_PKEY_PARAM_RSA_COEFFICIENT1};
+    static const CK_ATTRIBUTE_TYPE rsa_types[N_KEY_BLOBS] = {
+        CKA_MODULUS, CKA_PUBLIC_EXPONENT, CKA_PRIVATE_EXPONENT, CKA_PRIME_1,
+        CKA_PRIME_2, CKA_EXPONENT_1, CKA_EXPONENT_2, CKA_COEFFICIENT};
+    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+    CK_KEY_TYPE type = id->key_type == KC_KEY_RSA ? CKK_RSA : CKK_EC;
+    CK_BBOOL t = CK_TRUE, f = CK_FALSE;
+    CK_ATTRIBUTE tmpl[32] = {
+        ATTR(CKA_CLASS, &cls, sizeof cls),
+        ATTR(CKA_KEY_TYPE, &type, sizeof type),
+        ATTR(CKA_TOKEN, &token, sizeof token),
+        ATTR(CKA_LABEL, label, strlen(label)),
+        ATTR(CKA_ID, id->key_id, sizeof id->key_id),
+        ACCESS_ATTRS(t, f),
+    };
+    CK_ULONG n = 14;
+    blob b[N_KEY_BLOBS];
+    char group[64];
+    int i, ok = 1;
+    int32_t st;
+    CK_RV rv;
+
+    memset(b, 0, sizeof b);
+    if (id->key_type == KC_KEY_RSA) {
+        for (i = 0; i < N_KEY_BLOBS && ok; i++) {
+            ok = bn_blob(id->key, rsa_params[i], 0, &b[i]);
+            tmpl[n++] = (CK_ATTRIBUTE)ATTR(rsa_types[i], b[i].p, b[i].n);
+        }
+    } else {
+        unsigned char *der = NULL;
+        ok = EVP_PKEY_get_utf8_string_param(id->key,
+                                            OSSL_PKEY_PARAM_GROUP_NAME,
+                                            group, sizeof group, NULL) &&
+             der_blob(i2d_ASN1_OBJECT(OBJ_nid2obj(OBJ_txt2nid(group)), &der),
+                      der, &b[0]) &&
+             bn_blob(id->key, OSSL_PKEY_PARAM_PRIV_KEY,
+                     (EVP_PKEY_get_bits(id->key) + 7) / 8, &b[1]);
+        if (!ok && !b[0].p)
+            OPENSSL_free(der);
+        tmpl[n++] = (CK_ATTRIBUTE)ATTR(CKA_EC_PARAMS, b[0].p, b[0].n);
+        tmpl[n++] = (CK_ATTRIBUTE)ATTR(CKA_VALUE, b[1].p, b[1].n);
+    }
+    if (!ok) {
+        st = fail_ssl(err, KC_errSecUnimplemented,
+                      "cannot read the private key's parameters");
+        goto out;
+    }
+    rv = kc->mod->f->C_CreateObject(kc->session, tmpl, n, out);
+    st = rv == CKR_OK ? KC_errSecSuccess
+                      : fail_ck(err, rv, "C_CreateObject (private key)");
+out:
+    for (i = 0; i < N_KEY_BLOBS; i++)
+        free_blob(&b[i]);
+    ERR_clear_error();
+    return st;
+}
+
+static int32_t create_cert(kc_keychain *kc, const identity *id,
+                           const char *label, CK_BBOOL token,
+                           CK_OBJECT_HANDLE *out, kc_error *err)
+{
+    CK_OBJECT_CLASS cls = CKO_CERTIFICATE;
+    CK_CERTIFICATE_TYPE type = CKC_X_509;
+    CK_BBOOL f = CK_FALSE;
+    unsigned char *p[4] = {NULL, NULL, NULL, NULL};
+    int len[4];
+    int32_t st = KC_errSecSuccess;
+    CK_RV rv;
+    int i;
+
+    len[0] = i2d_X509(id->cert, &p[0]);
+    len[1] = i2d_X509_NAME(X509_get_subject_name(id->cert), &p[1]);
+    len[2] = i2d_X509_NAME(X509_get_issuer_name(id->cert), &p[2]);
+    len[3] = i2d_ASN1_INTEGER(X509_get_serialNumber(id->cert), &p[3]);
+    for (i = 0; i < 4; i++)
+        if (len[i] <= 0) {
+            st = fail_ssl(err, KC_errSecDecode, "cannot encode the certificate");
+            goto out;
+        }
+    {
+        CK_ATTRIBUTE tmpl[] = {
+            ATTR(CKA_CLASS, &cls, sizeof cls),
+            ATTR(CKA_CERTIFICATE_TYPE, &type, sizeof type),
+            ATTR(CKA_TOKEN, &token, sizeof token),
+            ATTR(CKA_PRIVATE, &f, sizeof f),
+            ATTR(CKA_LABEL, label, strlen(label)),
+            ATTR(CKA_ID, id->key_id, sizeof id->key_id),
+            ATTR(CKA_VALUE, p[0], len[0]),
+            ATTR(CKA_SUBJECT, p[1], len[1]),
+            ATTR(CKA_ISSUER, p[2], len[2]),
+            ATTR(CKA_SERIAL_NUMBER, p[3], len[3]),
+        };
+        rv = kc->mod->f->C_CreateObject(kc->session, tmpl, 10, out);
+        if (rv != CKR_OK)
+            st = fail_ck(err, rv, "C_CreateObject (certificate)");
+    }
+out:
+    for (i = 0; i < 4; i++)
+        OPENSSL_free(p[i]);
+    return st;
+}
+
+/* Crypto.cpp lookupKeychainItem's refusal: nothing may carry the label, and
+ * no private key may have the same id. */
+static int32_t refuse_duplicate(kc_keychain *kc, const char *label,
+                                const identity *id, kc_error *err)
+{
+    CK_OBJECT_CLASS key_cls = CKO_PRIVATE_KEY;
+    CK_ATTRIBUTE by_label[] = {ATTR(CKA_LABEL, label, strlen(label))};
+    CK_ATTRIBUTE by_id[] = {ATTR(CKA_CLASS, &key_cls, sizeof key_cls),
+                            ATTR(CKA_ID, id->key_id, sizeof id->key_id)};
+    CK_OBJECT_HANDLE h;
+    CK_ULONG count;
+    CK_RV rv;
+
+    rv = find(kc, by_label, 1, &h, 1, &count);
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, "searching the token");
+    if (count)
+        return fail(err, KC_errSecDuplicateItem, 0,
+                    "an identity labelled '%s' is already in the store; "
+                    "refusing to import over it", label);
+    rv = find(kc, by_id, 2, &h, 1, &count);
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, "searching the token");
+    if (count)
+        return fail(err, KC_errSecDuplicateItem, 0,
+                    "the private key of this identity is already in the "
+                    "store under another label; refusing to import it twice");
+    return KC_errSecSuccess;
+}
+
+static void identity_info(const identity *id, const char *label,
+                          int ephemeral, kc_item_info *info)
+{
+    memset(info, 0, sizeof *info);
+    info->has_certificate = 1;
+    info->has_private_key = 1;
+    info->ephemeral = ephemeral;
+    info->key_type = id->key_type;
+    snprintf(info->label, sizeof info->label, "%s", label);
+    memcpy(info->key_id, id->key_id, sizeof id->key_id);
+    info->key_id_len = sizeof id->key_id;
+    describe_cert(id->cert, info);
+    info->owner_pid = getpid();
+    info->owner_alive = 1;
+}
+
+int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
+                       const char *password, const char *label, int flags,
+                       kc_item_info *out, kc_error *err)
+{
+    identity id;
+    CK_BBOOL token = (flags & KC_PREAUTH_EPHEMERAL) ? CK_FALSE : CK_TRUE;
+    CK_OBJECT_HANDLE cert = CK_INVALID_HANDLE, key = CK_INVALID_HANDLE;
+    CK_RV rv;
+    int32_t st;
+
+    memset(&id, 0, sizeof id);
+    if ((st = check_label(label, err)))
+        return st;
+    if (flags & ~(KC_PREAUTH_EPHEMERAL | KC_PREAUTH_RECLAIM_STALE))
+        return fail(err, KC_errSecParam, 0, "unknown flags 0x%x", flags);
+    /* Parse before touching the store: a bad file changes nothing. */
+    if ((st = copy_identity_from_pkcs12(p12, p12_len, password, &id, err)))
+        return st;
+    if ((st = begin(kc, err)))
+        goto out;
+    if ((st = refuse_duplicate(kc, label, &id, err)))
+        goto unlock;
+    if ((st = create_cert(kc, &id, label, token, &cert, err)))
+        goto unlock;
+    if ((st = create_key(kc, &id, label, token, &key, err))) {
+        /* all or nothing: take the certificate back out */
+        rv = destroy(kc, cert);
+        if (rv != CKR_OK && err)
+            snprintf(err->message + strlen(err->message),
+                     sizeof err->message - strlen(err->message),
+                     "; removing the certificate again also failed: %s",
+                     ckr_name(rv));
+        goto unlock;
+    }
+    snprintf(kc->imported_label, sizeof kc->imported_label, "%s", label);
+    memcpy(kc->imported_id, id.key_id, sizeof id.key_id);
+    kc->has_imported_id = 1;
+    if (out)
+        identity_info(&id, label, !token, out);
+unlock:
+    end(kc);
+out:
+    free_identity(&id);
+    return st;
+}
+
+/* Destroy every object found by the template; *found counts them. */
+static int32_t destroy_all(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+                           const char *what, CK_ULONG *found, kc_error *err)
+{
+    CK_OBJECT_HANDLE h[MAX_FOUND];
+    CK_ULONG count, i;
+    CK_RV rv = find(kc, tmpl, n, h, MAX_FOUND, &count);
+    *found = count;
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, what);
+    for (i = 0; i < count; i++)
+        if ((rv = destroy(kc, h[i])) != CKR_OK)
+            return fail_ck(err, rv, what);
+    return KC_errSecSuccess;
+}
+
+int32_t kc_kill_key(kc_keychain *kc, const char *label, kc_error *err)
+{
+    CK_OBJECT_CLASS cert_cls = CKO_CERTIFICATE, key_cls = CKO_PRIVATE_KEY;
+    CK_ULONG label_len, certs = 0, keys = 0, count;
+    CK_BYTE key_id[KC_KEY_ID_MAX];
+    CK_ULONG key_id_len = 0;
+    CK_OBJECT_HANDLE h[MAX_FOUND];
+    CK_RV rv;
+    int32_t st;
+
+    if ((st = check_label(label, err)))
+        return st;
+    label_len = strlen(label);
+    if ((st = begin(kc, err)))
+        return st;
+    {
+        CK_ATTRIBUTE cert_tmpl[] = {
+            ATTR(CKA_CLASS, &cert_cls, sizeof cert_cls),
+            ATTR(CKA_LABEL, label, label_len)};
+        CK_ATTRIBUTE key_tmpl[] = {
+            ATTR(CKA_CLASS, &key_cls, sizeof key_cls),
+            ATTR(CKA_LABEL, label, label_len),
+            ATTR(CKA_ID, key_id, 0)};
+
+        /* The key id: remembered from our own import, else the
+         * certificate's (another handle or process imported it). */
+        if (kc->has_imported_id && strcmp(kc->imported_label, label) == 0) {
+            memcpy(key_id, kc->imported_id, sizeof kc->imported_id);
+            key_id_len = sizeof kc->imported_id;
+        } else {
+            rv = find(kc, cert_tmpl, 2, h, 1, &count);
+            if (rv != CKR_OK) {
+                st = fail_ck(err, rv, "searching the certificate");
+                goto out;
+            }
+            if (count) {
+                CK_ATTRIBUTE a = ATTR(CKA_ID, key_id, sizeof key_id);
+                rv = kc->mod->f->C_GetAttributeValue(kc->session, h[0], &a, 1);
+                if (rv == CKR_OK)
+                    key_id_len = a.ulValueLen;
+            }
+        }
+        /* Crypto.cpp killKey: the certificate, then the key separately
+         * (deleting the pair in one call failed when running as root). */
+        if ((st = destroy_all(kc, cert_tmpl, 2, "removing the certificate",
+                              &certs, err)))
+            goto out;
+        key_tmpl[2].ulValueLen = key_id_len;
+        if ((st = destroy_all(kc, key_tmpl, key_id_len ? 3 : 2,
+                              "removing the private key", &keys, err)))
+            goto out;
+        if (!certs && !keys)
+            st = fail(err, KC_errSecItemNotFound, 0,
+                      "no identity labelled '%s' in the store", label);
+        if (kc->has_imported_id && strcmp(kc->imported_label, label) == 0)
+            kc->has_imported_id = 0;
+    }
+out:
+    end(kc);
+    return st;
+}
+
+/* Fold one object into the description of its label. */
+static void add_object(const object *o, kc_item_info *info)
+{
+    if (!info->label[0])
+        snprintf(info->label, sizeof info->label, "%s", o->label);
+    if (o->cls == CKO_CERTIFICATE) {
+        const unsigned char *p = o->value;
+        X509 *cert = d2i_X509(NULL, &p, (long)o->value_len);
+        info->has_certificate = 1;
+        if (cert) {
+            describe_cert(cert, info);
+            X509_free(cert);
+        }
+        ERR_clear_error();
+    } else if (o->cls == CKO_PRIVATE_KEY) {
+        info->has_private_key = 1;
+        info->key_type = o->key_type == CKK_RSA  ? KC_KEY_RSA
+                         : o->key_type == CKK_EC ? KC_KEY_EC
+                                                 : KC_KEY_NONE;
+    } else {
+        return;
+    }
+    if (!info->key_id_len && o->id_len <= sizeof info->key_id) {
+        memcpy(info->key_id, o->id, o->id_len);
+        info->key_id_len = o->id_len;
+    }
+    info->ephemeral = !o->token;
+    if (info->ephemeral) {
+        /* session objects belong to this process */
+        info->owner_pid = getpid();
+        info->owner_alive = 1;
+    } else {
+        info->owner_alive = -1;
+    }
+}
+
+int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
+                                kc_item_info *out, kc_error *err)
+{
+    CK_ATTRIBUTE tmpl[1];
+    CK_OBJECT_HANDLE h[MAX_FOUND];
+    CK_ULONG count = 0, i;
+    kc_item_info info;
+    object *o = NULL;
+    CK_RV rv;
+    int32_t st;
+
+    if ((st = check_label(label, err)))
+        return st;
+    memset(&info, 0, sizeof info);
+    tmpl[0] = (CK_ATTRIBUTE)ATTR(CKA_LABEL, label, strlen(label));
+    if ((st = begin(kc, err)))
+        return st;
+    rv = find(kc, tmpl, 1, h, MAX_FOUND, &count);
+    if (rv != CKR_OK) {
+        st = fail_ck(err, rv, "searching the token");
+        goto out;
+    }
+    if (count && !(o = malloc(sizeof *o))) {
+        st = fail(err, KC_errSecAllocate, 0, "out of memory");
+        goto out;
+    }
+    for (i = 0; i < count; i++) {
+        rv = read_object(kc, h[i], o);
+        if (rv == CKR_OBJECT_HANDLE_INVALID)
+            continue; /* removed meanwhile by another session */
+        if (rv != CKR_OK) {
+            st = fail_ck(err, rv, "reading an object");
+            goto out;
+        }
+        add_object(o, &info);
+    }
+    if (!info.has_certificate && !info.has_private_key)
+        st = fail(err, KC_errSecItemNotFound, 0,
+                  "no identity labelled '%s' in the store", label);
+    else if (out)
+        *out = info;
+out:
+    free(o);
+    end(kc);
+    return st;
+}
+
+int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
+                      size_t *count, kc_error *err)
+{
+    CK_OBJECT_HANDLE h[MAX_FOUND];
+    CK_ULONG n, i;
+    kc_item_info *items = NULL, *grown;
+    size_t n_items = 0, j;
+    object *o;
+    CK_RV rv;
+    int32_t st;
+
+    if (!count)
+        return fail(err, KC_errSecParam, 0, "no count output");
+    *count = 0;
+    if (!(o = malloc(sizeof *o)))
+        return fail(err, KC_errSecAllocate, 0, "out of memory");
+    if ((st = begin(kc, err))) {
+        free(o);
+        return st;
+    }
+    rv = kc->mod->f->C_FindObjectsInit(kc->session, NULL, 0);
+    if (rv != CKR_OK) {
+        st = fail_ck(err, rv, "listing the token");
+        goto out;
+    }
+    do {
+        rv = kc->mod->f->C_FindObjects(kc->session, h, MAX_FOUND, &n);
+        for (i = 0; rv == CKR_OK && i < n; i++) {
+            if (read_object(kc, h[i], o) != CKR_OK ||
+                (o->cls != CKO_CERTIFICATE && o->cls != CKO_PRIVATE_KEY))
+                continue;
+            for (j = 0; j < n_items; j++)
+                if (strcmp(items[j].label, o->label) == 0)
+                    break;
+            if (j == n_items) {
+                grown = realloc(items, (n_items + 1) * sizeof *items);
+                if (!grown) {
+                    rv = CKR_HOST_MEMORY;
+                    break;
+                }
+                items = grown;
+                memset(&items[n_items++], 0, sizeof *items);
+            }
+            add_object(o, &items[j]);
+        }
+    } while (rv == CKR_OK && n == MAX_FOUND);
+    kc->mod->f->C_FindObjectsFinal(kc->session);
+    if (rv != CKR_OK) {
+        st = fail_ck(err, rv, "listing the token");
+        goto out;
+    }
+    for (j = 0; j < n_items && j < cap; j++)
+        out[j] = items[j];
+    *count = n_items;
+out:
+    free(items);
+    free(o);
+    end(kc);
+    return st;
+}
+
+int32_t kc_init_token(const char *module_path, const char *token,
+                      const char *so_pin, const char *user_pin, kc_error *err)
+{
+    CK_UTF8CHAR label[TOKEN_LABEL_LEN];
+    CK_SESSION_HANDLE s;
+    CK_SLOT_ID slot;
+    CK_FLAGS flags;
+    module *m;
+    CK_RV rv;
+    int32_t st;
+
+    if (!module_path || !token || !*token || !so_pin || !user_pin)
+        return fail(err, KC_errSecParam, 0,
+                    "module, token label and both PINs are required");
+    if (strlen(token) > TOKEN_LABEL_LEN)
+        return fail(err, KC_errSecParam, 0,
+                    "token label longer than %d bytes", TOKEN_LABEL_LEN);
+    if ((st = get_module(module_path, &m, err)))
+        return st;
+    if ((st = find_slot(m, token, 1, &slot, &flags, err)))
+        return st;
+    pad_label(token, label);
+    rv = m->f->C_InitToken(slot, (CK_UTF8CHAR_PTR)so_pin, strlen(so_pin),
+                           label);
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, "C_InitToken");
+    rv = m->f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL,
+                             NULL, &s);
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, "C_OpenSession");
+    rv = m->f->C_Login(s, CKU_SO, (CK_UTF8CHAR_PTR)so_pin, strlen(so_pin));
+    if (rv == CKR_OK) {
+        rv = m->f->C_InitPIN(s, (CK_UTF8CHAR_PTR)user_pin, strlen(user_pin));
+        m->f->C_Logout(s);
+        st = rv == CKR_OK ? KC_errSecSuccess : fail_ck(err, rv, "C_InitPIN");
+    } else {
+        st = fail_ck(err, rv, "C_Login (SO)");
+    }
+    m->f->C_CloseSession(s);
+    return st;
+}
