@@ -250,6 +250,63 @@ def test_counters_are_exact_under_threads(env, shim):
     assert shim.trace() == ["C_GetSlotList"] * (threads * per_thread)
 
 
+
+# Python threads mostly take turns under the GIL; this C driver makes the
+# shim's counters race for real (it fails if the mutex is removed).
+HAMMER_C = r"""
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+typedef unsigned long (*fn1)(unsigned long);
+static fn1 status;
+static long per_thread;
+static void *work(void *arg)
+{
+    for (long i = 0; i < per_thread; i++)
+        status(0);
+    return arg;
+}
+int main(int argc, char **argv)
+{
+    void *h = dlopen(argv[1], RTLD_NOW);
+    int threads = atoi(argv[2]);
+    pthread_t t[64];
+    if (h == NULL || argc < 4 || threads > 64)
+        return 2;
+    per_thread = atol(argv[3]);
+    unsigned long (*init)(void *) = (unsigned long (*)(void *))dlsym(h, "C_Initialize");
+    void (*reset)(void) = (void (*)(void))dlsym(h, "p11shim_reset");
+    unsigned long (*total)(void) = (unsigned long (*)(void))dlsym(h, "p11shim_total");
+    unsigned long (*count)(const char *) =
+        (unsigned long (*)(const char *))dlsym(h, "p11shim_count");
+    status = (fn1)dlsym(h, "C_GetFunctionStatus");
+    if (init(NULL) != 0)
+        return 3;
+    reset();
+    for (int i = 0; i < threads; i++)
+        pthread_create(&t[i], NULL, work, NULL);
+    for (int i = 0; i < threads; i++)
+        pthread_join(t[i], NULL);
+    printf("%lu %lu\n", total(), count("C_GetFunctionStatus"));
+    return 0;
+}
+"""
+
+
+def test_counters_are_exact_under_native_threads(env, tmp_path):
+    src = tmp_path / "hammer.c"
+    src.write_text(HAMMER_C)
+    exe = tmp_path / "hammer"
+    cc = os.environ.get("CC", "cc").split()
+    subprocess.run([*cc, "-O2", "-pthread", "-o", str(exe), str(src), "-ldl"], check=True)
+    threads, per_thread = 8, 100_000
+    e = {k: v for k, v in os.environ.items() if not k.startswith("P11SHIM_FAIL")}
+    res = subprocess.run([str(exe), str(env["so"]), str(threads), str(per_thread)],
+                         env=e, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [str(threads * per_thread)] * 2
+
 CHILD = r"""
 import importlib.util, json, sys
 import PyKCS11
