@@ -777,13 +777,6 @@ static int bn_blob(EVP_PKEY *key, const char *name, int pad, blob *b)
     return b->p != NULL;
 }
 
-static int der_blob(int n, unsigned char *p, blob *b)
-{
-    b->p = p;
-    b->n = n;
-    return n > 0 && p;
-}
-
 /* Crypto.cpp createAccess: the SecAccess "only this application" becomes a
  * private key that is private, sensitive, never extractable and good for
  * signing only. */
@@ -837,16 +830,16 @@ static int32_t create_key(kc_keychain *kc, const identity *id,
             tmpl[n++] = (CK_ATTRIBUTE)ATTR(rsa_types[i], b[i].p, b[i].n);
         }
     } else {
-        unsigned char *der = NULL;
+        /* CKA_EC_PARAMS: the DER of the named curve's OID */
         ok = EVP_PKEY_get_utf8_string_param(id->key,
                                             OSSL_PKEY_PARAM_GROUP_NAME,
-                                            group, sizeof group, NULL) &&
-             der_blob(i2d_ASN1_OBJECT(OBJ_nid2obj(OBJ_txt2nid(group)), &der),
-                      der, &b[0]) &&
-             bn_blob(id->key, OSSL_PKEY_PARAM_PRIV_KEY,
-                     (EVP_PKEY_get_bits(id->key) + 7) / 8, &b[1]);
-        if (!ok && !b[0].p)
-            OPENSSL_free(der);
+                                            group, sizeof group, NULL);
+        if (ok) {
+            b[0].n = i2d_ASN1_OBJECT(OBJ_nid2obj(OBJ_txt2nid(group)), &b[0].p);
+            ok = b[0].n > 0 &&
+                 bn_blob(id->key, OSSL_PKEY_PARAM_PRIV_KEY,
+                         (EVP_PKEY_get_bits(id->key) + 7) / 8, &b[1]);
+        }
         tmpl[n++] = (CK_ATTRIBUTE)ATTR(CKA_EC_PARAMS, b[0].p, b[0].n);
         tmpl[n++] = (CK_ATTRIBUTE)ATTR(CKA_VALUE, b[1].p, b[1].n);
     }

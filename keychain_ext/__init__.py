@@ -1,0 +1,33 @@
+"""keychain_ext: use a TLS client identity from the OS key store without any
+prompt, for exactly as long as needed, and leave nothing behind."""
+
+from ._version import __version__
+from .errors import (
+    AuthFailedError,
+    DecodeError,
+    DuplicateItemError,
+    InteractionNotAllowedError,
+    InteractionRequiredError,
+    ItemNotFoundError,
+    KeychainError,
+    NoSuchKeychainError,
+    ParamError,
+    Pkcs12VerifyFailureError,
+)
+from .keychain import Identity, Keychain
+
+__all__ = [
+    "AuthFailedError",
+    "DecodeError",
+    "DuplicateItemError",
+    "Identity",
+    "InteractionNotAllowedError",
+    "InteractionRequiredError",
+    "ItemNotFoundError",
+    "Keychain",
+    "KeychainError",
+    "NoSuchKeychainError",
+    "ParamError",
+    "Pkcs12VerifyFailureError",
+    "__version__",
+]

@@ -1,0 +1,140 @@
+"""The C extension backend: the one module that touches ``_native.ffi/lib``.
+
+One thin wrapper per C function: allocate with ``ffi.new``, call (cffi
+releases the GIL), raise the mapped exception on a non-zero OSStatus.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+from ._backend import KEY_TYPES, ItemInfo
+from ._version import __version__
+from .errors import raise_status
+
+try:
+    from ._native import ffi, lib
+except ImportError as exc:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "keychain_ext._native is not built: install the package with pip "
+        "(it compiles csrc/ with cffi), or use Keychain(impl='ctypes')"
+    ) from exc
+
+if ffi.string(lib.kc_version()).decode() != __version__:  # pragma: no cover
+    raise ImportError(
+        f"keychain_ext._native is version {ffi.string(lib.kc_version()).decode()}, "
+        f"the package is {__version__}: rebuild it (pip install .)"
+    )
+
+BACKEND = ffi.string(lib.kc_backend()).decode()
+
+
+def _check(status: int, err: Any, operation: str) -> None:
+    if status != 0:
+        raise_status(
+            status,
+            ffi.string(err.message).decode("utf-8", "replace"),
+            operation=operation,
+            native_code=int(err.native_code) or None,
+        )
+
+
+def _info(c: Any) -> ItemInfo:
+    return ItemInfo(
+        label=ffi.string(c.label).decode("utf-8", "replace"),
+        key_id=bytes(ffi.buffer(c.key_id, c.key_id_len)),
+        subject=ffi.string(c.subject).decode("utf-8", "replace"),
+        common_name=ffi.string(c.common_name).decode("utf-8", "replace"),
+        key_type=KEY_TYPES.get(c.key_type),
+        ephemeral=bool(c.ephemeral),
+        has_certificate=bool(c.has_certificate),
+        has_private_key=bool(c.has_private_key),
+        owner_pid=int(c.owner_pid),
+        owner_alive=None if c.owner_alive < 0 else bool(c.owner_alive),
+    )
+
+
+class NativeStore:
+    """An open kc_keychain handle."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        # close() must not free the handle under a call in another thread
+        self._lock = threading.Lock()
+
+    def _live(self) -> Any:
+        if self._handle is None:
+            raise_status(-50, "the keychain is closed", operation="keychain")
+        return self._handle
+
+    def preauth_key(self, p12: bytes, password: bytes, label: bytes, flags: int) -> ItemInfo:
+        err = ffi.new("kc_error *")
+        out = ffi.new("kc_item_info *")
+        with self._lock:
+            st = lib.kc_preauth_key(self._live(), p12, len(p12), password, label, flags, out, err)
+        _check(st, err, "preauth_key")
+        return _info(out)
+
+    def kill_key(self, label: bytes) -> None:
+        err = ffi.new("kc_error *")
+        with self._lock:
+            st = lib.kc_kill_key(self._live(), label, err)
+        _check(st, err, "kill_key")
+
+    def lookup(self, label: bytes) -> Optional[ItemInfo]:
+        err = ffi.new("kc_error *")
+        out = ffi.new("kc_item_info *")
+        with self._lock:
+            st = lib.kc_lookup_keychain_item(self._live(), label, out, err)
+        if st == lib.KC_errSecItemNotFound:
+            return None
+        _check(st, err, "lookup_keychain_item")
+        return _info(out)
+
+    def list_items(self) -> list[ItemInfo]:
+        err = ffi.new("kc_error *")
+        count = ffi.new("size_t *")
+        cap = 16
+        while True:
+            out = ffi.new("kc_item_info[]", cap)
+            with self._lock:
+                st = lib.kc_list_items(self._live(), out, cap, count, err)
+            _check(st, err, "list_items")
+            if count[0] <= cap:
+                return [_info(out[i]) for i in range(count[0])]
+            cap = count[0]
+
+    def close(self) -> None:
+        with self._lock:
+            handle, self._handle = self._handle, None
+            if handle is not None:
+                lib.kc_close(handle)
+
+
+class NativeBackend:
+    """keychain.h through the cffi extension."""
+
+    name = "native"
+
+    def open(self, module: str, token: str, pin: str, lock_path: Optional[str]) -> NativeStore:
+        err = ffi.new("kc_error *")
+        out = ffi.new("kc_keychain **")
+        opts = ffi.new("kc_options *")
+        keep = [
+            ffi.new("char[]", module.encode()),
+            ffi.new("char[]", token.encode()),
+            ffi.new("char[]", pin.encode()),
+            ffi.new("char[]", lock_path.encode()) if lock_path else ffi.NULL,
+        ]
+        opts.module, opts.token, opts.pin, opts.lock_path = keep
+        st = lib.kc_open(opts, out, err)
+        _check(st, err, "open")
+        return NativeStore(out[0])
+
+    def init_token(self, module: str, token: str, so_pin: str, user_pin: str) -> None:
+        err = ffi.new("kc_error *")
+        st = lib.kc_init_token(
+            module.encode(), token.encode(), so_pin.encode(), user_pin.encode(), err
+        )
+        _check(st, err, "init_token")

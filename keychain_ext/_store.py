@@ -1,0 +1,172 @@
+"""Where stores live: the embedded SoftHSM2 token, PIN files, lock files.
+
+The embedded default store is a SoftHSM2 token created on first use.
+Identities are transient, so it lives in ``$XDG_RUNTIME_DIR`` (per user,
+0700, tmpfs: never on disk, gone at reboot) when that exists, else under the
+user's data directory.  ``KEYCHAIN_EXT_HOME`` overrides both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import NoSuchKeychainError, ParamError
+
+EMBEDDED_TOKEN = "keychain_ext"
+
+# Where Debian, Fedora, Homebrew and source builds put SoftHSM2's module.
+SOFTHSM2_MODULES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+    "/usr/lib/pkcs11/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+    "/opt/homebrew/lib/softhsm/libsofthsm2.so",
+)
+
+
+def softhsm2_module() -> str:
+    """The SoftHSM2 module: ``$KEYCHAIN_EXT_MODULE`` or the first one installed.
+
+    Raises:
+        NoSuchKeychainError: SoftHSM2 is not installed.
+    """
+    env = os.environ.get("KEYCHAIN_EXT_MODULE")
+    if env:
+        return env
+    for path in SOFTHSM2_MODULES:
+        if os.path.exists(path):
+            return path
+    raise NoSuchKeychainError(
+        detail="SoftHSM2 is not installed (apt-get install softhsm2) and "
+        "KEYCHAIN_EXT_MODULE names no PKCS#11 module",
+        operation="open",
+    )
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) readable by this user only; refuse a
+    directory that others can read or that belongs to someone else."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionError(errno.EPERM, "directory belongs to another user", str(path))
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def base_dir() -> Path:
+    """keychain_ext's per-user directory (see module docstring)."""
+    env = os.environ.get("KEYCHAIN_EXT_HOME")
+    if env:
+        return private_dir(Path(env))
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return private_dir(Path(runtime) / "keychain_ext")
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return private_dir(Path(data) / "keychain_ext")
+
+
+def write_secret(path: Path, secret: str) -> None:
+    """Write a secret file atomically, 0600 from its first byte."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secret)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_secret(path: Path) -> str:
+    """A PIN or password from a file (one line; trailing newline dropped)."""
+    with open(path, encoding="utf-8") as f:
+        return f.read().rstrip("\r\n")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def lock_path(module: str, token: str) -> str:
+    """The lock file every process using this token flocks (see keychain.h)."""
+    digest = hashlib.sha256(f"{os.path.realpath(module)}\0{token}".encode()).hexdigest()[:16]
+    return str(private_dir(base_dir() / "locks") / f"{digest}.lock")
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """The embedded SoftHSM2 store's files."""
+
+    home: Path
+    module: str
+
+    @property
+    def conf(self) -> Path:
+        return self.home / "softhsm2.conf"
+
+    @property
+    def pin_file(self) -> Path:
+        return self.home / "pin"
+
+    @property
+    def lock(self) -> Path:
+        return self.home / "token.lock"
+
+    def env(self) -> dict[str, str]:
+        """What a process needs in its environment to see this token."""
+        return {"SOFTHSM2_CONF": str(self.conf)}
+
+
+def embedded(module: Optional[str] = None) -> Embedded:
+    """The embedded store's files, created (0700/0600) if missing.
+
+    SoftHSM2 reads ``SOFTHSM2_CONF`` once per process, when the module is
+    first initialized, so this sets it in ``os.environ``; a process already
+    pointed at another SoftHSM2 configuration must name its token explicitly.
+
+    Raises:
+        ParamError: SOFTHSM2_CONF already names another configuration.
+    """
+    home = base_dir() / "softhsm"
+    store = Embedded(private_dir(home), module or softhsm2_module())
+    tokens = private_dir(home / "tokens")
+    current = os.environ.get("SOFTHSM2_CONF")
+    if current and os.path.realpath(current) != os.path.realpath(store.conf):
+        raise ParamError(
+            detail=f"SOFTHSM2_CONF is set to {current}; the embedded store needs "
+            f"{store.conf}: unset it, or open that token with Keychain(token=..., pin=...)",
+            operation="open",
+        )
+    if not store.conf.exists():
+        write_secret(
+            store.conf,
+            f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n",
+        )
+    os.environ["SOFTHSM2_CONF"] = str(store.conf)
+    return store
+
+
+def new_pin() -> str:
+    return secrets.token_urlsafe(18)
