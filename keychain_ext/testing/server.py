@@ -267,15 +267,17 @@ class NginxServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"nginx not listening on port {self.port} after "
-                    f"{self._timeout} s:\n{self.error_log.read_text()}"
+                    f"{self._timeout} s:\n{self._log_text()}"
                 )
             try:  # wait a little, returning at once if nginx died
                 code = self._proc.wait(timeout=0.05)
             except subprocess.TimeoutExpired:
                 continue
-            raise RuntimeError(
-                f"nginx exited with status {code}:\n{self.error_log.read_text()}"
-            )
+            raise RuntimeError(f"nginx exited with status {code}:\n{self._log_text()}")
+
+    def _log_text(self) -> str:
+        log = self.error_log
+        return log.read_text(errors="replace") if log.exists() else ""
 
     def stop(self) -> None:
         if self._proc is not None:
