@@ -25,6 +25,18 @@ Secret = Union[str, bytes, None]
 LABEL_MAX = 255  # bytes of UTF-8 (KC_LABEL_MAX - 1)
 
 
+class _Hidden:
+    """A secret that does not show in repr(), vars() or tracebacks."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "<hidden>"
+
+
 def _backend(impl: str) -> Backend:
     if impl == "native":
         from ._native_backend import NativeBackend
@@ -160,7 +172,7 @@ class Keychain:
         module = module or os.environ.get("KEYCHAIN_EXT_MODULE")
         token = token or os.environ.get("KEYCHAIN_EXT_TOKEN")
         self.env: dict[str, str] = {}
-        self._owned_pin: Optional[bytes] = None
+        self._owned_pin: Optional[_Hidden] = None
         if token is None:
             self._store = self._open_embedded(module, lock)
             return
@@ -177,10 +189,10 @@ class Keychain:
                 "or set KEYCHAIN_EXT_PIN_FILE",
                 operation="open",
             )
-        self._owned_pin = _secret(pin, "PIN")
+        self._owned_pin = _Hidden(_secret(pin, "PIN"))
         if "SOFTHSM2_CONF" in os.environ:
             self.env["SOFTHSM2_CONF"] = os.environ["SOFTHSM2_CONF"]
-        self._store = self._open(self._owned_pin.decode("utf-8"), lock)
+        self._store = self._open(self._owned_pin.value.decode("utf-8"), lock)
 
     def _open(self, pin: str, lock: bool) -> Store:
         lock_path = _store.lock_path(self.module, self.token) if lock else None
@@ -245,7 +257,7 @@ class Keychain:
             if path is None:
                 pins = _store.private_dir(_store.base_dir() / "pins")
                 path = pins / f"{os.getpid()}-{_store.new_pin()}"
-                _store.write_secret(path, self._owned_pin.decode("utf-8"))
+                _store.write_secret(path, self._owned_pin.value.decode("utf-8"))
                 self._pin_files[label] = path
             return path
 

@@ -21,7 +21,7 @@ SOFTHSM_PATHS = (
     "/usr/lib/softhsm/libsofthsm2.so",
     "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
 )
-LABEL = "t"
+LABEL = "p11shim-t"
 N_OBJECTS = 12          # PyKCS11 fetches 10 per C_FindObjects: 10, 2, 0
 CKR_GENERAL_ERROR = 0x05
 CKR_DEVICE_ERROR = 0x30
@@ -65,15 +65,11 @@ def env(tmp_path_factory):
     build = _load_build()
     tmp = tmp_path_factory.mktemp("p11shim")
     so = build.build_shim(tmp / "build")
-    (tmp / "tokens").mkdir()
-    conf = tmp / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {tmp / 'tokens'}\n"
-                    "objectstore.backend = file\nlog.level = ERROR\n")
     so_pin, pin = secrets.token_hex(8), secrets.token_hex(8)
 
     with pytest.MonkeyPatch.context() as mp:
-        # Both before the first C_Initialize: SoftHSM reads its config there.
-        mp.setenv("SOFTHSM2_CONF", str(conf))
+        # SoftHSM2 is one instance per process, configured by conftest.py
+        # (SOFTHSM2_CONF); the shim forwards to that same instance.
         mp.setenv("P11SHIM_TARGET", target)
         for var in ("P11SHIM_FAIL_AT", "P11SHIM_FAIL_RV", "P11SHIM_FAIL_FUNCTION"):
             mp.delenv(var, raising=False)
@@ -81,7 +77,9 @@ def env(tmp_path_factory):
         shim.clear_faults()
         lib = PyKCS11.PyKCS11Lib().load(str(so))
         # C_InitToken wants the label blank-padded to 32 bytes; PyKCS11 does not pad.
-        lib.initToken(lib.getSlotList(tokenPresent=True)[0], so_pin, LABEL.ljust(32))
+        free = [sl for sl in lib.getSlotList(tokenPresent=True)
+                if not lib.getTokenInfo(sl).flags & PyKCS11.CKF_TOKEN_INITIALIZED]
+        lib.initToken(free[0], so_pin, LABEL.ljust(32))
         slot = _slot(lib)
         s = lib.openSession(slot, PyKCS11.CKF_RW_SESSION)
         s.login(so_pin, PyKCS11.CKU_SO)
@@ -96,7 +94,12 @@ def env(tmp_path_factory):
         s.closeSession()
         yield {"lib": lib, "shim": shim, "so": so, "slot": slot, "build": build}
         shim.clear_faults()
-        lib.unload()
+        # No lib.unload(): its C_Finalize would end SoftHSM2 for every other
+        # user in this process.  Keep the object alive so __del__ never runs.
+        _KEEP_ALIVE.append(lib)
+
+
+_KEEP_ALIVE: list = []
 
 
 def _slot(lib):
@@ -318,7 +321,7 @@ out = {"error": None, "found": None}
 try:
     lib = PyKCS11.PyKCS11Lib().load(sys.argv[2])
     slot = [s for s in lib.getSlotList(tokenPresent=True)
-            if lib.getTokenInfo(s).label.strip() == "t"][0]
+            if lib.getTokenInfo(s).label.strip() == "p11shim-t"][0]
     s = lib.openSession(slot)
     out["found"] = len(s.findObjects([(PyKCS11.CKA_LABEL, "obj")]))
     s.closeSession()
