@@ -94,30 +94,50 @@ static void cf_to_cstr(CFStringRef s, char *buf, size_t size)
         buf[0] = '\0';
 }
 
-/* Fill err with status, "what" and Security.framework's own message. */
-static int32_t fail(kc_error *err, OSStatus status, const char *fmt, ...)
+/* Fill err with status, the native OSStatus behind it, "what" and
+ * Security.framework's own message for the native status. */
+static int32_t vfail(kc_error *err, OSStatus status, OSStatus native,
+                     const char *fmt, va_list ap)
 {
-    char what[KC_MESSAGE_MAX / 2];
-    char sec[KC_MESSAGE_MAX / 2];
+    char what[KC_MESSAGE_MAX / 2 - 16];  /* room for the rest below */
+    char sec[KC_MESSAGE_MAX / 2 - 16];
     CFStringRef msg;
-    va_list ap;
 
     if (err == NULL)
         return status;
-    va_start(ap, fmt);
     vsnprintf(what, sizeof what, fmt, ap);
-    va_end(ap);
-    msg = SecCopyErrorMessageString(status, NULL);
+    msg = SecCopyErrorMessageString(native, NULL);
     cf_to_cstr(msg, sec, sizeof sec);
     release(msg);
     err->status = status;
-    err->native_code = status;
+    err->native_code = native;
     if (sec[0] != '\0')
         snprintf(err->message, sizeof err->message, "%s: %s (OSStatus %d)",
-                 what, sec, (int)status);
+                 what, sec, (int)native);
     else
         snprintf(err->message, sizeof err->message, "%s (OSStatus %d)",
-                 what, (int)status);
+                 what, (int)native);
+    return status;
+}
+
+static int32_t fail(kc_error *err, OSStatus status, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vfail(err, status, status, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+static int32_t fail_native(kc_error *err, OSStatus status, OSStatus native,
+                           const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vfail(err, status, native, fmt, ap);
+    va_end(ap);
     return status;
 }
 
@@ -423,6 +443,14 @@ static OSStatus copy_identity_from_pkcs12(kc_keychain *kc, const uint8_t *p12,
         goto cleanup;
     }
     status = SecPKCS12Import(data, options, items);
+    if (status == errSecAuthFailed) {
+        /* macOS reports a wrong password as errSecAuthFailed; keychain.h
+         * promises errSecPkcs12VerifyFailure and keeps the native code. */
+        status = fail_native(err, errSecPkcs12VerifyFailure, status,
+                             "SecPKCS12Import for '%s' (wrong password?)",
+                             label);
+        goto cleanup;
+    }
     if (status != errSecSuccess) {
         fail(err, status, "SecPKCS12Import for '%s'", label);
         goto cleanup;
