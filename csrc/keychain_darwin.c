@@ -43,9 +43,10 @@
 #define KC_VERSION "0.0.0"
 #endif
 
-/* Silence deprecation warnings around the few legacy keychain calls only
- * (SecAccessCreate, SecKeychain*): there is no non-deprecated replacement
- * for file keychains on macOS. */
+/* Silence deprecation warnings around the few legacy keychain calls and
+ * constants only (SecAccessCreate, SecKeychain*, the file-keychain search
+ * and import options): SDKs from macOS 12 on deprecate them and there is no
+ * replacement for file keychains.  Used as a statement-level bracket. */
 #define KC_DEPRECATED_BEGIN                                     \
     _Pragma("GCC diagnostic push")                              \
     _Pragma("GCC diagnostic ignored \"-Wdeprecated-declarations\"")
@@ -205,8 +206,10 @@ static CFDictionaryRef create_query_dict(kc_keychain *kc, CFStringRef cls,
 {
     CFStringRef cf_label;
     CFDictionaryRef query;
+    KC_DEPRECATED_BEGIN  /* kSecMatch* of file keychains (newer SDKs) */
     const void *keys[5] = { kSecClass, kSecReturnRef, kSecMatchLimit,
                             kSecMatchSubjectWholeString, kSecMatchSearchList };
+    KC_DEPRECATED_END
     const void *values[5];
     CFIndex n = kc->search_list != NULL ? 5 : 4;
 
@@ -320,7 +323,9 @@ static OSStatus delete_certificate(SecCertificateRef cert)
     CFArrayRef list;
     CFDictionaryRef query = NULL;
     OSStatus status = errSecAllocate;
+    KC_DEPRECATED_BEGIN
     const void *keys[3] = { kSecClass, kSecMatchItemList, kSecMatchLimit };
+    KC_DEPRECATED_END
     const void *values[3];
 
     list = CFArrayCreate(kCFAllocatorDefault, (const void **)&cert, 1,
@@ -347,8 +352,10 @@ static OSStatus delete_private_key(kc_keychain *kc, CFDataRef id)
 {
     CFDictionaryRef query;
     OSStatus status;
+    KC_DEPRECATED_BEGIN
     const void *keys[4] = { kSecClass, kSecAttrKeyClass,
                             kSecAttrApplicationLabel, kSecMatchSearchList };
+    KC_DEPRECATED_END
     const void *values[4];
 
     values[0] = kSecClassKey;
@@ -405,8 +412,10 @@ static OSStatus copy_identity_from_pkcs12(kc_keychain *kc, const uint8_t *p12,
     SecAccessRef access = NULL;
     CFDictionaryRef options = NULL;
     OSStatus status;
+    KC_DEPRECATED_BEGIN  /* access and keychain options (newer SDKs) */
     const void *keys[3] = { kSecImportExportPassphrase, kSecImportExportAccess,
                             kSecImportExportKeychain };
+    KC_DEPRECATED_END
     const void *values[3];
 
     *items = NULL;
