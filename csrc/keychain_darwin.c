@@ -796,6 +796,23 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, kc_error *err)
         }
     }
 
+    /* With a remembered id, only the identity we imported is ours: one
+     * that merely carries the name (ours removed by someone else, a new one
+     * added) is left alone -- Crypto.cpp deleted whatever had the name. */
+    if (known != NULL && found != NULL && is_identity) {
+        CFDataRef have = NULL;
+
+        status = copy_key_info((SecIdentityRef)found, &have, NULL);
+        if (status == errSecSuccess && !CFEqual(have, id))
+            status = errSecInvalidItemRef;
+        release(have);
+        if (status != errSecSuccess) {
+            fail(err, status, "the identity labeled '%s' is not the one "
+                 "imported here; not deleted", label);
+            goto cleanup;
+        }
+    }
+
     /* Certificate first, then the key separately (one call for the pair
      * failed when running as root). */
     if (found != NULL) {
