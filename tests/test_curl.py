@@ -1,0 +1,208 @@
+"""The whole job with real TLS: curl (CLI) and pycurl (in process) POST with
+a pre-authorized identity to servers that require client certificates."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keychain_ext import InteractionNotAllowedError, Keychain
+from keychain_ext.curl import client_env, curl_args, pycurl_problem, setup_pycurl
+from keychain_ext.keychain import Identity
+from keychain_ext.testing.pki import PKI, ClientIdentity, P12Variants
+from keychain_ext.testing.server import MTLSServer, NginxServer
+
+from .conftest import Token
+
+
+@pytest.fixture(scope="module")
+def server(pki: PKI) -> Iterator[MTLSServer]:
+    with MTLSServer(pki) as srv:
+        yield srv
+
+
+def curl_post(url: str, pki: PKI, ident: Identity, body: str = '{"n": 1}') -> subprocess.CompletedProcess[str]:
+    argv = ["curl", "-sS", "--fail", "--cacert", str(pki.ca_cert), *curl_args(ident)]
+    argv += ["-H", "Content-Type: application/json", "-d", body, url]
+    return subprocess.run(argv, env=client_env(ident), capture_output=True, text=True, timeout=60)
+
+
+def require_pycurl() -> None:
+    problem = pycurl_problem()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+
+
+@pytest.mark.parametrize(
+    "which", ["rsa_client", "ec_client", "variants.legacy", "variants.openssl_default"]
+)
+def test_curl_post_with_identity_then_fails_after_kill(
+    kc: Keychain, token: Token, pki: PKI, server: MTLSServer, which: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    if which.startswith("variants."):
+        p12 = getattr(request.getfixturevalue("variants"), which.split(".")[1])
+        client: ClientIdentity = request.getfixturevalue("rsa_client")
+    else:
+        client = request.getfixturevalue(which)
+        p12 = client.p12
+    ident = kc.preauth_key(p12, client.password, "curl-post")
+    try:
+        done = curl_post(server.url, pki, ident)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {
+            "client_cn": client.cn, "method": "POST", "path": "/", "json": {"n": 1}
+        }
+    finally:
+        kc.kill_key("curl-post")
+    after = curl_post(server.url, pki, ident)
+    assert after.returncode != 0 and "client_cn" not in after.stdout
+    assert token.objects() == []
+
+
+def test_nginx_requires_and_gets_the_client_cert(
+    kc: Keychain, pki: PKI, ec_client: ClientIdentity
+) -> None:
+    with NginxServer(pki) as nginx, kc.preauthorized(ec_client.p12, ec_client.password, "ng") as ident:
+        done = curl_post(nginx.url, pki, ident)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"client": f"CN={ec_client.cn}"}
+
+
+class HoldServer:
+    """Accepts one TCP connection and holds it without answering, so a curl
+    stays alive (with its key loaded) until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = threading.Event()
+        self.conn: socket.socket | None = None
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.conn, _ = self.sock.accept()
+        self.accepted.set()
+
+    def close(self) -> None:
+        if self.conn:
+            self.conn.close()
+        self.sock.close()
+
+
+def test_no_pin_in_the_running_curls_argv_or_environment(
+    kc: Keychain, token: Token, pki: PKI, ec_client: ClientIdentity
+) -> None:
+    hold = HoldServer()
+    with kc.preauthorized(ec_client.p12, ec_client.password, "argv") as ident:
+        argv = ["curl", "-sS", "--cacert", str(pki.ca_cert), *curl_args(ident)]
+        argv += ["--max-time", "60", f"https://127.0.0.1:{hold.port}/"]
+        proc = subprocess.Popen(argv, env=client_env(ident), stderr=subprocess.PIPE)
+        try:
+            assert hold.accepted.wait(30), "curl never connected"
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+        finally:
+            hold.close()
+            proc.wait(60)
+    assert b"pin-source=file:" in cmdline  # the PIN's file, not the PIN
+    assert token.pin.encode() not in cmdline
+    assert token.pin.encode() not in environ
+    assert b"pin-value" not in cmdline
+
+
+def test_ephemeral_identity_cannot_go_to_another_process(
+    kc: Keychain, ec_client: ClientIdentity
+) -> None:
+    with kc.preauthorized(ec_client.p12, ec_client.password, "eph", ephemeral=True) as ident:
+        with pytest.raises(InteractionNotAllowedError, match="ephemeral"):
+            curl_args(ident)
+        with pytest.raises(InteractionNotAllowedError):
+            client_env(ident)
+
+
+@pytest.mark.parametrize("ephemeral", [False, True])
+def test_pycurl_in_process(
+    kc: Keychain, pki: PKI, server: MTLSServer, rsa_client: ClientIdentity, ephemeral: bool
+) -> None:
+    require_pycurl()
+    import io
+
+    import pycurl
+
+    with kc.preauthorized(rsa_client.p12, rsa_client.password, "pyc", ephemeral=ephemeral) as ident:
+        handle, buf = pycurl.Curl(), io.BytesIO()
+        setup_pycurl(handle, ident)
+        handle.setopt(pycurl.URL, server.url)
+        handle.setopt(pycurl.CAINFO, str(pki.ca_cert))
+        handle.setopt(pycurl.POSTFIELDS, '{"in": "process"}')
+        handle.setopt(pycurl.HTTPHEADER, ["Content-Type: application/json"])
+        handle.setopt(pycurl.WRITEDATA, buf)
+        handle.perform()
+        assert handle.getinfo(pycurl.RESPONSE_CODE) == 200
+        handle.close()
+    answer = json.loads(buf.getvalue())
+    assert answer["client_cn"] == rsa_client.cn and answer["json"] == {"in": "process"}
+
+
+CHILD = """
+import io, json, sys
+import pycurl
+from keychain_ext import Keychain
+from keychain_ext.curl import setup_pycurl
+module, token, p12, url, ca = sys.argv[1:6]
+pin, password = sys.stdin.readline().strip(), sys.stdin.readline().strip()
+kc = Keychain(module, token, pin)
+ident = kc.preauth_key(p12, password, "eph-child", ephemeral=True)
+handle, buf = pycurl.Curl(), io.BytesIO()
+setup_pycurl(handle, ident)
+handle.setopt(pycurl.URL, url); handle.setopt(pycurl.CAINFO, ca)
+handle.setopt(pycurl.WRITEDATA, buf); handle.perform()
+print(json.loads(buf.getvalue())["client_cn"], flush=True)
+sys.stdin.read()  # wait to be killed
+"""
+
+
+def test_ephemeral_identity_gone_when_its_process_is_killed(
+    token: Token, pki: PKI, server: MTLSServer, ec_client: ClientIdentity
+) -> None:
+    require_pycurl()
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, token.module, token.label, str(ec_client.p12),
+         server.url, str(pki.ca_cert)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert child.stdin and child.stdout
+    child.stdin.write(f"{token.pin}\n{ec_client.password}\n")
+    child.stdin.flush()
+    assert child.stdout.readline().strip() == ec_client.cn  # it used the identity
+    assert token.objects() == []  # never on the token, even while alive
+    child.kill()
+    assert child.wait() == -signal.SIGKILL
+    assert token.objects() == []
+    with Keychain(token.module, token.label, token.pin) as kc:
+        assert kc.lookup("eph-child") is None
+
+
+def test_demo_runs(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    env["KEYCHAIN_EXT_HOME"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "keychain_ext.demo"], env=env, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"client_cn": "demo-client"' in done.stdout
+    assert "the token holds nothing" in done.stdout
+    assert "the same request now fails" in done.stdout
