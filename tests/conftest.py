@@ -46,7 +46,7 @@ from keychain_ext.testing.pki import (  # noqa: E402
 )
 
 TOKEN_VIEW = Path(__file__).resolve().parent / "token_view.py"
-IMPLS = ["native"]
+IMPLS = ["native", "ctypes"]  # the C extension and the ctypes port (keychain_ext.ports)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
