@@ -149,6 +149,15 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, kc_error *err);
 int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
                                 kc_item_info *out, kc_error *err);
 
+/* Remove the identity under label only if its lease names an owner process
+ * that is dead (a crash between preauth and kill), with the partial objects
+ * such a crash leaves.  errSecItemNotFound if nothing carries the label or
+ * it has no lease; errSecDuplicateItem if the owner runs or cannot be
+ * judged (another host).  Decided under the store's lock, so a live
+ * identity is never removed.  errSecUnimplemented where there are no
+ * leases (Darwin). */
+int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err);
+
 /* Every identity in the store that this library can see, one entry per
  * label (certificate, key and lease grouped), including incomplete ones
  * left by a crash (has_certificate or has_private_key 0).  Fills up to cap

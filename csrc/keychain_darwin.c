@@ -871,6 +871,15 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
     return status;
 }
 
+int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
+{
+    (void)kc;
+    (void)label;
+    clear_error(err);
+    return fail(err, errSecUnimplemented,
+                "the keychain records no owner process: no stale identities");
+}
+
 int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
                       size_t *count, kc_error *err)
 {

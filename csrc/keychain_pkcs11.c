@@ -30,6 +30,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <signal.h>
+
 #include <openssl/core_names.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -386,6 +388,7 @@ struct kc_keychain {
     char imported_label[KC_LABEL_MAX];
     CK_BYTE imported_id[SHA_DIGEST_LENGTH];
     int has_imported_id;
+    int imported_ephemeral;         /* session objects: no lease */
 };
 
 const char *kc_backend(void) { return "pkcs11"; }
@@ -544,19 +547,29 @@ static int32_t check_label(const char *label, kc_error *err)
 #define ATTR(type, ptr, len) {(type), (void *)(ptr), (CK_ULONG)(len)}
 
 /* C_FindObjectsInit / C_FindObjects / C_FindObjectsFinal: up to max
- * handles matching the template. */
+ * handles matching the template.  A search changes nothing, so transient
+ * failures are simply retried. */
 static CK_RV find(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
                   CK_OBJECT_HANDLE *found, CK_ULONG max, CK_ULONG *count)
 {
     CK_FUNCTION_LIST_PTR f = kc->mod->f;
-    CK_RV rv, rv_final;
-    *count = 0;
-    rv = f->C_FindObjectsInit(kc->session, tmpl, n);
-    if (rv != CKR_OK)
-        return rv;
-    rv = f->C_FindObjects(kc->session, found, max, count);
-    rv_final = f->C_FindObjectsFinal(kc->session);
-    return rv != CKR_OK ? rv : rv_final;
+    CK_RV rv = CKR_OK, rv_final;
+    int attempt;
+    for (attempt = 0; attempt < TRANSIENT_RETRIES; attempt++) {
+        if (attempt)
+            backoff(attempt);
+        *count = 0;
+        rv = f->C_FindObjectsInit(kc->session, tmpl, n);
+        if (rv == CKR_OK) {
+            rv = f->C_FindObjects(kc->session, found, max, count);
+            rv_final = f->C_FindObjectsFinal(kc->session);
+            if (rv == CKR_OK)
+                rv = rv_final;
+        }
+        if (!transient(rv))
+            break;
+    }
+    return rv;
 }
 
 /* The attributes lookup reports, read in one C_GetAttributeValue. */
@@ -568,7 +581,8 @@ typedef struct object {
     CK_BYTE id[KC_KEY_ID_MAX];
     CK_ULONG id_len;
     char label[KC_LABEL_MAX];
-    CK_BYTE value[8192];            /* certificate DER */
+    char application[32];
+    CK_BYTE value[8192];            /* certificate DER or lease text */
     CK_ULONG value_len;
 } object;
 
@@ -580,28 +594,65 @@ static CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o)
         ATTR(CKA_KEY_TYPE, &o->key_type, sizeof o->key_type),
         ATTR(CKA_ID, o->id, sizeof o->id),
         ATTR(CKA_LABEL, o->label, sizeof o->label - 1),
-        ATTR(CKA_VALUE, o->value, sizeof o->value),
+        ATTR(CKA_VALUE, o->value, sizeof o->value - 1),
+        ATTR(CKA_APPLICATION, o->application, sizeof o->application - 1),
     };
-    CK_RV rv;
-    memset(o, 0, sizeof *o);
-    o->handle = h;
-    o->cls = (CK_OBJECT_CLASS)-1;
-    o->key_type = (CK_KEY_TYPE)-1;
-    rv = kc->mod->f->C_GetAttributeValue(kc->session, h, t, 6);
-    /* These three still fill every attribute they can (PKCS#11 5.7):
-     * a key's CKA_VALUE is sensitive, a certificate has no CKA_KEY_TYPE. */
+    CK_RV rv = CKR_OK;
+    int attempt;
+    for (attempt = 0; attempt < TRANSIENT_RETRIES; attempt++) {
+        if (attempt)
+            backoff(attempt);
+        memset(o, 0, sizeof *o);
+        o->handle = h;
+        o->cls = (CK_OBJECT_CLASS)-1;
+        o->key_type = (CK_KEY_TYPE)-1;
+        rv = kc->mod->f->C_GetAttributeValue(kc->session, h, t, 7);
+        if (!transient(rv))
+            break;
+    }
+    /* These three still fill every attribute they can (PKCS#11 5.7): a
+     * key's CKA_VALUE is sensitive, a certificate has no CKA_KEY_TYPE... */
     if (rv != CKR_OK && rv != CKR_ATTRIBUTE_SENSITIVE &&
         rv != CKR_ATTRIBUTE_TYPE_INVALID && rv != CKR_BUFFER_TOO_SMALL)
         return rv;
     if (t[0].ulValueLen == CK_UNAVAILABLE_INFORMATION)
         return CKR_OBJECT_HANDLE_INVALID;
-    o->id_len = t[3].ulValueLen == CK_UNAVAILABLE_INFORMATION ? 0
-                                                             : t[3].ulValueLen;
-    if (t[4].ulValueLen != CK_UNAVAILABLE_INFORMATION)
-        o->label[t[4].ulValueLen] = 0;
-    o->value_len = t[5].ulValueLen == CK_UNAVAILABLE_INFORMATION
-                       ? 0 : t[5].ulValueLen;
+#define LEN(i) (t[i].ulValueLen == CK_UNAVAILABLE_INFORMATION ? 0 : t[i].ulValueLen)
+    o->id_len = LEN(3);
+    o->label[LEN(4)] = 0;
+    o->value_len = LEN(5);
+    o->value[o->value_len] = 0;
+    o->application[LEN(6)] = 0;
+#undef LEN
     return CKR_OK;
+}
+
+/* C_CreateObject.  After a transient failure the object may exist anyway
+ * (SoftHSM2 #573): look for it before trying again, so that nothing is
+ * created twice.  cls and label identify it (duplicates were refused). */
+static int32_t create_object(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+                             CK_OBJECT_CLASS cls, const char *label,
+                             CK_OBJECT_HANDLE *out, const char *what,
+                             kc_error *err)
+{
+    CK_ATTRIBUTE probe[] = {ATTR(CKA_CLASS, &cls, sizeof cls),
+                            ATTR(CKA_LABEL, label, strlen(label))};
+    CK_ULONG count;
+    CK_RV rv = CKR_OK;
+    int attempt;
+    for (attempt = 0; attempt < TRANSIENT_RETRIES; attempt++) {
+        if (attempt) {
+            backoff(attempt);
+            if (find(kc, probe, 2, out, 1, &count) == CKR_OK && count)
+                return KC_errSecSuccess;
+        }
+        rv = kc->mod->f->C_CreateObject(kc->session, tmpl, n, out);
+        if (rv == CKR_OK)
+            return KC_errSecSuccess;
+        if (!transient(rv))
+            break;
+    }
+    return fail_ck(err, rv, what);
 }
 
 static CK_RV destroy(kc_keychain *kc, CK_OBJECT_HANDLE h)
@@ -615,7 +666,120 @@ static CK_RV destroy(kc_keychain *kc, CK_OBJECT_HANDLE h)
         if (!transient(rv))
             break;
     }
-    return rv;
+    /* already gone (another session removed it) is what we wanted */
+    return rv == CKR_OBJECT_HANDLE_INVALID ? CKR_OK : rv;
+}
+
+/* ------------------------------------------------------------- leases */
+
+/* A token identity carries a lease: a CKO_DATA object with the same label,
+ * CKA_APPLICATION "keychain_ext" and a value naming the owner process (pid,
+ * its start time, the boot id, the host) and the key id.  A later run can
+ * then tell an identity whose owner died (crash between preauth and kill)
+ * from one in use.  Session objects need none: they die with their owner. */
+typedef struct lease {
+    long pid;
+    unsigned long long start;
+    char boot[40];
+    char host[128];
+    char key_id_hex[2 * SHA_DIGEST_LENGTH + 1];
+} lease;
+
+/* Start time of a process in clock ticks since boot (/proc/PID/stat field
+ * 22); 0 if unknown. */
+static unsigned long long start_time(long pid)
+{
+    char path[64], buf[1024], *p;
+    unsigned long long start = 0;
+    size_t n;
+    FILE *f;
+    int i;
+
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    if (!(f = fopen(path, "re")))
+        return 0;
+    n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    /* the command name may hold spaces and ')': skip to the last ')' */
+    if (!(p = strrchr(buf, ')')))
+        return 0;
+    for (i = 2; i < 22 && p; i++)
+        p = strchr(p + 1, ' ');
+    if (p)
+        sscanf(p + 1, "%llu", &start);
+    return start;
+}
+
+static void boot_id(char *out, size_t n)
+{
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "re");
+    out[0] = 0;
+    if (f) {
+        if (fgets(out, (int)n, f))
+            out[strcspn(out, "\n")] = 0;
+        fclose(f);
+    }
+    if (!out[0])
+        snprintf(out, n, "unknown");
+}
+
+static void host_name(char *out, size_t n)
+{
+    if (gethostname(out, n) != 0 || !out[0])
+        snprintf(out, n, "unknown");
+    out[n - 1] = 0;
+    out[strcspn(out, " \t\n")] = 0;
+}
+
+static void make_lease(const CK_BYTE *key_id, char *out, size_t n)
+{
+    lease l;
+    int i;
+    memset(&l, 0, sizeof l);
+    boot_id(l.boot, sizeof l.boot);
+    host_name(l.host, sizeof l.host);
+    for (i = 0; i < SHA_DIGEST_LENGTH; i++)
+        snprintf(l.key_id_hex + 2 * i, 3, "%02x", key_id[i]);
+    snprintf(out, n, "keychain_ext-lease/1 pid=%ld start=%llu boot=%s host=%s id=%s",
+             (long)getpid(), start_time(getpid()), l.boot, l.host,
+             l.key_id_hex);
+}
+
+static int parse_lease(const object *o, lease *l)
+{
+    memset(l, 0, sizeof *l);
+    return o->cls == CKO_DATA &&
+           strcmp(o->application, LEASE_APPLICATION) == 0 &&
+           sscanf((const char *)o->value,
+                  "keychain_ext-lease/1 pid=%ld start=%llu boot=%39s "
+                  "host=%127s id=%40s",
+                  &l->pid, &l->start, l->boot, l->host, l->key_id_hex) == 5;
+}
+
+/* 1 the owner runs, 0 it is dead, -1 cannot tell (another host). */
+static int lease_alive(const lease *l)
+{
+    char boot[40], host[128];
+    host_name(host, sizeof host);
+    if (strcmp(host, l->host) != 0)
+        return -1;
+    boot_id(boot, sizeof boot);
+    if (strcmp(boot, l->boot) != 0)
+        return 0; /* rebooted since */
+    if (kill((pid_t)l->pid, 0) != 0 && errno == ESRCH)
+        return 0;
+    /* a recycled pid has another start time */
+    return start_time(l->pid) == l->start ? 1 : 0;
+}
+
+static size_t hex_to_bytes(const char *hex, CK_BYTE *out, size_t max)
+{
+    size_t n = 0;
+    unsigned int byte;
+    while (n < max && hex[2 * n] && sscanf(hex + 2 * n, "%2x", &byte) == 1)
+        out[n++] = (CK_BYTE)byte;
+    return n;
 }
 
 /* ------------------------------------------------------------- PKCS#12 */
@@ -821,7 +985,6 @@ static int32_t create_key(kc_keychain *kc, const identity *id,
     char group[64];
     int i, ok = 1;
     int32_t st;
-    CK_RV rv;
 
     memset(b, 0, sizeof b);
     if (id->key_type == KC_KEY_RSA) {
@@ -848,9 +1011,8 @@ static int32_t create_key(kc_keychain *kc, const identity *id,
                       "cannot read the private key's parameters");
         goto out;
     }
-    rv = kc->mod->f->C_CreateObject(kc->session, tmpl, n, out);
-    st = rv == CKR_OK ? KC_errSecSuccess
-                      : fail_ck(err, rv, "C_CreateObject (private key)");
+    st = create_object(kc, tmpl, n, cls, label, out,
+                       "C_CreateObject (private key)", err);
 out:
     for (i = 0; i < N_KEY_BLOBS; i++)
         free_blob(&b[i]);
@@ -868,7 +1030,6 @@ static int32_t create_cert(kc_keychain *kc, const identity *id,
     unsigned char *p[4] = {NULL, NULL, NULL, NULL};
     int len[4];
     int32_t st = KC_errSecSuccess;
-    CK_RV rv;
     int i;
 
     len[0] = i2d_X509(id->cert, &p[0]);
@@ -893,9 +1054,8 @@ static int32_t create_cert(kc_keychain *kc, const identity *id,
             ATTR(CKA_ISSUER, p[2], len[2]),
             ATTR(CKA_SERIAL_NUMBER, p[3], len[3]),
         };
-        rv = kc->mod->f->C_CreateObject(kc->session, tmpl, 10, out);
-        if (rv != CKR_OK)
-            st = fail_ck(err, rv, "C_CreateObject (certificate)");
+        st = create_object(kc, tmpl, 10, cls, label, out,
+                           "C_CreateObject (certificate)", err);
     }
 out:
     for (i = 0; i < 4; i++)
@@ -903,10 +1063,119 @@ out:
     return st;
 }
 
-/* Crypto.cpp lookupKeychainItem's refusal: nothing may carry the label, and
- * no private key may have the same id. */
+/* Destroy every object the template finds; *found counts them. */
+static int32_t destroy_all(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+                           const char *what, CK_ULONG *found, kc_error *err)
+{
+    CK_OBJECT_HANDLE h[MAX_FOUND];
+    CK_ULONG count, i;
+    CK_RV rv = find(kc, tmpl, n, h, MAX_FOUND, &count);
+    *found = count;
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, what);
+    for (i = 0; i < count; i++)
+        if ((rv = destroy(kc, h[i])) != CKR_OK)
+            return fail_ck(err, rv, what);
+    return KC_errSecSuccess;
+}
+
+/* Crypto.cpp killKey's core: the certificate, then the private key
+ * separately (deleting the pair in one call failed when running as root),
+ * then the lease last, so an interrupted removal still names its owner.
+ * key_id may be NULL (then the key is found by label alone). */
+static int32_t remove_identity(kc_keychain *kc, const char *label,
+                               const CK_BYTE *key_id, CK_ULONG key_id_len,
+                               int with_lease, CK_ULONG *found, kc_error *err)
+{
+    CK_OBJECT_CLASS cert_cls = CKO_CERTIFICATE, key_cls = CKO_PRIVATE_KEY,
+                    data_cls = CKO_DATA;
+    CK_ULONG label_len = strlen(label), n;
+    CK_ATTRIBUTE cert_tmpl[] = {ATTR(CKA_CLASS, &cert_cls, sizeof cert_cls),
+                                ATTR(CKA_LABEL, label, label_len)};
+    CK_ATTRIBUTE key_tmpl[] = {ATTR(CKA_CLASS, &key_cls, sizeof key_cls),
+                               ATTR(CKA_LABEL, label, label_len),
+                               ATTR(CKA_ID, key_id, key_id_len)};
+    CK_ATTRIBUTE lease_tmpl[] = {
+        ATTR(CKA_CLASS, &data_cls, sizeof data_cls),
+        ATTR(CKA_LABEL, label, label_len),
+        ATTR(CKA_APPLICATION, LEASE_APPLICATION, strlen(LEASE_APPLICATION))};
+    int32_t st;
+
+    *found = 0;
+    if ((st = destroy_all(kc, cert_tmpl, 2, "removing the certificate", &n,
+                          err)))
+        return st;
+    *found += n;
+    if ((st = destroy_all(kc, key_tmpl, key_id ? 3 : 2,
+                          "removing the private key", &n, err)))
+        return st;
+    *found += n;
+    if (with_lease) {
+        if ((st = destroy_all(kc, lease_tmpl, 3, "removing the lease", &n, err)))
+            return st;
+        *found += n;
+    }
+    return KC_errSecSuccess;
+}
+
+/* The lease of the token identity under label, if any. */
+static int read_lease(kc_keychain *kc, const char *label, lease *l)
+{
+    CK_OBJECT_CLASS data_cls = CKO_DATA;
+    CK_ATTRIBUTE tmpl[] = {
+        ATTR(CKA_CLASS, &data_cls, sizeof data_cls),
+        ATTR(CKA_LABEL, label, strlen(label)),
+        ATTR(CKA_APPLICATION, LEASE_APPLICATION, strlen(LEASE_APPLICATION))};
+    CK_OBJECT_HANDLE h;
+    CK_ULONG count;
+    object *o;
+    int ok = 0;
+    if (find(kc, tmpl, 3, &h, 1, &count) != CKR_OK || !count)
+        return 0;
+    if ((o = malloc(sizeof *o))) {
+        ok = read_object(kc, h, o) == CKR_OK && parse_lease(o, l);
+        free(o);
+    }
+    return ok;
+}
+
+/* Remove what a dead owner left under label: the identity, its lease, and
+ * unlabelled certificates/keys with its key id (SoftHSM2 can leave objects
+ * without attributes when killed mid-create). */
+static int32_t reclaim(kc_keychain *kc, const char *label, const lease *l,
+                       kc_error *err)
+{
+    CK_BYTE id[SHA_DIGEST_LENGTH];
+    CK_ULONG id_len = hex_to_bytes(l->key_id_hex, id, sizeof id), found, i;
+    CK_ATTRIBUTE by_id[] = {ATTR(CKA_ID, id, id_len)};
+    CK_OBJECT_HANDLE h[MAX_FOUND];
+    object *o;
+    int32_t st;
+    CK_RV rv;
+
+    if ((st = remove_identity(kc, label, NULL, 0, 1, &found, err)))
+        return st;
+    if (!id_len)
+        return KC_errSecSuccess;
+    if ((rv = find(kc, by_id, 1, h, MAX_FOUND, &found)) != CKR_OK)
+        return fail_ck(err, rv, "searching a dead owner's objects");
+    if (!(o = malloc(sizeof *o)))
+        return fail(err, KC_errSecAllocate, 0, "out of memory");
+    for (i = 0; i < found; i++)
+        if (read_object(kc, h[i], o) == CKR_OK && !o->label[0] &&
+            (rv = destroy(kc, h[i])) != CKR_OK) {
+            free(o);
+            return fail_ck(err, rv, "removing a dead owner's object");
+        }
+    free(o);
+    return KC_errSecSuccess;
+}
+
+/* Crypto.cpp lookupKeychainItem's refusal: nothing may carry the label
+ * (unless its owner is dead and the caller asked to reclaim it), and no
+ * private key may have the same id. */
 static int32_t refuse_duplicate(kc_keychain *kc, const char *label,
-                                const identity *id, kc_error *err)
+                                const identity *id, int flags, kc_error *err)
 {
     CK_OBJECT_CLASS key_cls = CKO_PRIVATE_KEY;
     CK_ATTRIBUTE by_label[] = {ATTR(CKA_LABEL, label, strlen(label))};
@@ -914,15 +1183,31 @@ static int32_t refuse_duplicate(kc_keychain *kc, const char *label,
                             ATTR(CKA_ID, id->key_id, sizeof id->key_id)};
     CK_OBJECT_HANDLE h;
     CK_ULONG count;
+    lease l;
+    int alive;
+    int32_t st;
     CK_RV rv;
 
     rv = find(kc, by_label, 1, &h, 1, &count);
     if (rv != CKR_OK)
         return fail_ck(err, rv, "searching the token");
-    if (count)
-        return fail(err, KC_errSecDuplicateItem, 0,
-                    "an identity labelled '%s' is already in the store; "
-                    "refusing to import over it", label);
+    if (count) {
+        if (!read_lease(kc, label, &l))
+            return fail(err, KC_errSecDuplicateItem, 0,
+                        "an identity labelled '%s' is already in the store; "
+                        "refusing to import over it", label);
+        alive = lease_alive(&l);
+        if (alive != 0 || !(flags & KC_PREAUTH_RECLAIM_STALE))
+            return fail(err, KC_errSecDuplicateItem, 0,
+                        "an identity labelled '%s' is already in the store, "
+                        "owned by process %ld on %s (%s); refusing to import "
+                        "over it%s", label, l.pid, l.host,
+                        alive > 0 ? "running" : alive == 0 ? "dead" : "unknown",
+                        alive == 0 ? ": reclaim it (stale='reclaim') or purge"
+                                   : "");
+        if ((st = reclaim(kc, label, &l, err)))
+            return st;
+    }
     rv = find(kc, by_id, 2, &h, 1, &count);
     if (rv != CKR_OK)
         return fail_ck(err, rv, "searching the token");
@@ -949,13 +1234,35 @@ static void identity_info(const identity *id, const char *label,
     info->owner_alive = 1;
 }
 
+static int32_t create_lease(kc_keychain *kc, const identity *id,
+                            const char *label, CK_OBJECT_HANDLE *out,
+                            kc_error *err)
+{
+    CK_OBJECT_CLASS cls = CKO_DATA;
+    CK_BBOOL t = CK_TRUE;
+    char text[512];
+    CK_ATTRIBUTE tmpl[] = {
+        ATTR(CKA_CLASS, &cls, sizeof cls),
+        ATTR(CKA_TOKEN, &t, sizeof t),
+        ATTR(CKA_PRIVATE, &t, sizeof t),
+        ATTR(CKA_LABEL, label, strlen(label)),
+        ATTR(CKA_APPLICATION, LEASE_APPLICATION, strlen(LEASE_APPLICATION)),
+        ATTR(CKA_VALUE, text, 0),
+    };
+    make_lease(id->key_id, text, sizeof text);
+    tmpl[5].ulValueLen = strlen(text);
+    return create_object(kc, tmpl, 6, cls, label, out,
+                         "C_CreateObject (lease)", err);
+}
+
 int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
                        const char *password, const char *label, int flags,
                        kc_item_info *out, kc_error *err)
 {
     identity id;
     CK_BBOOL token = (flags & KC_PREAUTH_EPHEMERAL) ? CK_FALSE : CK_TRUE;
-    CK_OBJECT_HANDLE cert = CK_INVALID_HANDLE, key = CK_INVALID_HANDLE;
+    CK_OBJECT_HANDLE made[3]; /* lease, certificate, key: undone in reverse */
+    int n_made = 0;
     CK_RV rv;
     int32_t st;
 
@@ -969,25 +1276,33 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
         return st;
     if ((st = begin(kc, err)))
         goto out;
-    if ((st = refuse_duplicate(kc, label, &id, err)))
+    if ((st = refuse_duplicate(kc, label, &id, flags, err)))
         goto unlock;
-    if ((st = create_cert(kc, &id, label, token, &cert, err)))
-        goto unlock;
-    if ((st = create_key(kc, &id, label, token, &key, err))) {
-        /* all or nothing: take the certificate back out */
-        rv = destroy(kc, cert);
-        if (rv != CKR_OK && err)
-            snprintf(err->message + strlen(err->message),
-                     sizeof err->message - strlen(err->message),
-                     "; removing the certificate again also failed: %s",
-                     ckr_name(rv));
-        goto unlock;
-    }
+    /* The lease goes first and leaves last: every partial state a crash
+     * can leave names its (dead) owner. */
+    if (token && (st = create_lease(kc, &id, label, &made[n_made], err)))
+        goto undo;
+    n_made += token;
+    if ((st = create_cert(kc, &id, label, token, &made[n_made], err)))
+        goto undo;
+    n_made++;
+    if ((st = create_key(kc, &id, label, token, &made[n_made], err)))
+        goto undo;
+    n_made++;
     snprintf(kc->imported_label, sizeof kc->imported_label, "%s", label);
     memcpy(kc->imported_id, id.key_id, sizeof id.key_id);
     kc->has_imported_id = 1;
+    kc->imported_ephemeral = !token;
     if (out)
         identity_info(&id, label, !token, out);
+    goto unlock;
+undo:
+    /* all or nothing: take back out what this call created */
+    while (n_made-- > 0)
+        if ((rv = destroy(kc, made[n_made])) != CKR_OK && err)
+            snprintf(err->message + strlen(err->message),
+                     sizeof err->message - strlen(err->message),
+                     "; undoing the import also failed: %s", ckr_name(rv));
 unlock:
     end(kc);
 out:
@@ -995,79 +1310,75 @@ out:
     return st;
 }
 
-/* Destroy every object found by the template; *found counts them. */
-static int32_t destroy_all(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
-                           const char *what, CK_ULONG *found, kc_error *err)
+int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
 {
-    CK_OBJECT_HANDLE h[MAX_FOUND];
-    CK_ULONG count, i;
-    CK_RV rv = find(kc, tmpl, n, h, MAX_FOUND, &count);
-    *found = count;
-    if (rv != CKR_OK)
-        return fail_ck(err, rv, what);
-    for (i = 0; i < count; i++)
-        if ((rv = destroy(kc, h[i])) != CKR_OK)
-            return fail_ck(err, rv, what);
-    return KC_errSecSuccess;
+    lease l;
+    int alive;
+    int32_t st;
+
+    if ((st = check_label(label, err)))
+        return st;
+    if ((st = begin(kc, err)))
+        return st;
+    if (!read_lease(kc, label, &l))
+        st = fail(err, KC_errSecItemNotFound, 0,
+                  "no leased identity labelled '%s' in the store", label);
+    else if ((alive = lease_alive(&l)) != 0)
+        st = fail(err, KC_errSecDuplicateItem, 0,
+                  "the identity labelled '%s' is owned by process %ld on %s "
+                  "(%s): not stale", label, l.pid, l.host,
+                  alive > 0 ? "running" : "unknown");
+    else
+        st = reclaim(kc, label, &l, err);
+    end(kc);
+    return st;
 }
 
 int32_t kc_kill_key(kc_keychain *kc, const char *label, kc_error *err)
 {
-    CK_OBJECT_CLASS cert_cls = CKO_CERTIFICATE, key_cls = CKO_PRIVATE_KEY;
-    CK_ULONG label_len, certs = 0, keys = 0, count;
+    CK_OBJECT_CLASS cert_cls = CKO_CERTIFICATE;
     CK_BYTE key_id[KC_KEY_ID_MAX];
-    CK_ULONG key_id_len = 0;
-    CK_OBJECT_HANDLE h[MAX_FOUND];
+    CK_ULONG key_id_len = 0, count, found;
+    CK_OBJECT_HANDLE h;
+    int ours, with_lease = 1;
     CK_RV rv;
     int32_t st;
 
     if ((st = check_label(label, err)))
         return st;
-    label_len = strlen(label);
     if ((st = begin(kc, err)))
         return st;
-    {
+    /* The key id: remembered from our own import, else the certificate's
+     * (another handle or process imported it). */
+    ours = kc->has_imported_id && strcmp(kc->imported_label, label) == 0;
+    if (ours) {
+        memcpy(key_id, kc->imported_id, sizeof kc->imported_id);
+        key_id_len = sizeof kc->imported_id;
+        with_lease = !kc->imported_ephemeral;
+    } else {
         CK_ATTRIBUTE cert_tmpl[] = {
             ATTR(CKA_CLASS, &cert_cls, sizeof cert_cls),
-            ATTR(CKA_LABEL, label, label_len)};
-        CK_ATTRIBUTE key_tmpl[] = {
-            ATTR(CKA_CLASS, &key_cls, sizeof key_cls),
-            ATTR(CKA_LABEL, label, label_len),
-            ATTR(CKA_ID, key_id, 0)};
-
-        /* The key id: remembered from our own import, else the
-         * certificate's (another handle or process imported it). */
-        if (kc->has_imported_id && strcmp(kc->imported_label, label) == 0) {
-            memcpy(key_id, kc->imported_id, sizeof kc->imported_id);
-            key_id_len = sizeof kc->imported_id;
-        } else {
-            rv = find(kc, cert_tmpl, 2, h, 1, &count);
-            if (rv != CKR_OK) {
-                st = fail_ck(err, rv, "searching the certificate");
-                goto out;
-            }
-            if (count) {
-                CK_ATTRIBUTE a = ATTR(CKA_ID, key_id, sizeof key_id);
-                rv = kc->mod->f->C_GetAttributeValue(kc->session, h[0], &a, 1);
-                if (rv == CKR_OK)
-                    key_id_len = a.ulValueLen;
-            }
+            ATTR(CKA_LABEL, label, strlen(label))};
+        rv = find(kc, cert_tmpl, 2, &h, 1, &count);
+        if (rv != CKR_OK) {
+            st = fail_ck(err, rv, "searching the certificate");
+            goto out;
         }
-        /* Crypto.cpp killKey: the certificate, then the key separately
-         * (deleting the pair in one call failed when running as root). */
-        if ((st = destroy_all(kc, cert_tmpl, 2, "removing the certificate",
-                              &certs, err)))
-            goto out;
-        key_tmpl[2].ulValueLen = key_id_len;
-        if ((st = destroy_all(kc, key_tmpl, key_id_len ? 3 : 2,
-                              "removing the private key", &keys, err)))
-            goto out;
-        if (!certs && !keys)
-            st = fail(err, KC_errSecItemNotFound, 0,
-                      "no identity labelled '%s' in the store", label);
-        if (kc->has_imported_id && strcmp(kc->imported_label, label) == 0)
-            kc->has_imported_id = 0;
+        if (count) {
+            CK_ATTRIBUTE a = ATTR(CKA_ID, key_id, sizeof key_id);
+            rv = kc->mod->f->C_GetAttributeValue(kc->session, h, &a, 1);
+            if (rv == CKR_OK)
+                key_id_len = a.ulValueLen;
+        }
     }
+    if ((st = remove_identity(kc, label, key_id_len ? key_id : NULL,
+                              key_id_len, with_lease, &found, err)))
+        goto out;
+    if (!found)
+        st = fail(err, KC_errSecItemNotFound, 0,
+                  "no identity labelled '%s' in the store", label);
+    if (ours)
+        kc->has_imported_id = 0;
 out:
     end(kc);
     return st;
@@ -1076,8 +1387,14 @@ out:
 /* Fold one object into the description of its label. */
 static void add_object(const object *o, kc_item_info *info)
 {
+    lease l;
     if (!info->label[0])
         snprintf(info->label, sizeof info->label, "%s", o->label);
+    if (parse_lease(o, &l)) {
+        info->owner_pid = l.pid;
+        info->owner_alive = lease_alive(&l);
+        return;
+    }
     if (o->cls == CKO_CERTIFICATE) {
         const unsigned char *p = o->value;
         X509 *cert = d2i_X509(NULL, &p, (long)o->value_len);
@@ -1104,8 +1421,8 @@ static void add_object(const object *o, kc_item_info *info)
         /* session objects belong to this process */
         info->owner_pid = getpid();
         info->owner_alive = 1;
-    } else {
-        info->owner_alive = -1;
+    } else if (!info->owner_pid) {
+        info->owner_alive = -1; /* until its lease says otherwise */
     }
 }
 
@@ -1185,7 +1502,8 @@ int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
         rv = kc->mod->f->C_FindObjects(kc->session, h, MAX_FOUND, &n);
         for (i = 0; rv == CKR_OK && i < n; i++) {
             if (read_object(kc, h[i], o) != CKR_OK ||
-                (o->cls != CKO_CERTIFICATE && o->cls != CKO_PRIVATE_KEY))
+                (o->cls != CKO_CERTIFICATE && o->cls != CKO_PRIVATE_KEY &&
+                 strcmp(o->application, LEASE_APPLICATION) != 0))
                 continue;
             for (j = 0; j < n_items; j++)
                 if (strcmp(items[j].label, o->label) == 0)

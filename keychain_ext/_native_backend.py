@@ -82,6 +82,12 @@ class NativeStore:
             st = lib.kc_kill_key(self._live(), label, err)
         _check(st, err, "kill_key")
 
+    def reclaim_stale(self, label: bytes) -> None:
+        err = ffi.new("kc_error *")
+        with self._lock:
+            st = lib.kc_reclaim_stale(self._live(), label, err)
+        _check(st, err, "reclaim_stale")
+
     def lookup(self, label: bytes) -> Optional[ItemInfo]:
         err = ffi.new("kc_error *")
         out = ffi.new("kc_item_info *")

@@ -120,7 +120,7 @@ def _print_identity(ident: Identity, as_json: bool) -> None:
 def cmd_preauth(args: argparse.Namespace) -> int:
     password = _password(args)
     with _open(args) as kc:
-        ident = kc.preauth_key(args.p12, password, args.label, reclaim_stale=args.reclaim_stale)
+        ident = kc.preauth_key(args.p12, password, args.label, stale=args.stale)
         _print_identity(ident, args.json)
     return 0
 
@@ -147,11 +147,26 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps([{**asdict(i), "key_id": i.key_id.hex()} for i in items], indent=2))
     else:
         for i in items:
-            parts = "certificate+key" if i.has_certificate and i.has_private_key else (
-                "certificate only" if i.has_certificate else "key only"
-            )
-            print(f"{i.label}\t{i.common_name or '-'}\t{i.key_type or '-'}\t{parts}")
+            parts = {(True, True): "certificate+key", (True, False): "certificate only",
+                     (False, True): "key only", (False, False): "lease only"}
+            owner = {True: "owner running", False: "owner dead", None: "owner unknown"}
+            what = parts[i.has_certificate, i.has_private_key]
+            print(f"{i.label}\t{i.common_name or '-'}\t{i.key_type or '-'}\t{what}"
+                  f"\t{'ephemeral' if i.ephemeral else owner[i.owner_alive]}")
         print(f"{len(items)} identities")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    with _open(args) as kc:
+        items = kc.purge(dry_run=not args.yes)
+    verb = "removed" if args.yes else "would remove"
+    for i in items:
+        state = "complete" if i.has_certificate and i.has_private_key else "incomplete"
+        print(f"{verb}: {i.label} ({state}, owner pid {i.owner_pid} is dead)")
+    if not args.yes and items:
+        print("dry run: add --yes to remove them")
+    print(f"{len(items)} stale identities")
     return 0
 
 
@@ -194,9 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     try:
         with _open(args) as kc:
-            ident = kc.preauth_key(
-                args.p12, password, args.label, reclaim_stale=args.reclaim_stale
-            )
+            ident = kc.preauth_key(args.p12, password, args.label, stale=args.stale)
             try:
                 child = subprocess.Popen(_expand(command, ident), env=client_env(ident))
                 status = child.wait()
@@ -261,7 +274,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--label", required=True, help="label for certificate and key")
         sp.add_argument("--password-file", help="file holding the PKCS#12 password")
         sp.add_argument("--password-env", metavar="VAR", help=f"env var with it (default {PASSWORD_ENV})")
-        sp.add_argument("--reclaim-stale", action="store_true", help="remove a dead owner's identity first")
+        sp.add_argument(
+            "--reclaim-stale", dest="stale", action="store_const", const="reclaim",
+            default="refuse", help="remove a dead owner's identity under the label first",
+        )
 
     sp = sub.add_parser("preauth", help="import an identity (token objects)")
     with_p12(sp)
@@ -281,6 +297,10 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("list", help="list identities in the store")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_list)
+
+    sp = sub.add_parser("purge", help="remove identities whose owner process died (dry run)")
+    sp.add_argument("--yes", action="store_true", help="really remove them")
+    sp.set_defaults(func=cmd_purge)
 
     sp = sub.add_parser("doctor", help="check what the backend and TLS clients need")
     sp.set_defaults(func=cmd_doctor)

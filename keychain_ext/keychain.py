@@ -8,12 +8,18 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Literal, Optional, Union
 from urllib.parse import quote
 
 from . import _store
 from ._backend import EPHEMERAL, RECLAIM_STALE, Backend, ItemInfo, Store
-from .errors import InteractionRequiredError, ItemNotFoundError, NoSuchKeychainError, ParamError
+from .errors import (
+    DuplicateItemError,
+    InteractionRequiredError,
+    ItemNotFoundError,
+    NoSuchKeychainError,
+    ParamError,
+)
 
 if TYPE_CHECKING:
     P12Source = Union[str, os.PathLike[str], bytes, bytearray, memoryview]
@@ -21,6 +27,7 @@ else:
     P12Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
 Secret = Union[str, bytes, None]
+Stale = Literal["refuse", "reclaim"]
 
 LABEL_MAX = 255  # bytes of UTF-8 (KC_LABEL_MAX - 1)
 
@@ -111,6 +118,8 @@ class Identity:
         key_type: "rsa" or "ec".
         ephemeral: session objects, gone when the process ends.
         module: the PKCS#11 module path; token: the token label.
+        owner_pid, owner_alive: the process that imported it (from its
+            lease) and whether it still runs (None: cannot tell).
         pin_file: a 0600 file holding the token PIN, for TLS clients.
         env: environment a child process needs to see the token.
     """
@@ -123,6 +132,8 @@ class Identity:
     ephemeral: bool
     module: str
     token: str
+    owner_pid: int = 0
+    owner_alive: Optional[bool] = None
     pin_file: Optional[Path] = None
     env: Mapping[str, str] = field(default_factory=dict)
 
@@ -241,6 +252,8 @@ class Keychain:
             ephemeral=info.ephemeral,
             module=self.module,
             token=self.token,
+            owner_pid=info.owner_pid,
+            owner_alive=info.owner_alive,
             pin_file=self._client_pin_file(info.label),
             env={**self.env, "PKCS11_MODULE_PATH": self.module},
         )
@@ -268,7 +281,7 @@ class Keychain:
         label: str,
         *,
         ephemeral: bool = False,
-        reclaim_stale: bool = False,
+        stale: Stale = "refuse",
     ) -> Identity:
         """Import the PKCS#12 identity under ``label`` (Crypto.cpp preAuthKey).
 
@@ -283,8 +296,12 @@ class Keychain:
             ephemeral: session objects instead of token objects: never on
                 disk, gone when this Keychain closes or the process dies;
                 usable only by libcurl inside this process.
-            reclaim_stale: remove a dead owner's identity under the label
-                first instead of refusing.
+            stale: what to do when the label is taken by an identity whose
+                owner process died before removing it (its lease says so):
+                "refuse" (default, DuplicateItemError naming the dead owner)
+                or "reclaim" (remove it, with the partial objects a crash
+                leaves, and import).  A live owner's identity is always
+                refused.
 
         Raises:
             FileNotFoundError, PermissionError: p12 path unreadable.
@@ -297,7 +314,9 @@ class Keychain:
         raw_label = _label(label)
         password_bytes = _secret(password, "password")
         data = _p12_bytes(p12)
-        flags = (EPHEMERAL if ephemeral else 0) | (RECLAIM_STALE if reclaim_stale else 0)
+        if stale not in ("refuse", "reclaim"):
+            raise ValueError(f"stale must be 'refuse' or 'reclaim', not {stale!r}")
+        flags = (EPHEMERAL if ephemeral else 0) | (RECLAIM_STALE if stale == "reclaim" else 0)
         info = self._store.preauth_key(data, password_bytes, raw_label, flags)
         return self._identity(info)
 
@@ -333,6 +352,26 @@ class Keychain:
         ones included.  Changes nothing."""
         return self._store.list_items()
 
+    def purge(self, *, dry_run: bool = True) -> list[ItemInfo]:
+        """Identities whose owner process died without removing them
+        (complete or left half-made by a crash), removed unless ``dry_run``.
+
+        Each removal is decided again under the store's lock, so an identity
+        that a live process reclaimed meanwhile is left alone.  Returns what
+        was (or would be) removed.
+        """
+        stale = [i for i in self.items() if i.owner_alive is False]
+        if dry_run:
+            return stale
+        removed = []
+        for item in stale:
+            try:
+                self._store.reclaim_stale(_label(item.label))
+            except (ItemNotFoundError, DuplicateItemError):
+                continue  # gone already, or taken over by a live process
+            removed.append(item)
+        return removed
+
     @contextlib.contextmanager
     def preauthorized(
         self,
@@ -341,13 +380,11 @@ class Keychain:
         label: str,
         *,
         ephemeral: bool = False,
-        reclaim_stale: bool = False,
+        stale: Stale = "refuse",
     ) -> Iterator[Identity]:
         """``preauth_key`` on entry, ``kill_key`` on exit, also when the body
         raises: the store is left as it was found."""
-        identity = self.preauth_key(
-            p12, password, label, ephemeral=ephemeral, reclaim_stale=reclaim_stale
-        )
+        identity = self.preauth_key(p12, password, label, ephemeral=ephemeral, stale=stale)
         try:
             yield identity
         finally:

@@ -31,6 +31,7 @@ int main(int argc, char **argv)
         kc_preauth_key(kc, NULL, 0, NULL, label, 0, NULL, &err);
         kc_kill_key(kc, label, &err);
         kc_list_items(kc, NULL, 0, &count, &err);
+        kc_reclaim_stale(kc, label, &err);
         kc_init_token(NULL, NULL, NULL, NULL, &err);
     }
     kc_close(kc);

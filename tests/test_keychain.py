@@ -67,6 +67,7 @@ def test_round_trip(kc: Keychain, token: Token, kind: str, request: pytest.Fixtu
     assert {(o["class"], o["label"], o["id"]) for o in seen} == {
         ("certificate", "round-trip", ident.key_id.hex()),
         ("private", "round-trip", ident.key_id.hex()),
+        ("data", "round-trip", None),  # the lease naming the owner process
     }
     found = kc.lookup("round-trip")
     assert found is not None and found.key_id == ident.key_id and found.key_type == kind
@@ -81,7 +82,7 @@ def test_openssl_cli_files_round_trip(
 ) -> None:
     ident = kc.preauth_key(getattr(variants, which), rsa_client.password, which)
     assert ident.key_id == public_key_sha1(rsa_client)
-    assert len(token.objects()) == 2
+    assert len(token.objects()) == 3  # certificate, key, lease
     kc.kill_key(which)
 
 

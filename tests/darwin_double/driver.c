@@ -546,6 +546,7 @@ static void misc_api(void)
     CHECK(kc_list_items(kc, items, 2, &count, &err) == -4 && count == 0,
           "list");
     CHECK(kc_init_token("m", "t", "1", "2", &err) == -4, "init_token");
+    CHECK(kc_reclaim_stale(kc, "a", &err) == -4, "reclaim_stale");
     CHECK(kc_open(NULL, NULL, &err) == -50, "open without out");
     CHECK(kc_lookup_keychain_item(NULL, "a", NULL, &err) == -50, "NULL kc");
     CHECK(kc_kill_key(kc, NULL, NULL) == -50, "NULL label");
