@@ -68,7 +68,7 @@ ffibuilder.set_source(
     '#include "keychain.h"',
     sources=[str(Path(s).relative_to(ROOT)) for s in _sources],
     include_dirs=[str(CSRC.relative_to(ROOT))],
-    define_macros=[("KC_VERSION", '"%s"' % _version())],
+    define_macros=[("KC_VERSION", f'"{_version()}"')],
     **_kwargs,
 )
 

@@ -210,9 +210,7 @@ def _leaf(
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                ca_ski.value
-            ),
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski.value),
             critical=False,
         )
     )

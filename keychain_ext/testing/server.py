@@ -201,9 +201,7 @@ class NginxServer:
     files live in a temporary directory removed by :meth:`stop`.
     """
 
-    def __init__(
-        self, pki: PKI, *, nginx: str = "nginx", startup_timeout: float = 10.0
-    ) -> None:
+    def __init__(self, pki: PKI, *, nginx: str = "nginx", startup_timeout: float = 10.0) -> None:
         self._nginx = find_nginx(nginx)
         self._pki = pki
         self._timeout = startup_timeout
