@@ -121,6 +121,7 @@ CKR_ATTRIBUTE_SENSITIVE = 0x11
 CKR_ATTRIBUTE_TYPE_INVALID = 0x12
 CKR_DEVICE_ERROR = 0x30
 CKR_OBJECT_HANDLE_INVALID = 0x82
+CKR_OPERATION_ACTIVE = 0x90
 CKR_PIN_INCORRECT = 0xA0
 CKR_TOKEN_NOT_PRESENT = 0xE0
 CKR_USER_ALREADY_LOGGED_IN = 0x100
@@ -960,6 +961,9 @@ class CtypesStore:
                 _backoff(attempt)
             count.value = 0
             rv = f.C_FindObjectsInit(s, template.array, template.count)
+            if rv == CKR_OPERATION_ACTIVE:  # a search a failure left open
+                f.C_FindObjectsFinal(s)
+                rv = f.C_FindObjectsInit(s, template.array, template.count)
             if rv == CKR_OK:
                 rv = f.C_FindObjects(s, self._found, limit, ctypes.byref(count))
                 rv_final = f.C_FindObjectsFinal(s)
