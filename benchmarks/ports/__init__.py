@@ -1,0 +1,1 @@
+"""Benchmark-only ports of the keychain_ext flow (not shipped)."""

@@ -1,0 +1,797 @@
+"""The benchmark machinery: implementations, one shared token, interleaved
+measurements.
+
+Every implementation runs in this one process against the same SoftHSM2
+token (one SoftHSM2 instance per process: SOFTHSM2_CONF is read once, by the
+first C_Initialize).  The C extension opens the token first, so the module is
+initialized with CKF_OS_LOCKING_OK (NULL init args, which python-pkcs11 and
+PyKCS11 would pass, make SoftHSM2 switch its mutexes off for the whole
+process); nobody ever calls C_Finalize.
+
+Measurements are interleaved: each repetition runs one batch per
+implementation, in turn, so machine drift hits all alike; a row's figure is
+the median of all its samples.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib.util
+import json
+import os
+import secrets
+import shlex
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+LIMIT, NATIVE, CTYPES, PKCS11, PYKCS11 = "raw C", "C extension", "ctypes port", "python-pkcs11", "PyKCS11"
+IMPLS = (LIMIT, NATIVE, CTYPES, PKCS11, PYKCS11)
+PORTS = (CTYPES, PKCS11, PYKCS11)
+EPHEMERAL = 1
+
+# The fewest PKCS#11 calls each operation needs with the semantics of
+# keychain.h (a search is C_FindObjectsInit + one C_FindObjects +
+# C_FindObjectsFinal: PKCS#11 2.x has no one-call search).
+MINIMUM_CALLS = {
+    "preauth": 8,      # 2 searches (label; private key by CKA_ID) + 2 C_CreateObject
+    "kill": 8,         # 2 searches (cert by label; key by label+id) + 2 C_DestroyObject
+    "cycle": 16,       # session objects
+    "cycle_token": 21,  # token objects: + create the lease, + search and destroy it
+    "lookup_hit": 5,   # 1 search + 1 C_GetAttributeValue per object (cert, key)
+    "lookup_miss": 3,  # 1 search
+    "kill_foreign": 13,  # token identity imported by another handle: search the
+                         # cert + read its CKA_ID + destroy it, then key and lease
+}
+
+
+@dataclass
+class Config:
+    """How much to measure.  ``quick()`` is the < 60 s variant."""
+
+    reps: int = 25                # interleaved repetitions
+    batch: int = 20               # ephemeral cycles per implementation per repetition
+    p12_batch: int = 4            # the same from p12 bytes (cryptography's RSA parse: ~70 ms)
+    token_reps: int = 6           # repetitions of the token-object rows
+    token_batch: int = 4
+    lookup_reps: int = 15
+    lookup_batch: int = 20
+    fillers: tuple = (0, 100, 1000)
+    thread_seconds: float = 2.0
+    memory_cycles: int = 20000
+    key_types: tuple = ("rsa", "ec")
+    rows: Optional[set] = None    # None = everything
+
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls(reps=5, batch=8, p12_batch=1, token_reps=2, token_batch=1, lookup_reps=3,
+                   lookup_batch=6, thread_seconds=0.4, memory_cycles=1000)
+
+    def wants(self, kind: str) -> bool:
+        return self.rows is None or kind in self.rows
+
+
+# ------------------------------------------------------------------ setup
+
+
+def prepare_environment(root: Path) -> None:
+    """A throwaway SoftHSM2 configuration under root; must run before
+    anything loads SoftHSM2 in this process."""
+    (root / "tokens").mkdir(parents=True)
+    (root / "home").mkdir(mode=0o700)
+    conf = root / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {root / 'tokens'}\n"
+                    "objectstore.backend = file\nlog.level = ERROR\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    os.environ["KEYCHAIN_EXT_HOME"] = str(root / "home")
+    for var in ("KEYCHAIN_EXT_MODULE", "KEYCHAIN_EXT_TOKEN", "KEYCHAIN_EXT_PIN_FILE"):
+        os.environ.pop(var, None)
+
+
+def new_token(label: str = "bench") -> tuple[str, str, str]:
+    """Initialize a fresh token (PINs never in argv); (module, label, pin)."""
+    from keychain_ext._native_backend import NativeBackend
+    from keychain_ext._store import softhsm2_module
+
+    pin = secrets.token_hex(8)
+    NativeBackend().init_token(softhsm2_module(), label, secrets.token_hex(8), pin)
+    return softhsm2_module(), label, pin
+
+
+@dataclass(frozen=True)
+class P12:
+    path: Path
+    data: bytes
+    password: str
+
+
+def make_identities(workdir: Path, count: int = 2) -> dict:
+    """Client identities as PKCS#12: {(key_type, "enc"|"clear", n): P12}.
+
+    "enc" is what `openssl pkcs12 -export` writes by default (OpenSSL 3:
+    AES-256-CBC, PBKDF2-SHA256 2048 iterations, SHA-256 MAC); "clear" has no
+    encryption and no MAC, so parsing it is DER decoding only.  n: distinct
+    keys (two threads cannot import the same key: the store refuses a
+    duplicate CKA_ID)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    from keychain_ext.testing.pki import make_client, make_pki
+
+    pki = make_pki(workdir / "pki")
+    password = secrets.token_hex(8)
+    out = {}
+    for key_type in ("rsa", "ec"):
+        for n in range(count):
+            client = make_client(pki, cn=f"bench-{key_type}-{n}", password=password,
+                                 key_type=key_type, name=f"bench-{key_type}-{n}")
+            key = serialization.load_pem_private_key(client.key.read_bytes(), None)
+            cert = x509.load_pem_x509_certificate(client.cert.read_bytes())
+            enc = (serialization.PrivateFormat.PKCS12.encryption_builder()
+                   .kdf_rounds(2048)
+                   .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+                   .hmac_hash(hashes.SHA256())
+                   .build(password.encode()))
+            for kind, alg in (("enc", enc), ("clear", serialization.NoEncryption())):
+                data = pkcs12.serialize_key_and_certificates(client.cn.encode(), key, cert, None, alg)
+                path = workdir / f"bench-{key_type}-{n}-{kind}.p12"
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                out[(key_type, kind, n)] = P12(path, data, password if kind == "enc" else "")
+    return out
+
+
+def _p11kit_cflags() -> list[str]:
+    res = subprocess.run(["pkg-config", "--cflags", "p11-kit-1"], capture_output=True, text=True,
+                         check=True)
+    return shlex.split(res.stdout)
+
+
+def build_limit(outdir: Path) -> tuple[Path, Path]:
+    """Compile limit.c twice with the system compiler: the program and the
+    in-process library.  Returns (program, library)."""
+    cc = shlex.split(os.environ.get("CC", "cc"))
+    src = HERE / "limit.c"
+    common = ["-O2", "-Wall", "-Wextra", *_p11kit_cflags()]
+    libs = ["-ldl", "-lcrypto", "-lpthread"]
+    prog, lib = outdir / "limit", outdir / "liblimit.so"
+    for cmd in ([*cc, *common, str(src), "-o", str(prog), *libs],
+                [*cc, *common, "-shared", "-fPIC", "-DLIMIT_LIBRARY", str(src), "-o", str(lib), *libs]):
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"building limit.c failed:\n{shlex.join(cmd)}\n{res.stderr}")
+    return prog, lib
+
+
+def load_shim_tools() -> Any:
+    """tests/p11shim/build.py (build_shim, Shim), loaded by path."""
+    path = ROOT / "tests" / "p11shim" / "build.py"
+    spec = importlib.util.spec_from_file_location("_p11shim_build", path)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+# -------------------------------------------------------- implementations
+
+
+class Impl:
+    """One implementation under test."""
+
+    name = ""
+    available = True
+    reason = ""
+    parser = ""   # who parses the p12: "OpenSSL" or "cryptography"
+
+    def open(self, module: str, token: str, pin: str, pin_file: Path) -> Any:
+        raise NotImplementedError
+
+    def preauth(self, h: Any, p12: P12, label: str, eph: bool) -> None:
+        raise NotImplementedError
+
+    def kill(self, h: Any, label: str) -> None:
+        raise NotImplementedError
+
+    def lookup(self, h: Any, label: str) -> Any:
+        raise NotImplementedError
+
+    def close(self, h: Any) -> None:
+        h.close()
+
+    # pre-parsed key material (ports only)
+    parse: Optional[Callable] = None
+
+    def preauth_material(self, h: Any, material: Any, label: str, eph: bool) -> None:
+        raise NotImplementedError
+
+
+class KeychainImpl(Impl):
+    """keychain_ext's public API, Keychain(impl=...).  Opened with the
+    token's PIN file (as the embedded store is) and without the
+    cross-process flock, so it makes the same PKCS#11 calls as the others
+    and nothing else."""
+
+    def __init__(self, name: str, impl: str) -> None:
+        self.name, self.impl = name, impl
+        self.parser = "OpenSSL" if impl == "native" else "cryptography"
+        try:
+            from keychain_ext.keychain import _backend
+            _backend(impl)
+        except Exception as exc:  # ImportError until the ctypes port lands
+            self.available, self.reason = False, f"not available ({type(exc).__name__}: {exc})"
+
+    def open(self, module: str, token: str, pin: str, pin_file: Path) -> Any:
+        from keychain_ext import Keychain
+        return Keychain(module, token, pin_file=pin_file, impl=self.impl, lock=False)
+
+    def preauth(self, h: Any, p12: P12, label: str, eph: bool) -> None:
+        h.preauth_key(p12.data, p12.password, label, ephemeral=eph)
+
+    def kill(self, h: Any, label: str) -> None:
+        h.kill_key(label)
+
+    def lookup(self, h: Any, label: str) -> Any:
+        return h.lookup(label)
+
+
+class PortImpl(Impl):
+    parser = "cryptography"
+
+    def __init__(self, name: str, modname: str) -> None:
+        self.name = name
+        try:
+            self.mod = importlib.import_module(f"benchmarks.ports.{modname}")
+            from benchmarks.ports._material import parse_p12
+            self.parse = staticmethod(parse_p12)  # type: ignore[assignment]
+        except ImportError as exc:
+            self.available, self.reason = False, f"not available ({exc})"
+
+    def open(self, module: str, token: str, pin: str, pin_file: Path) -> Any:
+        return self.mod.open_store(module, token, pin)
+
+    def preauth(self, h: Any, p12: P12, label: str, eph: bool) -> None:
+        h.preauth_key(p12.data, p12.password.encode(), label.encode(), EPHEMERAL if eph else 0)
+
+    def preauth_material(self, h: Any, material: Any, label: str, eph: bool) -> None:
+        h.preauth_material(material, label.encode(), EPHEMERAL if eph else 0)
+
+    def kill(self, h: Any, label: str) -> None:
+        h.kill_key(label.encode())
+
+    def lookup(self, h: Any, label: str) -> Any:
+        return h.lookup(label.encode())
+
+
+class Limit:
+    """limit.c in this process (liblimit.so through ctypes, which releases
+    the GIL for the call)."""
+
+    name = LIMIT
+
+    def __init__(self, lib_path: Path, prog_path: Path) -> None:
+        self.lib = ctypes.CDLL(str(lib_path))
+        self.lib.limit_run.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
+        self.lib.limit_run.restype = ctypes.c_int
+        self.prog = prog_path
+        self.buf = ctypes.create_string_buffer(1 << 22)
+
+    @staticmethod
+    def spec(module: str, token: str, pin: str, p12: P12, **kw: Any) -> str:
+        lines = {"module": module, "token": token, "pin": pin, "p12": str(p12.path),
+                 "password": p12.password, **kw}
+        return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+    def run(self, spec: str) -> dict:
+        rc = self.lib.limit_run(spec.encode(), self.buf, len(self.buf))
+        out = json.loads(self.buf.value.decode())
+        if rc != 0:
+            raise RuntimeError(f"limit.c: {out.get('error')}")
+        return out
+
+    def run_program(self, spec: str) -> dict:
+        """The standalone program (no Python in its process); settings
+        through stdin, never argv."""
+        res = subprocess.run([str(self.prog)], input=spec, capture_output=True, text=True,
+                             timeout=600)
+        out = json.loads(res.stdout)
+        if res.returncode != 0:
+            raise RuntimeError(f"limit: {out.get('error')}")
+        return out
+
+
+# ------------------------------------------------------------ measurement
+
+
+def _ms(ns: int) -> float:
+    return ns / 1e6
+
+
+def _med(samples: list) -> Optional[float]:
+    return statistics.median(samples) if samples else None
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class Bench:
+    module: str
+    token: str
+    pin: str
+    workdir: Path
+    config: Config
+    log: Callable[[str], None] = print
+    impls: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)
+
+    def setup(self) -> None:
+        self.pin_file = self.workdir / "pin"
+        fd = os.open(self.pin_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.pin)
+        self.ids = make_identities(self.workdir, count=2)
+        prog, lib = build_limit(self.workdir)
+        self.limit = Limit(lib, prog)
+        impls: list[Impl] = [
+            KeychainImpl(NATIVE, "native"),          # first: initializes the module
+            KeychainImpl(CTYPES, "ctypes"),
+            PortImpl(PKCS11, "pkcs11_port"),
+            PortImpl(PYKCS11, "pykcs11_port"),
+        ]
+        self.handles: dict[str, Any] = {}
+        for impl in impls:
+            self.impls[impl.name] = impl
+            if impl.available:
+                try:
+                    self.handles[impl.name] = impl.open(self.module, self.token, self.pin,
+                                                        self.pin_file)
+                except Exception as exc:
+                    impl.available, impl.reason = False, f"not available ({exc})"
+        self.results = {
+            "impls": {name: (None if i.available else i.reason) for name, i in self.impls.items()},
+            "rows": {}, "calls": {}, "threads": {}, "memory": {}, "parse": {},
+        }
+        self.results["impls"][LIMIT] = None
+
+    def live(self) -> list:
+        return [i for i in self.impls.values() if i.available]
+
+    def close(self) -> None:
+        for name, h in self.handles.items():
+            try:
+                self.impls[name].close(h)
+            except Exception:
+                pass
+
+    def _row(self, key: str, label: str, group: str, samples: dict, note: str = "") -> None:
+        self.results["rows"][key] = {
+            "label": label, "group": group, "note": note,
+            "ms": {name: _med(s) for name, s in samples.items()},
+            "n": {name: len(s) for name, s in samples.items()},
+        }
+
+    # -- cycles -------------------------------------------------------------
+
+    def _cycle_batch(self, impl: Impl, p12: P12, label: str, eph: bool, n: int,
+                     out: list) -> None:
+        h = self.handles[impl.name]
+        clock = time.perf_counter_ns
+        for _ in range(n):
+            t0 = clock()
+            impl.preauth(h, p12, label, eph)
+            impl.kill(h, label)
+            out.append(_ms(clock() - t0))
+
+    def _material_batch(self, impl: Impl, material: Any, label: str, n: int, out: list) -> None:
+        h = self.handles[impl.name]
+        clock = time.perf_counter_ns
+        for _ in range(n):
+            t0 = clock()
+            impl.preauth_material(h, material, label, True)
+            impl.kill(h, label)
+            out.append(_ms(clock() - t0))
+
+    def _limit_cycles(self, p12: P12, n: int, token: bool, parse: bool) -> dict:
+        return self.limit.run(Limit.spec(self.module, self.token, self.pin, p12, mode="cycle",
+                                         label="bench-limit", iterations=n,
+                                         token_objects=int(token), parse=int(parse)))
+
+    def measure_cycles(self) -> None:
+        cfg = self.config
+        gc_was = gc.isenabled()
+        for key_type in cfg.key_types:
+            enc, clear = self.ids[(key_type, "enc", 0)], self.ids[(key_type, "clear", 0)]
+            kt = "RSA-2048" if key_type == "rsa" else "EC P-256"
+            # 1. ephemeral cycle from encrypted p12 bytes, 2. from cleartext p12,
+            # 3. pre-parsed material (ports, limit), 4. parse alone
+            full = {i.name: [] for i in self.live()} | {LIMIT: []}
+            clr = {i.name: [] for i in self.live()} | {LIMIT: []}
+            pre = {i.name: [] for i in self.live() if i.parse} | {LIMIT: []}
+            parse_enc = {"OpenSSL": [], "cryptography": []}
+            parse_clear = {"OpenSSL": [], "cryptography": []}
+            materials = {}
+            if pre:
+                from benchmarks.ports._material import parse_p12
+                materials[key_type] = parse_p12(enc.data, enc.password.encode())
+            self.log(f"  cycles, ephemeral, {kt}")
+            gc.disable()
+            try:
+                for _ in range(cfg.reps):
+                    for impl in self.live():
+                        n = cfg.batch if impl.parser == "OpenSSL" or key_type == "ec" else cfg.p12_batch
+                        self._cycle_batch(impl, enc, "bench-cycle", True, n, full[impl.name])
+                        self._cycle_batch(impl, clear, "bench-cycle", True, n, clr[impl.name])
+                        if impl.parse:
+                            self._material_batch(impl, materials[key_type], "bench-cycle",
+                                                 cfg.batch, pre[impl.name])
+                    r = self._limit_cycles(enc, cfg.batch, False, True)
+                    full[LIMIT] += r["samples_ms"]
+                    parse_enc["OpenSSL"].append(r["parse_ms"])
+                    r = self._limit_cycles(clear, cfg.batch, False, True)
+                    clr[LIMIT] += r["samples_ms"]
+                    parse_clear["OpenSSL"].append(r["parse_ms"])
+                    r = self._limit_cycles(enc, cfg.batch, False, False)
+                    pre[LIMIT] += r["samples_ms"]
+                    for p12, bucket in ((enc, parse_enc), (clear, parse_clear)):
+                        for _ in range(cfg.p12_batch):
+                            t0 = time.perf_counter_ns()
+                            parse_p12(p12.data, p12.password.encode())
+                            bucket["cryptography"].append(_ms(time.perf_counter_ns() - t0))
+            finally:
+                if gc_was:
+                    gc.enable()
+            self._row(f"cycle_eph_{key_type}", f"cycle, ephemeral, {kt}", "cycle (p12 bytes → kill)",
+                      full)
+            self._row(f"cycle_clear_{key_type}", f"cycle from cleartext p12, ephemeral, {kt}",
+                      "cycle (p12 bytes → kill)", clr,
+                      note="p12 without encryption or MAC: parsing is DER decoding only")
+            # excl. parse: measured directly from pre-parsed material (raw C,
+            # python-pkcs11, PyKCS11); for the Keychain implementations, whose
+            # API takes p12 bytes only, the cleartext-p12 cycle minus the
+            # median parse of that same cleartext p12 by their parser.
+            pe = {k: _med(v) for k, v in parse_enc.items()}
+            pc = {k: _med(v) for k, v in parse_clear.items()}
+            excl = dict(pre)
+            derived = []
+            for impl in self.live():
+                if impl.parse or not clr[impl.name]:
+                    continue
+                if impl.parser == "OpenSSL":
+                    # same parse as raw C: floor + (C extension − raw C) on
+                    # the same cleartext-p12 cycle (the parse cancels out)
+                    est = _med(pre[LIMIT]) + _med(clr[impl.name]) - _med(clr[LIMIT])
+                else:
+                    est = _med(clr[impl.name]) - (pc["cryptography"] or 0.0)
+                excl[impl.name] = [est]
+                derived.append(impl.name)
+            self._row(f"create_destroy_{key_type}", f"create+destroy excl. parse, ephemeral, {kt}",
+                      "excl. p12 parsing", excl,
+                      note="derived (cleartext-p12 cycle − its parse) for: " + ", ".join(derived))
+            self.results["parse"][key_type] = {"enc": pe, "clear": pc}
+            parse_row = {}
+            for impl in self.live():
+                parse_row[impl.name] = [pe[impl.parser]] if pe[impl.parser] is not None else []
+            parse_row[LIMIT] = [pe["OpenSSL"]]
+            self._row(f"parse_{key_type}", f"p12 parse alone, {kt}", "excl. p12 parsing",
+                      parse_row, note="OpenSSL (C extension, raw C) / cryptography (Python ports)")
+
+    def measure_token_cycles(self) -> None:
+        cfg = self.config
+        for key_type in cfg.key_types:
+            enc = self.ids[(key_type, "enc", 0)]
+            kt = "RSA-2048" if key_type == "rsa" else "EC P-256"
+            self.log(f"  cycles, token objects, {kt}")
+            samples = {i.name: [] for i in self.live()} | {LIMIT: []}
+            for _ in range(cfg.token_reps):
+                for impl in self.live():
+                    self._cycle_batch(impl, enc, "bench-token", False, cfg.token_batch,
+                                      samples[impl.name])
+                r = self._limit_cycles(enc, cfg.token_batch, True, True)
+                samples[LIMIT] += r["samples_ms"]
+            self._row(f"cycle_tok_{key_type}", f"cycle, token objects, {kt}",
+                      "cycle (p12 bytes → kill)", samples)
+
+    # -- lookups -----------------------------------------------------------
+
+    def _add_fillers(self, count: int) -> None:
+        """count more token objects with other labels (certificates),
+        created with PyKCS11 directly."""
+        import PyKCS11
+
+        from benchmarks.ports._material import CKA_CLASS, CKA_LABEL, cert_template, parse_p12
+        from benchmarks.ports.pykcs11_port import _lib
+
+        clear = self.ids[("ec", "clear", 0)]
+        m = parse_p12(clear.data, b"")
+        lib = _lib(self.module)
+        slot = next(s for s in lib.getSlotList(tokenPresent=True)
+                    if lib.getTokenInfo(s).label.strip() == self.token)
+        session = lib.openSession(slot, PyKCS11.CKF_RW_SESSION)
+        try:
+            start = self.results.get("_fillers", 0)
+            for i in range(start, start + count):
+                label = f"filler-{i:05d}"
+                t = [(k, label if k == CKA_LABEL else v)
+                     for k, v in cert_template(m, label.encode(), True) if k != CKA_CLASS]
+                session.createObject([(CKA_CLASS, PyKCS11.CKO_CERTIFICATE), *t])
+            self.results["_fillers"] = start + count
+        finally:
+            session.closeSession()
+
+    def measure_lookups(self) -> None:
+        cfg = self.config
+        target = "bench-lookup"
+        native = self.handles[NATIVE]
+        native.preauth_key(self.ids[("rsa", "clear", 1)].data, "", target)   # token objects
+        missing = "bench-lookup-missing"
+        own = self.ids[("rsa", "clear", 0)]   # limit.c's identity: another key
+        try:
+            for n_fill in cfg.fillers:
+                have = self.results.get("_fillers", 0)
+                if n_fill > have:
+                    self.log(f"  adding {n_fill - have} token objects")
+                    self._add_fillers(n_fill - have)
+                self.log(f"  lookups, {n_fill} other objects")
+                hit = {i.name: [] for i in self.live()} | {LIMIT: []}
+                miss = {i.name: [] for i in self.live()} | {LIMIT: []}
+                clock = time.perf_counter_ns
+                reps = cfg.lookup_reps if n_fill < 1000 else max(2, cfg.lookup_reps // 2)
+                batch = cfg.lookup_batch if n_fill < 1000 else max(2, cfg.lookup_batch // 4)
+                for _ in range(reps):
+                    for impl in self.live():
+                        h = self.handles[impl.name]
+                        for _ in range(batch):
+                            t0 = clock()
+                            found = impl.lookup(h, target)
+                            t1 = clock()
+                            gone = impl.lookup(h, missing)
+                            t2 = clock()
+                            assert found is not None and gone is None, impl.name
+                            hit[impl.name].append(_ms(t1 - t0))
+                            miss[impl.name].append(_ms(t2 - t1))
+                    # limit.c imports its own identity (token objects, with a
+                    # lease, like the target) and looks that up
+                    r = self.limit.run(Limit.spec(self.module, self.token, self.pin, own,
+                                                  mode="lookup", label="bench-limit-lookup",
+                                                  iterations=batch, token_objects=1))
+                    hit[LIMIT].append(r["hit_ms"])
+                    miss[LIMIT].append(r["miss_ms"])
+                self._row(f"lookup_hit_{n_fill}", f"lookup hit, {n_fill} other objects", "lookup",
+                          hit)
+                self._row(f"lookup_miss_{n_fill}", f"lookup miss, {n_fill} other objects",
+                          "lookup", miss)
+        finally:
+            native.kill_key(target)
+
+    # -- PKCS#11 calls -----------------------------------------------------
+
+    def measure_calls(self) -> None:
+        """Every implementation once more, on the p11shim module (which
+        forwards to the same SoftHSM2 instance and counts calls)."""
+        self.log("  PKCS#11 calls (p11shim)")
+        tools = load_shim_tools()
+        os.environ["P11SHIM_TARGET"] = self.module
+        shim_path = tools.build_shim(self.workdir / "shim")
+        shim = tools.Shim(shim_path)
+        clear = self.ids[("rsa", "clear", 0)]
+        counts: dict[str, dict] = {}
+        for impl in self.live():
+            h = impl.open(str(shim_path), self.token, self.pin, self.pin_file)
+            try:
+                c: dict[str, Any] = {}
+                impl.preauth(h, clear, "bench-calls", True)   # warm up
+                impl.kill(h, "bench-calls")
+                shim.reset()
+                impl.preauth(h, clear, "bench-calls", True)
+                c["preauth"] = shim.total()
+                c["preauth_by_function"] = shim.counts()
+                shim.reset()
+                impl.kill(h, "bench-calls")
+                c["kill"] = shim.total()
+                c["kill_by_function"] = shim.counts()
+                c["cycle"] = c["preauth"] + c["kill"]
+                shim.reset()
+                impl.preauth(h, clear, "bench-calls", False)
+                impl.kill(h, "bench-calls")
+                c["cycle_token"] = shim.total()
+                c["cycle_token_by_function"] = shim.counts()
+                impl.preauth(h, clear, "bench-calls", True)
+                shim.reset()
+                impl.lookup(h, "bench-calls")
+                c["lookup_hit"] = shim.total()
+                c["lookup_hit_by_function"] = shim.counts()
+                shim.reset()
+                impl.lookup(h, "bench-calls-missing")
+                c["lookup_miss"] = shim.total()
+                impl.kill(h, "bench-calls")
+                # kill of an identity another handle imported: no remembered id
+                other = self.handles[NATIVE]
+                other.preauth_key(clear.data, "", "bench-calls-other", ephemeral=False)
+                shim.reset()
+                impl.kill(h, "bench-calls-other")
+                c["kill_foreign"] = shim.total()
+                c["kill_foreign_by_function"] = shim.counts()
+                counts[impl.name] = c
+            finally:
+                impl.close(h)
+        r = self.limit.run(Limit.spec(str(shim_path), self.token, self.pin, clear, mode="cycle",
+                                      label="bench-calls", iterations=1))
+        r2 = self.limit.run(Limit.spec(str(shim_path), self.token, self.pin, clear, mode="lookup",
+                                       label="bench-calls", iterations=1))
+        r3 = self.limit.run(Limit.spec(str(shim_path), self.token, self.pin, clear, mode="cycle",
+                                       label="bench-calls", iterations=1, token_objects=1))
+        counts[LIMIT] = {**r["calls"], "cycle": r["calls"]["preauth"] + r["calls"]["kill"],
+                         "cycle_token": r3["calls"]["preauth"] + r3["calls"]["kill"],
+                         **r2["calls"]}
+        self.results["calls"] = {"counts": counts, "minimum": MINIMUM_CALLS}
+
+    # -- threads -----------------------------------------------------------
+
+    def _thread_rate(self, impl: Impl, n_threads: int, kind: str, seconds: float) -> float:
+        """cycles/s of n_threads threads, each with its own handle and
+        identity, cycling for `seconds`."""
+        handles = [impl.open(self.module, self.token, self.pin, self.pin_file)
+                   for _ in range(n_threads)]
+        stop = threading.Event()
+        counts = [0] * n_threads
+        errors: list = []
+        barrier = threading.Barrier(n_threads + 1)
+
+        def work(t: int) -> None:
+            p12 = self.ids[("ec", kind, t)]
+            label = f"bench-thread-{t}"
+            h = handles[t]
+            barrier.wait()
+            try:
+                while not stop.is_set():
+                    impl.preauth(h, p12, label, True)
+                    impl.kill(h, label)
+                    counts[t] += 1
+            except Exception as exc:  # pragma: no cover - reported
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        for h in handles:
+            impl.close(h)
+        if errors:
+            raise errors[0]
+        return sum(counts) / elapsed
+
+    def measure_threads(self) -> None:
+        cfg = self.config
+        self.log("  threads")
+        out: dict[str, Any] = {}
+        for kind in ("enc", "clear"):
+            rates: dict[str, dict] = {}
+            for impl in self.live():
+                rates[impl.name] = {n: self._thread_rate(impl, n, kind, cfg.thread_seconds)
+                                    for n in (1, 2)}
+            out[kind] = rates
+        # raw C, no Python in the process: the standalone program
+        limit: dict[str, dict] = {}
+        for kind, parse in (("enc", 1), ("clear", 0)):
+            limit[kind] = {}
+            for n in (1, 2):
+                p12 = self.ids[("ec", "enc", 0)]
+                iters = max(20, int(cfg.thread_seconds * (300 if parse else 4000)))
+                spec = Limit.spec(self.module, self.token, self.pin, p12, mode="threads",
+                                  label="bench-limit-thread", iterations=iters, threads=n,
+                                  parse=parse, p12_1=self.ids[("ec", "enc", 1)].path)
+                limit[kind][n] = self.limit.run_program(spec)["cycles_per_s"]
+            out[kind][LIMIT] = limit[kind]
+        # the machine's own parallelism: OpenSSL PBKDF2 (releases the GIL)
+        def kdf(n: int) -> None:
+            import hashlib
+            for _ in range(n):
+                hashlib.pbkdf2_hmac("sha256", b"pin", b"salt", 10000)
+        control = {}
+        for n in (1, 2):
+            k = max(4, int(cfg.thread_seconds * 60))
+            ths = [threading.Thread(target=kdf, args=(k,)) for _ in range(n)]
+            t0 = time.perf_counter()
+            for t in ths:
+                t.start()
+            for t in ths:
+                t.join()
+            control[n] = n * k / (time.perf_counter() - t0)
+        out["cpu_control"] = control
+        self.results["threads"] = out
+
+    # -- memory ------------------------------------------------------------
+
+    def measure_memory(self) -> None:
+        cfg = self.config
+        n = cfg.memory_cycles
+        out: dict[str, Any] = {}
+        plan = [(NATIVE, "rsa", "enc")] + [(i.name, "ec", "clear") for i in self.live()]
+        for name, key_type, kind in plan:
+            impl = self.impls[name]
+            if not impl.available:
+                continue
+            self.log(f"  memory, {name}, {n} cycles from {'encrypted' if kind == 'enc' else 'cleartext'}"
+                     f" {key_type.upper()} p12")
+            p12 = self.ids[(key_type, kind, 0)]
+            h = self.handles[name]
+            for _ in range(min(500, n)):          # warm up caches and pools
+                impl.preauth(h, p12, "bench-mem", True)
+                impl.kill(h, "bench-mem")
+            gc.collect()
+            before = rss_kib()
+            for _ in range(n):
+                impl.preauth(h, p12, "bench-mem", True)
+                impl.kill(h, "bench-mem")
+            gc.collect()
+            after = rss_kib()
+            out[f"{name} ({key_type}, {kind})"] = {"impl": name, "p12": kind, "key": key_type,
+                                                   "cycles": n,
+                                       "before_kib": before, "after_kib": after,
+                                       "growth_kib": after - before}
+        self.results["memory"] = out
+
+    # -- all -----------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg = self.config
+        t0 = time.perf_counter()
+        steps = [("cycle", self.measure_cycles), ("token", self.measure_token_cycles),
+                 ("calls", self.measure_calls), ("threads", self.measure_threads),
+                 ("memory", self.measure_memory), ("lookup", self.measure_lookups)]
+        for kind, step in steps:
+            if cfg.wants(kind):
+                step()
+        self.results.pop("_fillers", None)
+        self.results["seconds"] = time.perf_counter() - t0
+        return self.results
+
+
+def run_standalone(config: Config, log: Callable[[str], None] = print,
+                   keep: bool = False) -> dict:
+    """A whole run in a fresh temp dir with its own SoftHSM2 configuration
+    (call before anything else loads SoftHSM2 in this process)."""
+    import tempfile
+
+    # tmpfs when there is one: where keychain_ext's embedded store lives
+    # ($XDG_RUNTIME_DIR); on a disk every token object costs a file write
+    shm = Path("/dev/shm")
+    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    root = Path(tempfile.mkdtemp(prefix="keychain-ext-bench-", dir=base))
+    try:
+        prepare_environment(root)
+        module, token, pin = new_token()
+        work = root / "work"
+        work.mkdir()
+        bench = Bench(module, token, pin, work, config, log=log)
+        bench.setup()
+        try:
+            return bench.run()
+        finally:
+            bench.close()
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
