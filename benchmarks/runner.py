@@ -427,6 +427,7 @@ class Bench:
             parse_enc = {"OpenSSL": [], "cryptography": []}
             parse_clear = {"OpenSSL": [], "cryptography": []}
             materials = {}
+            pairs: dict = {i.name: [] for i in self.live()}   # per-rep (impl, raw C) clear medians
             if pre:
                 from benchmarks.ports._material import parse_p12
                 materials[key_type] = parse_p12(enc.data, enc.password.encode())
@@ -437,7 +438,9 @@ class Bench:
                     for impl in self.live():
                         n = cfg.batch if impl.parser == "OpenSSL" or key_type == "ec" else cfg.p12_batch
                         self._cycle_batch(impl, enc, "bench-cycle", True, n, full[impl.name])
+                        before = len(clr[impl.name])
                         self._cycle_batch(impl, clear, "bench-cycle", True, n, clr[impl.name])
+                        pairs[impl.name].append([_med(clr[impl.name][before:]), None])
                         if impl.parse:
                             self._material_batch(impl, materials[key_type], "bench-cycle",
                                                  cfg.batch, pre[impl.name])
@@ -446,6 +449,8 @@ class Bench:
                     parse_enc["OpenSSL"].append(r["parse_ms"])
                     r = self._limit_cycles(clear, cfg.batch, False, True)
                     clr[LIMIT] += r["samples_ms"]
+                    for name in pairs:
+                        pairs[name][-1][1] = _med(r["samples_ms"])
                     parse_clear["OpenSSL"].append(r["parse_ms"])
                     r = self._limit_cycles(enc, cfg.batch, False, False)
                     pre[LIMIT] += r["samples_ms"]
@@ -475,8 +480,10 @@ class Bench:
                     continue
                 if impl.parser == "OpenSSL":
                     # same parse as raw C: floor + (C extension − raw C) on
-                    # the same cleartext-p12 cycle (the parse cancels out)
-                    est = _med(pre[LIMIT]) + _med(clr[impl.name]) - _med(clr[LIMIT])
+                    # the same cleartext-p12 cycle (the parse cancels out),
+                    # the difference taken per repetition (adjacent batches)
+                    diff = _med([a - b for a, b in pairs[impl.name] if b is not None])
+                    est = _med(pre[LIMIT]) + diff
                 else:
                     est = _med(clr[impl.name]) - (pc["cryptography"] or 0.0)
                 excl[impl.name] = [est]
@@ -752,6 +759,18 @@ class Bench:
                                                    "cycles": n,
                                        "before_kib": before, "after_kib": after,
                                        "growth_kib": after - before}
+        # raw C, in this process, same number of cycles: what SoftHSM2 itself keeps
+        self.log(f"  memory, raw C, {n} cycles (pre-parsed EC)")
+        p12 = self.ids[("ec", "clear", 0)]
+        self.limit.run(Limit.spec(self.module, self.token, self.pin, p12, mode="cycle",
+                                  label="bench-mem-limit", iterations=min(500, n)))
+        before = rss_kib()
+        self.limit.run(Limit.spec(self.module, self.token, self.pin, p12, mode="cycle",
+                                  label="bench-mem-limit", iterations=n))
+        after = rss_kib()
+        out[f"{LIMIT} (ec, pre-parsed)"] = {"impl": LIMIT, "p12": "pre-parsed", "key": "ec",
+                                           "cycles": n, "before_kib": before, "after_kib": after,
+                                           "growth_kib": after - before}
         self.results["memory"] = out
 
     # -- all -----------------------------------------------------------------
@@ -759,6 +778,7 @@ class Bench:
     def run(self) -> dict:
         cfg = self.config
         t0 = time.perf_counter()
+        self.results["load_before"] = os.getloadavg()
         steps = [("cycle", self.measure_cycles), ("token", self.measure_token_cycles),
                  ("calls", self.measure_calls), ("threads", self.measure_threads),
                  ("memory", self.measure_memory), ("lookup", self.measure_lookups)]
@@ -767,6 +787,7 @@ class Bench:
                 step()
         self.results.pop("_fillers", None)
         self.results["seconds"] = time.perf_counter() - t0
+        self.results["load_after"] = os.getloadavg()
         return self.results
 
 

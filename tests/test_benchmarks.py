@@ -46,7 +46,10 @@ def test_benchmark_machinery_minimal(token: Token, tmp_path: Path) -> None:
         assert key in rows, key
         for name in live:
             ms = rows[key]["ms"].get(name)
-            assert ms is not None and ms > 0, (key, name, ms)
+            assert ms is not None, (key, name)
+            if key == "create_destroy_ec" and name in (runner.NATIVE, runner.CTYPES):
+                continue  # a difference of two medians: noise may make it < 0 at this size
+            assert ms > 0, (key, name, ms)
 
     calls = results["calls"]["counts"]
     minimum = runner.MINIMUM_CALLS
