@@ -154,8 +154,10 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
  * such a crash leaves.  errSecItemNotFound if nothing carries the label or
  * it has no lease; errSecDuplicateItem if the owner runs or cannot be
  * judged (another host).  Decided under the store's lock, so a live
- * identity is never removed.  errSecUnimplemented where there are no
- * leases (Darwin). */
+ * identity is never removed.  With label NULL, removes only the objects a
+ * process killed inside C_CreateObject can leave (no label, no id, no
+ * value: unusable by anyone); errSecItemNotFound if there are none.
+ * errSecUnimplemented where there are no leases (Darwin). */
 int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err);
 
 /* Every identity in the store that this library can see, one entry per

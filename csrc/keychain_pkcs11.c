@@ -168,6 +168,7 @@ static void backoff(int attempt)
 
 typedef struct slot_login {
     CK_SLOT_ID slot;
+    pid_t pid;                          /* process that logged in */
     CK_SESSION_HANDLE anchor;           /* never closed, see top comment */
     unsigned char pin_digest[SHA256_DIGEST_LENGTH];
 } slot_login;
@@ -198,7 +199,6 @@ static int32_t module_ready(module *m, kc_error *err)
     if (rv != CKR_OK && rv != CKR_CRYPTOKI_ALREADY_INITIALIZED)
         return fail_ck(err, rv, "C_Initialize");
     m->init_pid = getpid();
-    m->n_logins = 0;
     return KC_errSecSuccess;
 }
 
@@ -269,22 +269,28 @@ static int32_t login(module *m, CK_SLOT_ID slot, const char *pin,
     int32_t st = KC_errSecSuccess;
     CK_RV rv;
     size_t i;
+    int known;
 
     SHA256((const unsigned char *)pin, strlen(pin), digest);
     pthread_mutex_lock(&modules_lock);
     for (i = 0; i < m->n_logins; i++)
         if (m->logins[i].slot == slot)
             break;
-    if (i < m->n_logins) {
-        if (CRYPTO_memcmp(m->logins[i].pin_digest, digest, sizeof digest))
-            st = fail(err, KC_errSecAuthFailed, (int64_t)CKR_PIN_INCORRECT,
-                      "C_Login failed: CKR_PIN_INCORRECT (0xa0)");
+    known = i < m->n_logins;
+    if (known && CRYPTO_memcmp(m->logins[i].pin_digest, digest, sizeof digest)) {
+        st = fail(err, KC_errSecAuthFailed, (int64_t)CKR_PIN_INCORRECT,
+                  "C_Login failed: CKR_PIN_INCORRECT (0xa0)");
         goto out;
     }
-    if (m->n_logins == MAX_SLOTS) {
+    if (known && m->logins[i].pid == getpid())
+        goto out;
+    if (!known && m->n_logins == MAX_SLOTS) {
         st = fail(err, KC_errSecAllocate, 0, "too many tokens open");
         goto out;
     }
+    /* First login of this process (a forked child keeps the digest: the
+     * token may still count it as logged in, and then only the digest can
+     * tell a wrong PIN). */
     rv = m->f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL,
                              NULL, &anchor);
     if (rv != CKR_OK) {
@@ -297,10 +303,12 @@ static int32_t login(module *m, CK_SLOT_ID slot, const char *pin,
         st = fail_ck(err, rv, "C_Login");
         goto out;
     }
-    m->logins[m->n_logins].slot = slot;
-    m->logins[m->n_logins].anchor = anchor;
-    memcpy(m->logins[m->n_logins].pin_digest, digest, sizeof digest);
-    m->n_logins++;
+    if (!known)
+        m->n_logins++;
+    m->logins[i].slot = slot;
+    m->logins[i].pid = getpid();
+    m->logins[i].anchor = anchor;
+    memcpy(m->logins[i].pin_digest, digest, sizeof digest);
 out:
     pthread_mutex_unlock(&modules_lock);
     OPENSSL_cleanse(digest, sizeof digest);
@@ -345,6 +353,8 @@ static int32_t find_slot(module *m, const char *label, int want_uninitialized,
                 continue;
             break;
         }
+        /* a token another process is writing may briefly not show: a miss
+         * is retried like a transient error */
         for (i = 0; i < n; i++) {
             rv = m->f->C_GetTokenInfo(slots[i], &info);
             if (rv != CKR_OK)
@@ -360,7 +370,6 @@ static int32_t find_slot(module *m, const char *label, int want_uninitialized,
             }
         }
         rv = CKR_OK;
-        break;
     }
     free(slots);
     if (rv != CKR_OK)
@@ -417,11 +426,6 @@ static int32_t ensure_session(kc_keychain *kc, kc_error *err)
         return st;
     if ((st = login(kc->mod, kc->slot, kc->pin, err)))
         return st;
-    rv = kc->mod->f->C_OpenSession(kc->slot,
-                                   CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL,
-                                   NULL, &kc->session);
-    if (rv != CKR_OK)
-        return fail_ck(err, rv, "C_OpenSession");
     if (kc->lock_path) {
         /* a forked child gets its own open file: flock is per open file */
         if (kc->lock_fd >= 0)
@@ -431,6 +435,11 @@ static int32_t ensure_session(kc_keychain *kc, kc_error *err)
             return fail(err, KC_errSecIO, errno, "cannot open lock file %s: %s",
                         kc->lock_path, strerror(errno));
     }
+    rv = kc->mod->f->C_OpenSession(kc->slot,
+                                   CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL,
+                                   NULL, &kc->session);
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, "C_OpenSession");
     kc->pid = getpid();
     return KC_errSecSuccess;
 }
@@ -438,10 +447,11 @@ static int32_t ensure_session(kc_keychain *kc, kc_error *err)
 
 int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
 {
-    kc_keychain *kc;
+    kc_keychain *kc = NULL;
     module *m;
     CK_SLOT_ID slot;
     CK_FLAGS flags = 0;
+    int lock_fd = -1;
     int32_t st;
 
     if (!out)
@@ -456,20 +466,30 @@ int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
                     "token label longer than %d bytes", TOKEN_LABEL_LEN);
     if ((st = get_module(opts->module, &m, err)))
         return st;
+    /* Reading the token while another process writes it is what SoftHSM2
+     * gets wrong: opening takes the token lock too (closing drops it). */
+    if (opts->lock_path &&
+        (lock_fd = open(opts->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600)) >= 0)
+        while (flock(lock_fd, LOCK_EX) < 0 && errno == EINTR)
+            ;
     if ((st = find_slot(m, opts->token, 0, &slot, &flags, err)))
-        return st;
+        goto out;
     /* A PIN pad or other protected path would prompt someone: never. */
-    if (flags & CKF_PROTECTED_AUTHENTICATION_PATH)
-        return fail(err, KC_errSecInteractionNotAllowed, 0,
-                    "token '%s' needs a protected authentication path "
-                    "(PIN pad); keychain_ext never prompts", opts->token);
-    if (!opts->pin)
-        return fail(err, KC_errSecInteractionRequired, 0,
-                    "token '%s' needs a PIN and none was given", opts->token);
-
-    kc = calloc(1, sizeof *kc);
-    if (!kc)
-        return fail(err, KC_errSecAllocate, 0, "out of memory");
+    if (flags & CKF_PROTECTED_AUTHENTICATION_PATH) {
+        st = fail(err, KC_errSecInteractionNotAllowed, 0,
+                  "token '%s' needs a protected authentication path "
+                  "(PIN pad); keychain_ext never prompts", opts->token);
+        goto out;
+    }
+    if (!opts->pin) {
+        st = fail(err, KC_errSecInteractionRequired, 0,
+                  "token '%s' needs a PIN and none was given", opts->token);
+        goto out;
+    }
+    if (!(kc = calloc(1, sizeof *kc))) {
+        st = fail(err, KC_errSecAllocate, 0, "out of memory");
+        goto out;
+    }
     pthread_mutex_init(&kc->lock, NULL);
     kc->mod = m;
     kc->slot = slot;
@@ -477,16 +497,19 @@ int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
     kc->pid = 0; /* ensure_session opens session and lock file */
     kc->pin = strdup(opts->pin);
     kc->lock_path = opts->lock_path ? strdup(opts->lock_path) : NULL;
-    if (!kc->pin || (opts->lock_path && !kc->lock_path)) {
+    if (!kc->pin || (opts->lock_path && !kc->lock_path))
+        st = fail(err, KC_errSecAllocate, 0, "out of memory");
+    else
+        st = ensure_session(kc, err);
+    if (st) {
         kc_close(kc);
-        return fail(err, KC_errSecAllocate, 0, "out of memory");
-    }
-    if ((st = ensure_session(kc, err))) {
-        kc_close(kc);
-        return st;
+        goto out;
     }
     *out = kc;
-    return KC_errSecSuccess;
+out:
+    if (lock_fd >= 0)
+        close(lock_fd);
+    return st;
 }
 
 void kc_close(kc_keychain *kc)
@@ -546,6 +569,18 @@ static int32_t check_label(const char *label, kc_error *err)
 
 #define ATTR(type, ptr, len) {(type), (void *)(ptr), (CK_ULONG)(len)}
 
+/* C_FindObjectsInit, recovering a session whose previous search was never
+ * finished (its C_FindObjectsFinal failed). */
+static CK_RV find_init(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n)
+{
+    CK_RV rv = kc->mod->f->C_FindObjectsInit(kc->session, tmpl, n);
+    if (rv == CKR_OPERATION_ACTIVE) {
+        kc->mod->f->C_FindObjectsFinal(kc->session);
+        rv = kc->mod->f->C_FindObjectsInit(kc->session, tmpl, n);
+    }
+    return rv;
+}
+
 /* C_FindObjectsInit / C_FindObjects / C_FindObjectsFinal: up to max
  * handles matching the template.  A search changes nothing, so transient
  * failures are simply retried. */
@@ -559,7 +594,7 @@ static CK_RV find(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
         if (attempt)
             backoff(attempt);
         *count = 0;
-        rv = f->C_FindObjectsInit(kc->session, tmpl, n);
+        rv = find_init(kc, tmpl, n);
         if (rv == CKR_OK) {
             rv = f->C_FindObjects(kc->session, found, max, count);
             rv_final = f->C_FindObjectsFinal(kc->session);
@@ -570,6 +605,34 @@ static CK_RV find(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
             break;
     }
     return rv;
+}
+
+/* Every object this session can see: *out is malloc'ed, the caller frees. */
+static CK_RV all_objects(kc_keychain *kc, CK_OBJECT_HANDLE **out,
+                         CK_ULONG *count)
+{
+    CK_OBJECT_HANDLE *h = NULL, *grown;
+    CK_ULONG n = 0, got = 0;
+    CK_RV rv = find_init(kc, NULL, 0);
+    if (rv != CKR_OK)
+        return rv;
+    do {
+        if (!(grown = realloc(h, (n + MAX_FOUND) * sizeof *h))) {
+            rv = CKR_HOST_MEMORY;
+            break;
+        }
+        h = grown;
+        rv = kc->mod->f->C_FindObjects(kc->session, h + n, MAX_FOUND, &got);
+        n += got;
+    } while (rv == CKR_OK && got == MAX_FOUND);
+    kc->mod->f->C_FindObjectsFinal(kc->session);
+    if (rv != CKR_OK) {
+        free(h);
+        return rv;
+    }
+    *out = h;
+    *count = n;
+    return CKR_OK;
 }
 
 /* The attributes lookup reports, read in one C_GetAttributeValue. */
@@ -732,15 +795,21 @@ static void host_name(char *out, size_t n)
     out[strcspn(out, " \t\n")] = 0;
 }
 
+static void to_hex(const CK_BYTE *bytes, size_t n, char *out)
+{
+    size_t i;
+    for (i = 0; i < n; i++)
+        snprintf(out + 2 * i, 3, "%02x", bytes[i]);
+    out[2 * n] = 0;
+}
+
 static void make_lease(const CK_BYTE *key_id, char *out, size_t n)
 {
     lease l;
-    int i;
     memset(&l, 0, sizeof l);
     boot_id(l.boot, sizeof l.boot);
     host_name(l.host, sizeof l.host);
-    for (i = 0; i < SHA_DIGEST_LENGTH; i++)
-        snprintf(l.key_id_hex + 2 * i, 3, "%02x", key_id[i]);
+    to_hex(key_id, SHA_DIGEST_LENGTH, l.key_id_hex);
     snprintf(out, n, "keychain_ext-lease/1 pid=%ld start=%llu boot=%s host=%s id=%s",
              (long)getpid(), start_time(getpid()), l.boot, l.host,
              l.key_id_hex);
@@ -773,15 +842,6 @@ static int lease_alive(const lease *l)
     return start_time(l->pid) == l->start ? 1 : 0;
 }
 
-static size_t hex_to_bytes(const char *hex, CK_BYTE *out, size_t max)
-{
-    size_t n = 0;
-    unsigned int byte;
-    while (n < max && hex[2 * n] && sscanf(hex + 2 * n, "%2x", &byte) == 1)
-        out[n++] = (CK_BYTE)byte;
-    return n;
-}
-
 /* ------------------------------------------------------------- PKCS#12 */
 
 typedef struct identity {
@@ -802,9 +862,11 @@ static pthread_once_t providers_once = PTHREAD_ONCE_INIT;
 
 /* `openssl pkcs12 -export -legacy` files use RC2-40: the legacy provider.
  * retain_fallbacks keeps the default provider available too. */
+static OSSL_PROVIDER *legacy_provider; /* loaded once, for the process */
+
 static void load_providers(void)
 {
-    OSSL_PROVIDER_try_load(NULL, "legacy", 1);
+    legacy_provider = OSSL_PROVIDER_try_load(NULL, "legacy", 1);
     ERR_clear_error();
 }
 
@@ -1082,16 +1144,18 @@ static int32_t destroy_all(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
 /* Crypto.cpp killKey's core: the certificate, then the private key
  * separately (deleting the pair in one call failed when running as root),
  * then the lease last, so an interrupted removal still names its owner.
- * key_id may be NULL (then the key is found by label alone). */
+ * With key_id, only objects of that identity go: an identity that has
+ * replaced ours under the label is left alone. */
 static int32_t remove_identity(kc_keychain *kc, const char *label,
                                const CK_BYTE *key_id, CK_ULONG key_id_len,
                                int with_lease, CK_ULONG *found, kc_error *err)
 {
     CK_OBJECT_CLASS cert_cls = CKO_CERTIFICATE, key_cls = CKO_PRIVATE_KEY,
                     data_cls = CKO_DATA;
-    CK_ULONG label_len = strlen(label), n;
+    CK_ULONG label_len = strlen(label), n, i;
     CK_ATTRIBUTE cert_tmpl[] = {ATTR(CKA_CLASS, &cert_cls, sizeof cert_cls),
-                                ATTR(CKA_LABEL, label, label_len)};
+                                ATTR(CKA_LABEL, label, label_len),
+                                ATTR(CKA_ID, key_id, key_id_len)};
     CK_ATTRIBUTE key_tmpl[] = {ATTR(CKA_CLASS, &key_cls, sizeof key_cls),
                                ATTR(CKA_LABEL, label, label_len),
                                ATTR(CKA_ID, key_id, key_id_len)};
@@ -1099,23 +1163,46 @@ static int32_t remove_identity(kc_keychain *kc, const char *label,
         ATTR(CKA_CLASS, &data_cls, sizeof data_cls),
         ATTR(CKA_LABEL, label, label_len),
         ATTR(CKA_APPLICATION, LEASE_APPLICATION, strlen(LEASE_APPLICATION))};
+    CK_OBJECT_HANDLE h[MAX_FOUND];
+    char id_hex[2 * KC_KEY_ID_MAX + 1];
+    object *o;
+    lease l;
     int32_t st;
+    CK_RV rv;
 
     *found = 0;
-    if ((st = destroy_all(kc, cert_tmpl, 2, "removing the certificate", &n,
-                          err)))
+    if ((st = destroy_all(kc, cert_tmpl, key_id ? 3 : 2,
+                          "removing the certificate", &n, err)))
         return st;
     *found += n;
     if ((st = destroy_all(kc, key_tmpl, key_id ? 3 : 2,
                           "removing the private key", &n, err)))
         return st;
     *found += n;
-    if (with_lease) {
-        if ((st = destroy_all(kc, lease_tmpl, 3, "removing the lease", &n, err)))
-            return st;
-        *found += n;
+    if (!with_lease)
+        return KC_errSecSuccess;
+    if ((rv = find(kc, lease_tmpl, 3, h, MAX_FOUND, &n)) != CKR_OK)
+        return fail_ck(err, rv, "removing the lease");
+    if (key_id)
+        to_hex(key_id, key_id_len, id_hex);
+    if (!(o = malloc(sizeof *o)))
+        return fail(err, KC_errSecAllocate, 0, "out of memory");
+    for (i = 0; i < n && !st; i++) {
+        if (key_id) {
+            if ((rv = read_object(kc, h[i], o)) != CKR_OK) {
+                st = fail_ck(err, rv, "reading the lease");
+                break;
+            }
+            if (parse_lease(o, &l) && strcmp(l.key_id_hex, id_hex) != 0)
+                continue; /* another identity's lease */
+        }
+        if ((rv = destroy(kc, h[i])) != CKR_OK)
+            st = fail_ck(err, rv, "removing the lease");
+        else
+            ++*found;
     }
-    return KC_errSecSuccess;
+    free(o);
+    return st;
 }
 
 /* The lease of the token identity under label, if any. */
@@ -1139,36 +1226,73 @@ static int read_lease(kc_keychain *kc, const char *label, lease *l)
     return ok;
 }
 
-/* Remove what a dead owner left under label: the identity, its lease, and
- * unlabelled certificates/keys with its key id (SoftHSM2 can leave objects
- * without attributes when killed mid-create). */
-static int32_t reclaim(kc_keychain *kc, const char *label, const lease *l,
-                       kc_error *err)
+/* An object that holds nothing but PKCS#11 defaults: no label, no id, no
+ * value or key material.  SoftHSM2 leaves these when a process dies inside
+ * C_CreateObject (the object exists before its template is committed).
+ * Nobody can use one, so removing it harms no one. */
+static int crash_orphan(kc_keychain *kc, const object *o)
 {
-    CK_BYTE id[SHA_DIGEST_LENGTH];
-    CK_ULONG id_len = hex_to_bytes(l->key_id_hex, id, sizeof id), found, i;
-    CK_ATTRIBUTE by_id[] = {ATTR(CKA_ID, id, id_len)};
-    CK_OBJECT_HANDLE h[MAX_FOUND];
+    CK_ATTRIBUTE material[] = {ATTR(CKA_MODULUS, NULL, 0),
+                               ATTR(CKA_EC_PARAMS, NULL, 0)};
+    if (o->label[0] || o->id_len)
+        return 0;
+    switch (o->cls) {
+    case CKO_CERTIFICATE:
+        return o->value_len == 0;
+    case CKO_DATA:
+        return o->value_len == 0 && !o->application[0];
+    case CKO_PRIVATE_KEY:
+        kc->mod->f->C_GetAttributeValue(kc->session, o->handle, material, 2);
+        return (material[0].ulValueLen == 0 ||
+                material[0].ulValueLen == CK_UNAVAILABLE_INFORMATION) &&
+               (material[1].ulValueLen == 0 ||
+                material[1].ulValueLen == CK_UNAVAILABLE_INFORMATION);
+    default:
+        return 0;
+    }
+}
+
+/* SoftHSM2 answers CKR_ATTRIBUTE_VALUE_INVALID for every attribute of an
+ * object whose file a crash left half-written. */
+static int unreadable(CK_RV rv) { return rv == CKR_ATTRIBUTE_VALUE_INVALID; }
+
+/* Remove every crash orphan (see crash_orphan) and every object a crash
+ * left unreadable; *removed counts them. */
+static int32_t sweep_orphans(kc_keychain *kc, CK_ULONG *removed,
+                             kc_error *err)
+{
+    CK_OBJECT_HANDLE *h = NULL;
+    CK_ULONG n = 0, i;
+    int32_t st = KC_errSecSuccess;
     object *o;
-    int32_t st;
     CK_RV rv;
 
-    if ((st = remove_identity(kc, label, NULL, 0, 1, &found, err)))
-        return st;
-    if (!id_len)
-        return KC_errSecSuccess;
-    if ((rv = find(kc, by_id, 1, h, MAX_FOUND, &found)) != CKR_OK)
-        return fail_ck(err, rv, "searching a dead owner's objects");
+    *removed = 0;
     if (!(o = malloc(sizeof *o)))
         return fail(err, KC_errSecAllocate, 0, "out of memory");
-    for (i = 0; i < found; i++)
-        if (read_object(kc, h[i], o) == CKR_OK && !o->label[0] &&
-            (rv = destroy(kc, h[i])) != CKR_OK) {
-            free(o);
-            return fail_ck(err, rv, "removing a dead owner's object");
-        }
+    if ((rv = all_objects(kc, &h, &n)) != CKR_OK)
+        st = fail_ck(err, rv, "searching for objects left by a crash");
+    for (i = 0; i < n && !st; i++) {
+        rv = read_object(kc, h[i], o);
+        if (!unreadable(rv) && !(rv == CKR_OK && crash_orphan(kc, o)))
+            continue;
+        if ((rv = destroy(kc, h[i])) != CKR_OK)
+            st = fail_ck(err, rv, "removing an object left by a crash");
+        else
+            ++*removed;
+    }
+    free(h);
     free(o);
-    return KC_errSecSuccess;
+    return st;
+}
+
+/* Remove what a dead owner left under label, and the crash orphans its
+ * death may have left. */
+static int32_t reclaim(kc_keychain *kc, const char *label, kc_error *err)
+{
+    CK_ULONG found;
+    int32_t st = remove_identity(kc, label, NULL, 0, 1, &found, err);
+    return st ? st : sweep_orphans(kc, &found, err);
 }
 
 /* Crypto.cpp lookupKeychainItem's refusal: nothing may carry the label
@@ -1188,6 +1312,9 @@ static int32_t refuse_duplicate(kc_keychain *kc, const char *label,
     int32_t st;
     CK_RV rv;
 
+    /* a crash may have left objects no label leads to */
+    if ((flags & KC_PREAUTH_RECLAIM_STALE) && (st = sweep_orphans(kc, &count, err)))
+        return st;
     rv = find(kc, by_label, 1, &h, 1, &count);
     if (rv != CKR_OK)
         return fail_ck(err, rv, "searching the token");
@@ -1205,7 +1332,7 @@ static int32_t refuse_duplicate(kc_keychain *kc, const char *label,
                         alive > 0 ? "running" : alive == 0 ? "dead" : "unknown",
                         alive == 0 ? ": reclaim it (stale='reclaim') or purge"
                                    : "");
-        if ((st = reclaim(kc, label, &l, err)))
+        if ((st = reclaim(kc, label, err)))
             return st;
     }
     rv = find(kc, by_id, 2, &h, 1, &count);
@@ -1316,6 +1443,18 @@ int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
     int alive;
     int32_t st;
 
+    CK_ULONG removed;
+
+    if (!label) {
+        if ((st = begin(kc, err)))
+            return st;
+        st = sweep_orphans(kc, &removed, err);
+        if (!st && !removed)
+            st = fail(err, KC_errSecItemNotFound, 0,
+                      "no objects left by a crash in the store");
+        end(kc);
+        return st;
+    }
     if ((st = check_label(label, err)))
         return st;
     if ((st = begin(kc, err)))
@@ -1329,7 +1468,7 @@ int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
                   "(%s): not stale", label, l.pid, l.host,
                   alive > 0 ? "running" : "unknown");
     else
-        st = reclaim(kc, label, &l, err);
+        st = reclaim(kc, label, err);
     end(kc);
     return st;
 }
@@ -1476,8 +1615,8 @@ out:
 int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
                       size_t *count, kc_error *err)
 {
-    CK_OBJECT_HANDLE h[MAX_FOUND];
-    CK_ULONG n, i;
+    CK_OBJECT_HANDLE *h = NULL;
+    CK_ULONG n = 0, i;
     kc_item_info *items = NULL, *grown;
     size_t n_items = 0, j;
     object *o;
@@ -1493,42 +1632,40 @@ int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
         free(o);
         return st;
     }
-    rv = kc->mod->f->C_FindObjectsInit(kc->session, NULL, 0);
-    if (rv != CKR_OK) {
+    if ((rv = all_objects(kc, &h, &n)) != CKR_OK) {
         st = fail_ck(err, rv, "listing the token");
         goto out;
     }
-    do {
-        rv = kc->mod->f->C_FindObjects(kc->session, h, MAX_FOUND, &n);
-        for (i = 0; rv == CKR_OK && i < n; i++) {
-            if (read_object(kc, h[i], o) != CKR_OK ||
-                (o->cls != CKO_CERTIFICATE && o->cls != CKO_PRIVATE_KEY &&
-                 strcmp(o->application, LEASE_APPLICATION) != 0))
-                continue;
-            for (j = 0; j < n_items; j++)
-                if (strcmp(items[j].label, o->label) == 0)
-                    break;
-            if (j == n_items) {
-                grown = realloc(items, (n_items + 1) * sizeof *items);
-                if (!grown) {
-                    rv = CKR_HOST_MEMORY;
-                    break;
-                }
-                items = grown;
-                memset(&items[n_items++], 0, sizeof *items);
+    for (i = 0; i < n; i++) {
+        /* identities (labelled certificates, keys, our leases), and crash
+         * leftovers, which group under the empty label */
+        rv = read_object(kc, h[i], o);
+        if (unreadable(rv))
+            memset(o, 0, sizeof *o);
+        else if (rv != CKR_OK ||
+                 (o->label[0] ? o->cls != CKO_CERTIFICATE &&
+                                    o->cls != CKO_PRIVATE_KEY &&
+                                    strcmp(o->application, LEASE_APPLICATION)
+                              : !crash_orphan(kc, o)))
+            continue;
+        for (j = 0; j < n_items; j++)
+            if (strcmp(items[j].label, o->label) == 0)
+                break;
+        if (j == n_items) {
+            if (!(grown = realloc(items, (n_items + 1) * sizeof *items))) {
+                st = fail(err, KC_errSecAllocate, 0, "out of memory");
+                goto out;
             }
-            add_object(o, &items[j]);
+            items = grown;
+            memset(&items[n_items++], 0, sizeof *items);
         }
-    } while (rv == CKR_OK && n == MAX_FOUND);
-    kc->mod->f->C_FindObjectsFinal(kc->session);
-    if (rv != CKR_OK) {
-        st = fail_ck(err, rv, "listing the token");
-        goto out;
+        add_object(o, &items[j]);
     }
     for (j = 0; j < n_items && j < cap; j++)
         out[j] = items[j];
     *count = n_items;
 out:
+    free(h);
     free(items);
     free(o);
     end(kc);
@@ -1546,7 +1683,8 @@ int32_t kc_init_token(const char *module_path, const char *token,
     CK_RV rv;
     int32_t st;
 
-    if (!module_path || !token || !*token || !so_pin || !user_pin)
+    if (!module_path || !*module_path || !token || !*token || !so_pin ||
+        !user_pin)
         return fail(err, KC_errSecParam, 0,
                     "module, token label and both PINs are required");
     if (strlen(token) > TOKEN_LABEL_LEN)

@@ -39,7 +39,8 @@ class Store(Protocol):
 
     def kill_key(self, label: bytes) -> None: ...
 
-    def reclaim_stale(self, label: bytes) -> None: ...
+    def reclaim_stale(self, label: Optional[bytes]) -> None:
+        """Remove label's identity if its owner is dead; None: crash orphans."""
 
     def lookup(self, label: bytes) -> Optional[ItemInfo]: ...
 

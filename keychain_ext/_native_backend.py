@@ -82,10 +82,10 @@ class NativeStore:
             st = lib.kc_kill_key(self._live(), label, err)
         _check(st, err, "kill_key")
 
-    def reclaim_stale(self, label: bytes) -> None:
+    def reclaim_stale(self, label: Optional[bytes]) -> None:
         err = ffi.new("kc_error *")
         with self._lock:
-            st = lib.kc_reclaim_stale(self._live(), label, err)
+            st = lib.kc_reclaim_stale(self._live(), label or ffi.NULL, err)
         _check(st, err, "reclaim_stale")
 
     def lookup(self, label: bytes) -> Optional[ItemInfo]:

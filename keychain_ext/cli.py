@@ -162,6 +162,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
         items = kc.purge(dry_run=not args.yes)
     verb = "removed" if args.yes else "would remove"
     for i in items:
+        if not i.label:
+            print(f"{verb}: unlabelled objects left by a process killed while creating them")
+            continue
         state = "complete" if i.has_certificate and i.has_private_key else "incomplete"
         print(f"{verb}: {i.label} ({state}, owner pid {i.owner_pid} is dead)")
     if not args.yes and items:

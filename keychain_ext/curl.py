@@ -64,6 +64,8 @@ def client_env(identity: Identity, base: Optional[Mapping[str, str]] = None) -> 
         KEYCHAIN_EXT_ENGINE=ENGINE,
         KEYCHAIN_EXT_MODULE=identity.module,
     )
+    if identity.lock_path:
+        env["KEYCHAIN_EXT_LOCK"] = identity.lock_path
     return env
 
 

@@ -121,6 +121,10 @@ class Identity:
         owner_pid, owner_alive: the process that imported it (from its
             lease) and whether it still runs (None: cannot tell).
         pin_file: a 0600 file holding the token PIN, for TLS clients.
+        lock_path: the file keychain_ext flocks around its token
+            operations; another program reading the same SoftHSM2 token
+            while others write it should hold it too (SoftHSM2 readers can
+            miss objects while another process writes): ``flock PATH curl``.
         env: environment a child process needs to see the token.
     """
 
@@ -135,6 +139,7 @@ class Identity:
     owner_pid: int = 0
     owner_alive: Optional[bool] = None
     pin_file: Optional[Path] = None
+    lock_path: Optional[str] = None
     env: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -206,8 +211,8 @@ class Keychain:
         self._store = self._open(self._owned_pin.value.decode("utf-8"), lock)
 
     def _open(self, pin: str, lock: bool) -> Store:
-        lock_path = _store.lock_path(self.module, self.token) if lock else None
-        return self._backend.open(self.module, self.token, pin, lock_path)
+        self.lock_path = _store.lock_path(self.module, self.token) if lock else None
+        return self._backend.open(self.module, self.token, pin, self.lock_path)
 
     def _open_embedded(self, module: Optional[str], lock: bool) -> Store:
         store = _store.embedded(module)
@@ -255,6 +260,7 @@ class Keychain:
             owner_pid=info.owner_pid,
             owner_alive=info.owner_alive,
             pin_file=self._client_pin_file(info.label),
+            lock_path=self.lock_path,
             env={**self.env, "PKCS11_MODULE_PATH": self.module},
         )
 
@@ -360,13 +366,15 @@ class Keychain:
         that a live process reclaimed meanwhile is left alone.  Returns what
         was (or would be) removed.
         """
-        stale = [i for i in self.items() if i.owner_alive is False]
+        # the empty label groups the crash orphans: objects with nothing but
+        # defaults, left by a process killed inside C_CreateObject
+        stale = [i for i in self.items() if i.owner_alive is False or not i.label]
         if dry_run:
             return stale
         removed = []
         for item in stale:
             try:
-                self._store.reclaim_stale(_label(item.label))
+                self._store.reclaim_stale(_label(item.label) if item.label else None)
             except (ItemNotFoundError, DuplicateItemError):
                 continue  # gone already, or taken over by a live process
             removed.append(item)

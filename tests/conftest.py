@@ -69,15 +69,12 @@ class Token:
         objects only: session objects are private to their process).  Read
         with PyKCS11 in a child process, independent of keychain_ext."""
         env = {**os.environ, "VIEW_MODULE": self.module, "VIEW_TOKEN": self.label}
-        out = subprocess.run(
-            [sys.executable, str(TOKEN_VIEW)],
-            input=self.pin,
-            env=env,
-            capture_output=True,
+        done = subprocess.run(
+            [sys.executable, str(TOKEN_VIEW)], input=self.pin, env=env, capture_output=True,
             text=True,
-            check=True,
-        ).stdout
-        return json.loads(out)  # type: ignore[no-any-return]
+        )
+        assert done.returncode == 0, f"token_view failed: {done.stderr}"
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
 def new_token(label: str | None = None) -> Token:

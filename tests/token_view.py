@@ -26,7 +26,11 @@ session = lib.openSession(slot)
 session.login(sys.stdin.read())
 found = []
 for obj in session.findObjects([]):
-    cls, label, key_id = session.getAttributeValue(obj, [CKA_CLASS, CKA_LABEL, CKA_ID])
+    try:
+        cls, label, key_id = session.getAttributeValue(obj, [CKA_CLASS, CKA_LABEL, CKA_ID])
+    except PyKCS11.PyKCS11Error as exc:  # e.g. a half-written object
+        found.append({"class": "unreadable", "label": str(exc), "id": None})
+        continue
     found.append(
         {
             "class": CLASSES.get(cls, cls),

@@ -11,6 +11,7 @@
 #include <dlfcn.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -105,6 +106,7 @@ static unsigned long counts[N_FUNCS], total, fired;
 static unsigned char *trace;
 static unsigned long trace_len, trace_size;
 static unsigned long fail_n, fail_rv;                 /* p11shim_fail_at */
+static unsigned long kill_after_n;                    /* P11SHIM_KILL_AFTER */
 static unsigned long fn_fail_k[N_FUNCS], fn_fail_rv[N_FUNCS];
 
 static void *target_handle;
@@ -122,7 +124,7 @@ static int name_index(const char *fname)
 
 /* Count and trace one call; returns 1 (and the rv to return) when the call
  * must fail instead of being forwarded. */
-static int shim_enter(int idx, CK_RV *rv)
+static int shim_enter(int idx, CK_RV *rv, int *kill_after)
 {
     int fail = 0;
 
@@ -147,6 +149,7 @@ static int shim_enter(int idx, CK_RV *rv)
         *rv = fn_fail_rv[idx];
     }
     fired += fail;
+    *kill_after = kill_after_n != 0 && n == kill_after_n;
     pthread_mutex_unlock(&lock);
     return fail;
 }
@@ -158,13 +161,17 @@ static int shim_enter(int idx, CK_RV *rv)
     static CK_RV shim_##name params                      \
     {                                                    \
         CK_RV rv;                                        \
-        if (shim_enter(IDX_##name, &rv))                 \
+        int kill_after;                                  \
+        if (shim_enter(IDX_##name, &rv, &kill_after))    \
             return rv;                                   \
         if (real == NULL)                                \
             return CKR_CRYPTOKI_NOT_INITIALIZED;         \
         if (real->name == NULL)                          \
             return CKR_FUNCTION_NOT_SUPPORTED;           \
-        return real->name args;                          \
+        rv = real->name args;                            \
+        if (kill_after)                                  \
+            raise(SIGKILL); /* a crash right after it */ \
+        return rv;                                       \
     }
 GENERIC(FORWARD)
 
@@ -202,8 +209,9 @@ static CK_RV load_target(void)
 static CK_RV shim_C_Initialize(CK_VOID_PTR args)
 {
     CK_RV rv;
+    int kill_after; /* C_Initialize is never a crash point worth a test */
 
-    if (shim_enter(IDX_C_Initialize, &rv))
+    if (shim_enter(IDX_C_Initialize, &rv, &kill_after))
         return rv;
     rv = load_target();
     if (rv != CKR_OK)
@@ -362,7 +370,13 @@ __attribute__((constructor)) static void read_env(void)
     const char *at = getenv("P11SHIM_FAIL_AT");
     const char *rvs = getenv("P11SHIM_FAIL_RV");
     const char *fn = getenv("P11SHIM_FAIL_FUNCTION");
+    const char *kill_after = getenv("P11SHIM_KILL_AFTER");
     unsigned long rv = rvs ? strtoul(rvs, NULL, 0) : CKR_GENERAL_ERROR;
+
+    /* P11SHIM_KILL_AFTER=n: the process dies by SIGKILL right after the
+     * n-th call returns from the target (a crash at a chosen point) */
+    if (kill_after != NULL)
+        kill_after_n = strtoul(kill_after, NULL, 0);
 
     if (at != NULL)
         p11shim_fail_at(strtoul(at, NULL, 0), rv);
