@@ -191,20 +191,6 @@ static unsigned char *remac(const uint8_t *data, size_t size, int *out_len)
     return der;
 }
 
-/* OpenSSL's atexit cleanup frees the default library context while the
- * legacy provider the backend loaded (and whose handle it drops) still
- * holds a reference: LeakSanitizer would then report that one-time,
- * process-lifetime provider as leaked at exit.  Without the atexit handler
- * it stays reachable; leaks per input are still detected by libFuzzer
- * (-detect_leaks=1, the default). */
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    OPENSSL_init_crypto(OPENSSL_INIT_NO_ATEXIT, NULL);
-    return 0;
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     unsigned char *again;
