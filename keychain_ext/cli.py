@@ -147,12 +147,18 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps([{**asdict(i), "key_id": i.key_id.hex()} for i in items], indent=2))
     else:
         for i in items:
-            parts = {(True, True): "certificate+key", (True, False): "certificate only",
-                     (False, True): "key only", (False, False): "lease only"}
+            parts = {
+                (True, True): "certificate+key",
+                (True, False): "certificate only",
+                (False, True): "key only",
+                (False, False): "lease only",
+            }
             owner = {True: "owner running", False: "owner dead", None: "owner unknown"}
             what = parts[i.has_certificate, i.has_private_key]
-            print(f"{i.label}\t{i.common_name or '-'}\t{i.key_type or '-'}\t{what}"
-                  f"\t{'ephemeral' if i.ephemeral else owner[i.owner_alive]}")
+            print(
+                f"{i.label}\t{i.common_name or '-'}\t{i.key_type or '-'}\t{what}"
+                f"\t{'ephemeral' if i.ephemeral else owner[i.owner_alive]}"
+            )
         print(f"{len(items)} identities")
     return 0
 
@@ -267,7 +273,9 @@ def _parser() -> argparse.ArgumentParser:
         "(a PKCS#11 token), use it without prompts, and remove it again.",
     )
     p.add_argument("--module", help="PKCS#11 module (default: SoftHSM2; env KEYCHAIN_EXT_MODULE)")
-    p.add_argument("--token", help="token label (default: the embedded store; env KEYCHAIN_EXT_TOKEN)")
+    p.add_argument(
+        "--token", help="token label (default: the embedded store; env KEYCHAIN_EXT_TOKEN)"
+    )
     p.add_argument("--pin-file", help="file holding the token PIN (env KEYCHAIN_EXT_PIN_FILE)")
     p.add_argument("-v", "--verbose", action="store_true", help="show error details")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -276,10 +284,16 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--p12", required=True, help="PKCS#12 file (certificate + key)")
         sp.add_argument("--label", required=True, help="label for certificate and key")
         sp.add_argument("--password-file", help="file holding the PKCS#12 password")
-        sp.add_argument("--password-env", metavar="VAR", help=f"env var with it (default {PASSWORD_ENV})")
         sp.add_argument(
-            "--reclaim-stale", dest="stale", action="store_const", const="reclaim",
-            default="refuse", help="remove a dead owner's identity under the label first",
+            "--password-env", metavar="VAR", help=f"env var with it (default {PASSWORD_ENV})"
+        )
+        sp.add_argument(
+            "--reclaim-stale",
+            dest="stale",
+            action="store_const",
+            const="reclaim",
+            default="refuse",
+            help="remove a dead owner's identity under the label first",
         )
 
     sp = sub.add_parser("preauth", help="import an identity (token objects)")

@@ -72,7 +72,7 @@ def main() -> int:
                 step(6, f"removing '{label}': certificate, then private key")
                 kc.kill_key(label, missing_ok=True)
             left = [i.label for i in kc.items() if i.label == label]
-            step(7, f"the token holds {'nothing' if not left else left} under '{label}'")
+            step(7, f"the token holds {left or 'nothing'} under '{label}'")
             again = post(server.url, pki.ca_cert, ident)
             step(8, f"the same request now fails: curl exit {again.returncode}")
             print(f"      {again.stderr.strip().splitlines()[-1] if again.stderr else ''}")

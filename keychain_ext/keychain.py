@@ -230,7 +230,9 @@ class Keychain:
                 return self._open(pin, lock)
 
     def __repr__(self) -> str:
-        return f"Keychain(module={self.module!r}, token={self.token!r}, impl={self._backend.name!r})"
+        return (
+            f"Keychain(module={self.module!r}, token={self.token!r}, impl={self._backend.name!r})"
+        )
 
     def __enter__(self) -> Keychain:
         return self

@@ -119,6 +119,7 @@ _CKR_NAMES = {
 CKR_GENERAL_ERROR = 0x5
 CKR_ATTRIBUTE_SENSITIVE = 0x11
 CKR_ATTRIBUTE_TYPE_INVALID = 0x12
+CKR_ATTRIBUTE_VALUE_INVALID = 0x13
 CKR_DEVICE_ERROR = 0x30
 CKR_OBJECT_HANDLE_INVALID = 0x82
 CKR_OPERATION_ACTIVE = 0x90
@@ -293,6 +294,12 @@ def _transient(rv: int) -> bool:
     return rv in (CKR_TOKEN_NOT_PRESENT, CKR_DEVICE_ERROR, CKR_GENERAL_ERROR)
 
 
+def _unreadable(rv: int) -> bool:
+    """SoftHSM2 answers CKR_ATTRIBUTE_VALUE_INVALID for every attribute of
+    an object whose file a crash left half-written."""
+    return rv == CKR_ATTRIBUTE_VALUE_INVALID
+
+
 def _backoff(attempt: int) -> None:
     time.sleep(0.002 * (1 << attempt))  # 2, 4, 8, ... ms
 
@@ -343,6 +350,7 @@ class _Template:
 @dataclass
 class _SlotLogin:
     slot: int
+    pid: int  # process that logged in
     anchor: int  # never closed: see module docstring
     pin_digest: bytes
 
@@ -361,8 +369,9 @@ _modules: dict[str, _Module] = {}
 
 
 def _module_ready(m: _Module) -> None:
-    """C_Initialize once per process (again in a forked child, which has
-    none of its parent's logins).  Call with _modules_lock held."""
+    """C_Initialize once per process (again in a forked child: its logins
+    are redone by _login, which keeps the PIN digests).  Call with
+    _modules_lock held."""
     if m.init_pid == os.getpid():
         return
     args = CK_C_INITIALIZE_ARGS(flags=CKF_OS_LOCKING_OK)
@@ -370,7 +379,6 @@ def _module_ready(m: _Module) -> None:
     if rv not in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
         raise _fail_ck(rv, "C_Initialize")
     m.init_pid = os.getpid()
-    m.logins = []
 
 
 def _get_module(path: str) -> _Module:
@@ -423,16 +431,18 @@ def _login(m: _Module, slot: int, pin: bytes) -> None:
     """
     digest = hashlib.sha256(pin).digest()
     with _modules_lock:
-        for known in m.logins:
-            if known.slot == slot:
-                if not hmac.compare_digest(known.pin_digest, digest):
-                    raise _Failure(
-                        errSecAuthFailed, CKR_PIN_INCORRECT,
-                        "C_Login failed: CKR_PIN_INCORRECT (0xa0)",
-                    )
-                return
-        if len(m.logins) == MAX_SLOTS:
+        known = next((login for login in m.logins if login.slot == slot), None)
+        if known is not None and not hmac.compare_digest(known.pin_digest, digest):
+            raise _Failure(
+                errSecAuthFailed, CKR_PIN_INCORRECT, "C_Login failed: CKR_PIN_INCORRECT (0xa0)"
+            )
+        if known is not None and known.pid == os.getpid():
+            return
+        if known is None and len(m.logins) == MAX_SLOTS:
             raise _Failure(errSecAllocate, 0, "too many tokens open")
+        # First login of this process (a forked child keeps the digest: the
+        # token may still count it as logged in, and then only the digest
+        # can tell a wrong PIN).
         anchor = CK_ULONG(CK_INVALID_HANDLE)
         rv = m.f.C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, None, None,
                                ctypes.byref(anchor))  # fmt: skip
@@ -442,7 +452,10 @@ def _login(m: _Module, slot: int, pin: bytes) -> None:
         if rv not in (CKR_OK, CKR_USER_ALREADY_LOGGED_IN):
             m.f.C_CloseSession(anchor)
             raise _fail_ck(rv, "C_Login")
-        m.logins.append(_SlotLogin(slot, anchor.value, digest))
+        if known is None:
+            m.logins.append(_SlotLogin(slot, os.getpid(), anchor.value, digest))
+        else:
+            known.pid, known.anchor, known.pin_digest = os.getpid(), anchor.value, digest
 
 
 def _pad_label(label: bytes) -> bytes:
@@ -478,8 +491,9 @@ def _find_slot(m: _Module, label: bytes, want_uninitialized: bool) -> tuple[int,
                 else initialized and bytes(info.label) == want
             ):
                 return int(slots[i]), int(info.flags)
+        # a token another process is writing may briefly not show: a miss
+        # is retried like a transient error
         rv = CKR_OK
-        break
     if rv != CKR_OK:
         raise _fail_ck(rv, "C_GetSlotList")
     name = label.decode("utf-8", "surrogateescape")
@@ -717,6 +731,11 @@ class _ObjectBuffers:
         self.token.value = 0
 
 
+# what list_items folds in for an unreadable object (C: memset(o, 0, ...))
+_ZEROED = _Object(cls=0, token=False, key_type=0, key_id=b"", label=b"", value=b"",
+                  application=b"")  # fmt: skip
+
+
 def _add_object(o: _Object, info: _Info) -> None:
     """Fold one object into the description of its label (add_object)."""
     if not info.label:
@@ -834,17 +853,6 @@ def _lease_alive(lease: _Lease) -> int:
     return 1 if _start_time(lease.pid) == lease.start else 0
 
 
-def _hex_to_bytes(text: str, limit: int) -> bytes:
-    out = bytearray()
-    for i in range(0, 2 * limit, 2):
-        pair = text[i : i + 2]
-        try:
-            out.append(int(pair, 16))
-        except ValueError:
-            break
-    return bytes(out)
-
-
 # ---------------------------------------------------------------- handle
 
 
@@ -894,12 +902,6 @@ class CtypesStore:
             _module_ready(self._mod)
         assert self._pin is not None
         _login(self._mod, self._slot, self._pin.value)
-        session = CK_ULONG(CK_INVALID_HANDLE)
-        rv = self._f.C_OpenSession(self._slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, None, None,
-                                   ctypes.byref(session))  # fmt: skip
-        if rv != CKR_OK:
-            raise _fail_ck(rv, "C_OpenSession")
-        self._session = session.value
         if self._lock_path:
             # a forked child gets its own open file: flock is per open file
             if self._lock_fd >= 0:
@@ -913,6 +915,12 @@ class CtypesStore:
                     errSecIO, exc.errno or 0,
                     f"cannot open lock file {self._lock_path}: {exc.strerror}",
                 ) from None
+        session = CK_ULONG(CK_INVALID_HANDLE)
+        rv = self._f.C_OpenSession(self._slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, None, None,
+                                   ctypes.byref(session))  # fmt: skip
+        if rv != CKR_OK:
+            raise _fail_ck(rv, "C_OpenSession")
+        self._session = session.value
         self._pid = os.getpid()
 
     def _live(self) -> None:
@@ -949,6 +957,17 @@ class CtypesStore:
 
     # ----------------------------------------------------- token objects
 
+    def _find_init(self, template: Optional[_Template]) -> int:
+        """C_FindObjectsInit, recovering a session whose previous search was
+        never finished (its C_FindObjectsFinal failed)."""
+        f, s = self._f, self._session
+        array, count = (None, 0) if template is None else (template.array, template.count)
+        rv = f.C_FindObjectsInit(s, array, count)
+        if rv == CKR_OPERATION_ACTIVE:
+            f.C_FindObjectsFinal(s)
+            rv = f.C_FindObjectsInit(s, array, count)
+        return int(rv)
+
     def _find(self, template: _Template, limit: int) -> tuple[int, list[int]]:
         """C_FindObjectsInit / C_FindObjects / C_FindObjectsFinal: up to
         limit handles.  A search changes nothing: transient failures are
@@ -960,10 +979,7 @@ class CtypesStore:
             if attempt:
                 _backoff(attempt)
             count.value = 0
-            rv = f.C_FindObjectsInit(s, template.array, template.count)
-            if rv == CKR_OPERATION_ACTIVE:  # a search a failure left open
-                f.C_FindObjectsFinal(s)
-                rv = f.C_FindObjectsInit(s, template.array, template.count)
+            rv = self._find_init(template)
             if rv == CKR_OK:
                 rv = f.C_FindObjects(s, self._found, limit, ctypes.byref(count))
                 rv_final = f.C_FindObjectsFinal(s)
@@ -972,6 +988,24 @@ class CtypesStore:
             if not _transient(rv):
                 break
         return int(rv), list(self._found[: count.value])
+
+    def _all_objects(self) -> tuple[int, list[int]]:
+        """Every object this session can see (all handles first, then the
+        caller reads them)."""
+        f, s = self._f, self._session
+        handles: list[int] = []
+        rv = self._find_init(None)
+        if rv != CKR_OK:
+            return rv, []
+        got = CK_ULONG(0)
+        while True:
+            got.value = 0
+            rv = f.C_FindObjects(s, self._found, MAX_FOUND, ctypes.byref(got))
+            handles.extend(self._found[: got.value])
+            if rv != CKR_OK or got.value != MAX_FOUND:
+                break
+        f.C_FindObjectsFinal(s)
+        return (int(rv), handles) if rv == CKR_OK else (int(rv), [])
 
     def _read_object(self, handle: int) -> tuple[int, Optional[_Object]]:
         """The attributes lookup reports, in one C_GetAttributeValue."""
@@ -1043,42 +1077,87 @@ class CtypesStore:
         """Crypto.cpp killKey's core: the certificate, then the private key
         separately (deleting the pair in one call failed when running as
         root), then the lease last, so an interrupted removal still names
-        its owner.  Returns how many objects went."""
+        its owner.  With key_id, only objects of that identity go: an
+        identity that has replaced ours under the label is left alone.
+        Returns how many objects went."""
+        by_id = [] if key_id is None else [(CKA_ID, key_id)]
         found = self._destroy_all(
-            _Template([(CKA_CLASS, _ulong(CKO_CERTIFICATE)), (CKA_LABEL, label)]),
+            _Template([(CKA_CLASS, _ulong(CKO_CERTIFICATE)), (CKA_LABEL, label), *by_id]),
             "removing the certificate",
         )
-        key_items = [(CKA_CLASS, _ulong(CKO_PRIVATE_KEY)), (CKA_LABEL, label)]
-        if key_id is not None:
-            key_items.append((CKA_ID, key_id))
-        found += self._destroy_all(_Template(key_items), "removing the private key")
-        if with_lease:
-            lease_tmpl = _Template([(CKA_CLASS, _ulong(CKO_DATA)), (CKA_LABEL, label),
-                                    (CKA_APPLICATION, LEASE_APPLICATION)])  # fmt: skip
-            found += self._destroy_all(lease_tmpl, "removing the lease")
+        found += self._destroy_all(
+            _Template([(CKA_CLASS, _ulong(CKO_PRIVATE_KEY)), (CKA_LABEL, label), *by_id]),
+            "removing the private key",
+        )
+        if not with_lease:
+            return found
+        lease_tmpl = _Template([(CKA_CLASS, _ulong(CKO_DATA)), (CKA_LABEL, label),
+                                (CKA_APPLICATION, LEASE_APPLICATION)])  # fmt: skip
+        rv, handles = self._find(lease_tmpl, MAX_FOUND)
+        if rv != CKR_OK:
+            raise _fail_ck(rv, "removing the lease")
+        for h in handles:
+            if key_id is not None:
+                rv, obj = self._read_object(h)
+                if rv != CKR_OK or obj is None:
+                    raise _fail_ck(rv, "reading the lease")
+                lease = _parse_lease(obj)
+                if lease is not None and lease.key_id_hex != key_id.hex():
+                    continue  # another identity's lease
+            rv = self._destroy(h)
+            if rv != CKR_OK:
+                raise _fail_ck(rv, "removing the lease")
+            found += 1
         return found
 
-    def _reclaim(self, label: bytes, lease: _Lease) -> None:
-        """Remove what a dead owner left under label: the identity, its
-        lease, and unlabelled objects with its key id (SoftHSM2 can leave
-        objects without attributes when killed mid-create)."""
-        key_id = _hex_to_bytes(lease.key_id_hex, 20)
-        self._remove_identity(label, None, True)
-        if not key_id:
-            return
-        rv, handles = self._find(_Template([(CKA_ID, key_id)]), MAX_FOUND)
+    def _crash_orphan(self, handle: int, o: _Object) -> bool:
+        """An object that holds nothing but PKCS#11 defaults: no label, no
+        id, no value or key material.  SoftHSM2 leaves these when a process
+        dies inside C_CreateObject (the object exists before its template
+        is committed).  Nobody can use one, so removing it harms no one."""
+        if o.label or o.key_id:
+            return False
+        if o.cls == CKO_CERTIFICATE:
+            return not o.value
+        if o.cls == CKO_DATA:
+            return not o.value and not o.application
+        if o.cls != CKO_PRIVATE_KEY:
+            return False
+        material = (CK_ATTRIBUTE * 2)(CK_ATTRIBUTE(CKA_MODULUS, None, 0),
+                                      CK_ATTRIBUTE(CKA_EC_PARAMS, None, 0))  # fmt: skip
+        self._f.C_GetAttributeValue(self._session, handle, material, 2)
+        return all(a.ulValueLen in (0, CK_UNAVAILABLE_INFORMATION) for a in material)
+
+    def _sweep_orphans(self) -> int:
+        """Remove every crash orphan (see _crash_orphan) and every object a
+        crash left unreadable; returns how many went."""
+        rv, handles = self._all_objects()
         if rv != CKR_OK:
-            raise _fail_ck(rv, "searching a dead owner's objects")
+            raise _fail_ck(rv, "searching for objects left by a crash")
+        removed = 0
         for h in handles:
-            st, obj = self._read_object(h)
-            if st == CKR_OK and obj is not None and not obj.label:
-                rv = self._destroy(h)
-                if rv != CKR_OK:
-                    raise _fail_ck(rv, "removing a dead owner's object")
+            rv, obj = self._read_object(h)
+            if not _unreadable(rv) and not (
+                rv == CKR_OK and obj is not None and self._crash_orphan(h, obj)
+            ):
+                continue
+            rv = self._destroy(h)
+            if rv != CKR_OK:
+                raise _fail_ck(rv, "removing an object left by a crash")
+            removed += 1
+        return removed
+
+    def _reclaim(self, label: bytes) -> None:
+        """Remove what a dead owner left under label, and the crash orphans
+        its death may have left."""
+        self._remove_identity(label, None, True)
+        self._sweep_orphans()
 
     def _refuse_duplicate(self, label: bytes, ident: _Identity, flags: int) -> None:
         """Nothing may carry the label (unless its owner is dead and the
         caller asked to reclaim it), and no private key the same id."""
+        if flags & RECLAIM_STALE:
+            self._sweep_orphans()  # a crash may have left objects no label leads to
         rv, found = self._find(_Template([(CKA_LABEL, label)]), 1)
         if rv != CKR_OK:
             raise _fail_ck(rv, "searching the token")
@@ -1100,7 +1179,7 @@ class CtypesStore:
                     f"by process {lease.pid} on {lease.host} ({state}); refusing to import "
                     f"over it{hint}",
                 )  # fmt: skip
-            self._reclaim(label, lease)
+            self._reclaim(label)
         by_id = _Template([(CKA_CLASS, _ulong(CKO_PRIVATE_KEY)), (CKA_ID, ident.key_id)])
         rv, found = self._find(by_id, 1)
         if rv != CKR_OK:
@@ -1275,6 +1354,46 @@ class CtypesStore:
 
         self._locked("kill_key", body)
 
+    # ----------------------------------------------------------- reclaim
+
+    def reclaim_stale(self, label: Optional[bytes]) -> None:
+        """kc_reclaim_stale: remove label's identity if its owner process is
+        dead (errSecItemNotFound if it has no lease, errSecDuplicateItem if
+        the owner runs or cannot be judged).  With label None (or empty),
+        remove only the objects a process killed inside C_CreateObject can
+        leave; errSecItemNotFound if there are none."""
+        self._live()
+        if not label:
+
+            def sweep() -> None:
+                if not self._sweep_orphans():
+                    raise _Failure(
+                        errSecItemNotFound, 0, "no objects left by a crash in the store"
+                    )
+
+            self._locked("reclaim_stale", sweep)
+            return
+        name = _cstr(label)
+        _api("reclaim_stale", lambda: _check_label(name))
+
+        def body() -> None:
+            lease = self._read_lease(name)
+            if lease is None:
+                raise _Failure(
+                    errSecItemNotFound, 0,
+                    f"no leased identity labelled '{_name(name)}' in the store",
+                )  # fmt: skip
+            alive = _lease_alive(lease)
+            if alive != 0:
+                raise _Failure(
+                    errSecDuplicateItem, 0,
+                    f"the identity labelled '{_name(name)}' is owned by process {lease.pid} "
+                    f"on {lease.host} ({'running' if alive > 0 else 'unknown'}): not stale",
+                )  # fmt: skip
+            self._reclaim(name)
+
+        self._locked("reclaim_stale", body)
+
     # ---------------------------------------------------- lookup and list
 
     def lookup(self, label: bytes) -> Optional[ItemInfo]:
@@ -1307,29 +1426,27 @@ class CtypesStore:
         self._live()
 
         def body() -> list[ItemInfo]:
-            f, s = self._f, self._session
-            items: dict[bytes, _Info] = {}
-            rv = f.C_FindObjectsInit(s, None, 0)
+            rv, handles = self._all_objects()
             if rv != CKR_OK:
                 raise _fail_ck(rv, "listing the token")
-            count = CK_ULONG(0)
-            while True:
-                rv = f.C_FindObjects(s, self._found, MAX_FOUND, ctypes.byref(count))
-                if rv != CKR_OK:
-                    break
-                for h in list(self._found[: count.value]):
-                    st, obj = self._read_object(h)
-                    if st != CKR_OK or obj is None or (
+            items: dict[bytes, _Info] = {}
+            for h in handles:
+                # identities (labelled certificates, keys, our leases), and
+                # crash leftovers, which group under the empty label
+                rv, obj = self._read_object(h)
+                if _unreadable(rv):
+                    obj = _ZEROED
+                elif rv != CKR_OK or obj is None:
+                    continue
+                elif obj.label:
+                    if (
                         obj.cls not in (CKO_CERTIFICATE, CKO_PRIVATE_KEY)
                         and obj.application != LEASE_APPLICATION
                     ):
                         continue
-                    _add_object(obj, items.setdefault(obj.label, _Info()))
-                if count.value != MAX_FOUND:
-                    break
-            f.C_FindObjectsFinal(s)
-            if rv != CKR_OK:
-                raise _fail_ck(rv, "listing the token")
+                elif not self._crash_orphan(h, obj):
+                    continue
+                _add_object(obj, items.setdefault(obj.label, _Info()))
             return [info.item() for info in items.values()]
 
         return self._locked("list_items", body)
@@ -1381,34 +1498,58 @@ class CtypesBackend:
             if len(raw_token) > TOKEN_LABEL_LEN:
                 raise _Failure(errSecParam, 0, f"token label longer than {TOKEN_LABEL_LEN} bytes")
             m = _get_module(module)
-            slot, flags = _find_slot(m, raw_token, want_uninitialized=False)
-            # A PIN pad or other protected path would prompt someone: never.
-            if flags & CKF_PROTECTED_AUTHENTICATION_PATH:
-                raise _Failure(
-                    errSecInteractionNotAllowed, 0,
-                    f"token '{token}' needs a protected authentication path (PIN pad); "
-                    "keychain_ext never prompts",
-                )  # fmt: skip
-            if pin is None:
-                raise _Failure(
-                    errSecInteractionRequired, 0, f"token '{token}' needs a PIN and none was given"
-                )
-            store = CtypesStore(m, slot, _cstr(pin.encode("utf-8")), lock_path or None)
+            # Reading the token while another process writes it is what
+            # SoftHSM2 gets wrong: opening takes the token lock too (closing
+            # the file drops it).  A lock file that cannot be opened here is
+            # reported by the session's own open below.
+            lock_fd = -1
+            if lock_path:
+                try:
+                    lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                except OSError:
+                    pass
             try:
-                store._ensure_session()
-            except BaseException:
-                store.close()
-                raise
-            return store
+                if lock_fd >= 0:
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX)  # retried on EINTR
+                return self._open_locked(m, raw_token, pin, lock_path)
+            finally:
+                if lock_fd >= 0:
+                    os.close(lock_fd)
 
         return _api("open", run)
+
+    @staticmethod
+    def _open_locked(
+        m: _Module, raw_token: bytes, pin: Optional[str], lock_path: Optional[str]
+    ) -> CtypesStore:
+        """kc_open's part under the token lock: slot, login, session."""
+        slot, flags = _find_slot(m, raw_token, want_uninitialized=False)
+        # A PIN pad or other protected path would prompt someone: never.
+        if flags & CKF_PROTECTED_AUTHENTICATION_PATH:
+            raise _Failure(
+                errSecInteractionNotAllowed, 0,
+                f"token '{_name(raw_token)}' needs a protected authentication path (PIN pad); "
+                "keychain_ext never prompts",
+            )  # fmt: skip
+        if pin is None:
+            raise _Failure(
+                errSecInteractionRequired, 0,
+                f"token '{_name(raw_token)}' needs a PIN and none was given",
+            )
+        store = CtypesStore(m, slot, _cstr(pin.encode("utf-8")), lock_path or None)
+        try:
+            store._ensure_session()
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     def init_token(self, module: str, token: str, so_pin: str, user_pin: str) -> None:
         """kc_init_token: initialize the first free token with the label
         and PINs (no PIN ever in an argv)."""
 
         def run() -> None:
-            if module is None or not token or so_pin is None or user_pin is None:
+            if not module or not token or so_pin is None or user_pin is None:
                 raise _Failure(errSecParam, 0, "module, token label and both PINs are required")
             raw_token = _cstr(token.encode("utf-8"))
             if len(raw_token) > TOKEN_LABEL_LEN:
