@@ -70,7 +70,10 @@ class Token:
         with PyKCS11 in a child process, independent of keychain_ext."""
         env = {**os.environ, "VIEW_MODULE": self.module, "VIEW_TOKEN": self.label}
         done = subprocess.run(
-            [sys.executable, str(TOKEN_VIEW)], input=self.pin, env=env, capture_output=True,
+            [sys.executable, str(TOKEN_VIEW)],
+            input=self.pin,
+            env=env,
+            capture_output=True,
             text=True,
         )
         assert done.returncode == 0, f"token_view failed: {done.stderr}"

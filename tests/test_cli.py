@@ -48,16 +48,30 @@ def token_left_empty(token: Token) -> Iterator[None]:
 
 def cli(env: dict[str, str], *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # type: ignore[call-overload, no-any-return]
-        [sys.executable, "-m", "keychain_ext", *args], env=env, capture_output=True,
-        text=True, timeout=120, stdin=subprocess.DEVNULL, **kwargs,
+        [sys.executable, "-m", "keychain_ext", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        **kwargs,
     )
 
 
 def test_preauth_lookup_list_kill(
     cli_env: dict[str, str], rsa_client: ClientIdentity, password_file: Path
 ) -> None:
-    done = cli(cli_env, "preauth", "--p12", str(rsa_client.p12), "--label", "c1",
-               "--password-file", str(password_file), "--json")
+    done = cli(
+        cli_env,
+        "preauth",
+        "--p12",
+        str(rsa_client.p12),
+        "--label",
+        "c1",
+        "--password-file",
+        str(password_file),
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["common_name"] == rsa_client.cn
     looked = json.loads(cli(cli_env, "lookup", "--label", "c1", "--json").stdout)
@@ -67,8 +81,16 @@ def test_preauth_lookup_list_kill(
     assert "subject:" in human and f"CN={rsa_client.cn}" in human
     listed = cli(cli_env, "list").stdout
     assert "c1\t" in listed and "1 identities" in listed
-    dup = cli(cli_env, "preauth", "--p12", str(rsa_client.p12), "--label", "c1",
-              "--password-file", str(password_file))
+    dup = cli(
+        cli_env,
+        "preauth",
+        "--p12",
+        str(rsa_client.p12),
+        "--label",
+        "c1",
+        "--password-file",
+        str(password_file),
+    )
     assert dup.returncode == 3 and dup.stderr.count("\n") == 1  # one line, no traceback
     assert "already in the store" in dup.stderr
     assert cli(cli_env, "kill", "--label", "c1").returncode == 0
@@ -87,11 +109,20 @@ def test_preauth_lookup_list_kill(
     ],
 )
 def test_error_exit_codes(
-    cli_env: dict[str, str], rsa_client: ClientIdentity, variants: P12Variants,
-    password_file: Path, tmp_path: Path, args: list[str], code: int, text: str,
+    cli_env: dict[str, str],
+    rsa_client: ClientIdentity,
+    variants: P12Variants,
+    password_file: Path,
+    tmp_path: Path,
+    args: list[str],
+    code: int,
+    text: str,
 ) -> None:
-    values = {"missing": str(tmp_path / "nope.p12"), "garbage": str(variants.garbage),
-              "p12": str(rsa_client.p12)}
+    values = {
+        "missing": str(tmp_path / "nope.p12"),
+        "garbage": str(variants.garbage),
+        "p12": str(rsa_client.p12),
+    }
     args = [a.format(**values) for a in args]
     if "--label" not in args:
         args += ["--label", "bad"]
@@ -117,7 +148,9 @@ def test_wrong_pin_and_missing_token(cli_env: dict[str, str], tmp_path: Path) ->
     assert cli({**cli_env, "KEYCHAIN_EXT_TOKEN": "nope"}, "list").returncode == 8
 
 
-def test_no_password_source_is_a_usage_error(cli_env: dict[str, str], rsa_client: ClientIdentity) -> None:
+def test_no_password_source_is_a_usage_error(
+    cli_env: dict[str, str], rsa_client: ClientIdentity
+) -> None:
     env = {k: v for k, v in cli_env.items() if k != "KEYCHAIN_EXT_P12_PASSWORD"}
     done = cli(env, "preauth", "--p12", str(rsa_client.p12), "--label", "x")
     assert done.returncode == 2 and "--password-file" in done.stderr
@@ -142,9 +175,25 @@ def test_run_curl_against_nginx(
 ) -> None:
     """The issue's done-when: `run ... -- curl --cacert ca.pem -d '{}' URL`."""
     with NginxServer(pki) as nginx:
-        done = cli(cli_env, "run", "--p12", str(rsa_client.p12), "--label", "x",
-                   "--password-file", str(password_file), "--",
-                   "curl", "-sS", "--fail", "--cacert", str(pki.ca_cert), "-d", "{}", nginx.url)
+        done = cli(
+            cli_env,
+            "run",
+            "--p12",
+            str(rsa_client.p12),
+            "--label",
+            "x",
+            "--password-file",
+            str(password_file),
+            "--",
+            "curl",
+            "-sS",
+            "--fail",
+            "--cacert",
+            str(pki.ca_cert),
+            "-d",
+            "{}",
+            nginx.url,
+        )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"client": f"CN={rsa_client.cn}"}
 
@@ -153,8 +202,21 @@ def test_run_placeholders_and_environment(
     cli_env: dict[str, str], rsa_client: ClientIdentity, password_file: Path
 ) -> None:
     script = "import os, sys; print(sys.argv[1]); print(os.environ['KEYCHAIN_EXT_KEY_URI'])"
-    done = cli(cli_env, "run", "--p12", str(rsa_client.p12), "--label", "ph",
-               "--password-file", str(password_file), "--", sys.executable, "-c", script, "{cert}")
+    done = cli(
+        cli_env,
+        "run",
+        "--p12",
+        str(rsa_client.p12),
+        "--label",
+        "ph",
+        "--password-file",
+        str(password_file),
+        "--",
+        sys.executable,
+        "-c",
+        script,
+        "{cert}",
+    )
     assert done.returncode == 0, done.stderr
     cert_uri, key_uri = done.stdout.split()
     assert cert_uri.startswith("pkcs11:") and "object=ph;type=cert" in cert_uri
@@ -164,8 +226,20 @@ def test_run_placeholders_and_environment(
 def test_run_propagates_failure_and_cleans_up(
     cli_env: dict[str, str], rsa_client: ClientIdentity, password_file: Path
 ) -> None:
-    done = cli(cli_env, "run", "--p12", str(rsa_client.p12), "--label", "fails",
-               "--password-file", str(password_file), "--", "sh", "-c", "exit 7")
+    done = cli(
+        cli_env,
+        "run",
+        "--p12",
+        str(rsa_client.p12),
+        "--label",
+        "fails",
+        "--password-file",
+        str(password_file),
+        "--",
+        "sh",
+        "-c",
+        "exit 7",
+    )
     assert done.returncode == 7
 
 
@@ -182,14 +256,34 @@ def test_run_refuses_an_existing_label_and_keeps_it(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_run_cleans_up_on_signal(
-    cli_env: dict[str, str], token: Token, rsa_client: ClientIdentity, password_file: Path,
+    cli_env: dict[str, str],
+    token: Token,
+    rsa_client: ClientIdentity,
+    password_file: Path,
     sig: signal.Signals,
 ) -> None:
     wait = "import sys; print('ready', flush=True); sys.stdin.read()"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "keychain_ext", "run", "--p12", str(rsa_client.p12), "--label",
-         "sig", "--password-file", str(password_file), "--", sys.executable, "-c", wait],
-        env=cli_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "keychain_ext",
+            "run",
+            "--p12",
+            str(rsa_client.p12),
+            "--label",
+            "sig",
+            "--password-file",
+            str(password_file),
+            "--",
+            sys.executable,
+            "-c",
+            wait,
+        ],
+        env=cli_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"

@@ -30,7 +30,9 @@ def server(pki: PKI) -> Iterator[MTLSServer]:
         yield srv
 
 
-def curl_post(url: str, pki: PKI, ident: Identity, body: str = '{"n": 1}') -> subprocess.CompletedProcess[str]:
+def curl_post(
+    url: str, pki: PKI, ident: Identity, body: str = '{"n": 1}'
+) -> subprocess.CompletedProcess[str]:
     argv = ["curl", "-sS", "--fail", "--cacert", str(pki.ca_cert), *curl_args(ident)]
     argv += ["-H", "Content-Type: application/json", "-d", body, url]
     return subprocess.run(argv, env=client_env(ident), capture_output=True, text=True, timeout=60)
@@ -48,7 +50,11 @@ def require_pycurl() -> None:
     "which", ["rsa_client", "ec_client", "variants.legacy", "variants.openssl_default"]
 )
 def test_curl_post_with_identity_then_fails_after_kill(
-    kc: Keychain, token: Token, pki: PKI, server: MTLSServer, which: str,
+    kc: Keychain,
+    token: Token,
+    pki: PKI,
+    server: MTLSServer,
+    which: str,
     request: pytest.FixtureRequest,
 ) -> None:
     if which.startswith("variants."):
@@ -62,7 +68,10 @@ def test_curl_post_with_identity_then_fails_after_kill(
         done = curl_post(server.url, pki, ident)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == {
-            "client_cn": client.cn, "method": "POST", "path": "/", "json": {"n": 1}
+            "client_cn": client.cn,
+            "method": "POST",
+            "path": "/",
+            "json": {"n": 1},
         }
     finally:
         kc.kill_key("curl-post")
@@ -74,7 +83,10 @@ def test_curl_post_with_identity_then_fails_after_kill(
 def test_nginx_requires_and_gets_the_client_cert(
     kc: Keychain, pki: PKI, ec_client: ClientIdentity
 ) -> None:
-    with NginxServer(pki) as nginx, kc.preauthorized(ec_client.p12, ec_client.password, "ng") as ident:
+    with (
+        NginxServer(pki) as nginx,
+        kc.preauthorized(ec_client.p12, ec_client.password, "ng") as ident,
+    ):
         done = curl_post(nginx.url, pki, ident)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == {"client": f"CN={ec_client.cn}"}
@@ -179,9 +191,19 @@ def test_ephemeral_identity_gone_when_its_process_is_killed(
 ) -> None:
     require_pycurl()
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, token.module, token.label, str(ec_client.p12),
-         server.url, str(pki.ca_cert)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            token.module,
+            token.label,
+            str(ec_client.p12),
+            server.url,
+            str(pki.ca_cert),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert child.stdin and child.stdout
     child.stdin.write(f"{token.pin}\n{ec_client.password}\n")
@@ -199,7 +221,10 @@ def test_demo_runs(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
     env["KEYCHAIN_EXT_HOME"] = str(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "keychain_ext.demo"], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "keychain_ext.demo"],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr

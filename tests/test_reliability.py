@@ -61,12 +61,18 @@ def plain(token: Token, impl: str) -> Iterator[Keychain]:
 
 
 def state(token: Token, plain: Keychain) -> tuple[Any, Any]:
-    return token.objects(), sorted((i.label, i.has_certificate, i.has_private_key) for i in plain.items())
+    return token.objects(), sorted(
+        (i.label, i.has_certificate, i.has_private_key) for i in plain.items()
+    )
 
 
 @pytest.mark.parametrize("ephemeral", [False, True], ids=["token", "ephemeral"])
 def test_every_preauth_call_failing_leaves_the_store_unchanged(
-    shim: Any, token: Token, plain: Keychain, impl: str, ec_client: ClientIdentity,
+    shim: Any,
+    token: Token,
+    plain: Keychain,
+    impl: str,
+    ec_client: ClientIdentity,
     ephemeral: bool,
 ) -> None:
     with Keychain(shim.so, token.label, token.pin, impl=impl) as kc:
@@ -100,7 +106,11 @@ def test_every_preauth_call_failing_leaves_the_store_unchanged(
 
 @pytest.mark.parametrize("ephemeral", [False, True], ids=["token", "ephemeral"])
 def test_every_kill_call_failing_then_a_retry_completes(
-    shim: Any, token: Token, plain: Keychain, impl: str, ec_client: ClientIdentity,
+    shim: Any,
+    token: Token,
+    plain: Keychain,
+    impl: str,
+    ec_client: ClientIdentity,
     ephemeral: bool,
 ) -> None:
     with Keychain(shim.so, token.label, token.pin, impl=impl) as kc:
@@ -141,7 +151,9 @@ def start_owner(token: Token, client: ClientIdentity, label: str) -> subprocess.
     without removing it when its stdin closes (a crash, for the store)."""
     proc = subprocess.Popen(
         [sys.executable, "-c", CRASHER, token.module, token.label, str(client.p12), label],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdin and proc.stdout
     proc.stdin.write(f"{token.pin}\n{client.password}\n")
@@ -229,7 +241,9 @@ def test_sigkill_after_every_call_of_preauth_and_kill(
     """The shim kills the process right after its n-th PKCS#11 call, for
     every n of preauth + kill: each time the next run reclaims what was
     left, and nothing stays behind."""
-    probe = spawn(CRASH_AT, [shim.so, token.label, str(ec_client.p12)], [token.pin, ec_client.password])
+    probe = spawn(
+        CRASH_AT, [shim.so, token.label, str(ec_client.p12)], [token.pin, ec_client.password]
+    )
     out, errors = probe.communicate(timeout=120)
     assert probe.returncode == 0, errors
     opened, total = map(int, out.split())
@@ -238,12 +252,18 @@ def test_sigkill_after_every_call_of_preauth_and_kill(
         env = {**os.environ, "P11SHIM_KILL_AFTER": str(n)}
         child = subprocess.Popen(
             [sys.executable, "-c", CRASH_AT, shim.so, token.label, str(ec_client.p12)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         child.communicate(f"{token.pin}\n{ec_client.password}\n", timeout=120)
         assert child.returncode == -signal.SIGKILL, f"call {n} did not kill"
-        later = spawn(LATER_RUN, [token.module, token.label, str(ec_client.p12)],
-                      [token.pin, ec_client.password])
+        later = spawn(
+            LATER_RUN,
+            [token.module, token.label, str(ec_client.p12)],
+            [token.pin, ec_client.password],
+        )
         out, errors = later.communicate(timeout=120)
         assert later.returncode == 0 and out.strip() == "ok", f"after call {n}: {errors}"
         assert token.objects() == [], f"killed after call {n}: objects left"
@@ -271,8 +291,19 @@ def test_sigkill_at_random_points_never_blocks_a_later_run(
     leftovers = 0
     for _ in range(int(os.environ.get("KEYCHAIN_EXT_CRASH_RUNS", "50"))):
         proc = subprocess.Popen(
-            [sys.executable, "-c", KILL_LOOP, token.module, token.label, str(ec_client.p12), "crash"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-c",
+                KILL_LOOP,
+                token.module,
+                token.label,
+                str(ec_client.p12),
+                "crash",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert proc.stdin and proc.stdout and proc.stderr
         proc.stdin.write(f"{token.pin}\n{ec_client.password}\n")
@@ -286,8 +317,11 @@ def test_sigkill_at_random_points_never_blocks_a_later_run(
         leftovers += bool(token.objects())
         # the next run (a new process: SoftHSM2 only indexes what a dead
         # process wrote when it starts) reclaims whatever was left
-        later = spawn(LATER_RUN, [token.module, token.label, str(ec_client.p12)],
-                      [token.pin, ec_client.password])
+        later = spawn(
+            LATER_RUN,
+            [token.module, token.label, str(ec_client.p12)],
+            [token.pin, ec_client.password],
+        )
         out, errors = later.communicate(timeout=120)
         assert later.returncode == 0 and out.strip() == "ok", errors
         assert token.objects() == [], "a crash left objects that reclaim did not remove"
@@ -325,8 +359,11 @@ with Keychain(module, token, pin) as kc:
 
 def spawn(code: str, args: list[str], secrets: list[str]) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", code, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdin
     proc.stdin.write("".join(s + "\n" for s in secrets))
@@ -374,20 +411,33 @@ def test_concurrent_processes_distinct_labels(pki: PKI) -> None:
         make_client(pki, cn=f"worker-{i}", password="pw", key_type="ec", name=f"worker-{i}")
         for i in range(9)
     ]
-    with MTLSServer(pki) as server, token.open() as kc, kc.preauthorized(
-        clients[8].p12, "pw", "steady"
-    ) as steady:
+    with (
+        MTLSServer(pki) as server,
+        token.open() as kc,
+        kc.preauthorized(clients[8].p12, "pw", "steady") as steady,
+    ):
         # Readers outside keychain_ext hold its lock, as documented: without
         # it SoftHSM2 lets them miss objects while another process writes.
         assert steady.lock_path
-        argv = ["flock", steady.lock_path, "curl", "-sS", "--fail", "--cacert", str(pki.ca_cert),
-                *curl_args(steady), server.url]
+        argv = [
+            "flock",
+            steady.lock_path,
+            "curl",
+            "-sS",
+            "--fail",
+            "--cacert",
+            str(pki.ca_cert),
+            *curl_args(steady),
+            server.url,
+        ]
         curl = Background(
             lambda: subprocess.run(argv, env=client_env(steady), capture_output=True).returncode
         )
         raw = Background(lambda: len(locked(steady.lock_path, token.objects)))
         workers = [
-            spawn(WORKER, [token.module, token.label, str(c.p12), f"w{i}", cycles], [token.pin, "pw"])
+            spawn(
+                WORKER, [token.module, token.label, str(c.p12), f"w{i}", cycles], [token.pin, "pw"]
+            )
             for i, c in enumerate(clients[:8])
         ]
         listers = [spawn(LISTER, [token.module, token.label], [token.pin]) for _ in range(2)]
@@ -400,7 +450,9 @@ def test_concurrent_processes_distinct_labels(pki: PKI) -> None:
             p.wait()
         curl_codes, raw_counts = curl.finish(), raw.finish()
     assert [r[0].strip() for r in results] == [f"done {cycles}"] * 8, [r[1] for r in results]
-    print(f"curl: {len(curl_codes)} requests, {curl_codes.count(0)} ok; raw reads: {len(raw_counts)}")
+    print(
+        f"curl: {len(curl_codes)} requests, {curl_codes.count(0)} ok; raw reads: {len(raw_counts)}"
+    )
     assert curl_codes and set(curl_codes) == {0}, curl_codes
     assert raw_counts  # the unlocked reader ran alongside
     assert token.objects() == []
@@ -425,7 +477,9 @@ with Keychain(module, token, pin) as kc:
 def test_processes_racing_for_one_label(pki: PKI, ec_client: ClientIdentity) -> None:
     token = new_token()
     racers = [
-        spawn(RACER, [token.module, token.label, str(ec_client.p12)], [token.pin, ec_client.password])
+        spawn(
+            RACER, [token.module, token.label, str(ec_client.p12)], [token.pin, ec_client.password]
+        )
         for _ in range(8)
     ]
     go(racers)

@@ -1,0 +1,233 @@
+"""Every kind of input the API and CLI accept, good and bad, and where the
+PIN and the p12 password must never show up."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    BestAvailableEncryption,
+    NoEncryption,
+    load_pem_private_key,
+    pkcs12,
+)
+from cryptography.x509 import load_pem_x509_certificate
+
+from keychain_ext import DecodeError, Keychain, ParamError, Pkcs12VerifyFailureError
+from keychain_ext._store import private_dir, write_secret
+from keychain_ext.errors import UnimplementedError
+from keychain_ext.testing.pki import ClientIdentity
+
+from .conftest import Token
+
+
+def repack(client: ClientIdentity, password: bytes | None) -> bytes:
+    """The client's identity as a PKCS#12 with another password."""
+    key = load_pem_private_key(client.key.read_bytes(), None)
+    cert = load_pem_x509_certificate(client.cert.read_bytes())
+    enc = BestAvailableEncryption(password) if password else NoEncryption()
+    return pkcs12.serialize_key_and_certificates(b"x", key, cert, None, enc)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "password",
+    [b"", "pässwörd-ünïcode".encode(), b"x" * 4096, " leading and trailing ".encode()],
+    ids=["empty", "non-ascii", "huge", "spaces"],
+)
+def test_passwords_round_trip(kc: Keychain, ec_client: ClientIdentity, password: bytes) -> None:
+    data = repack(ec_client, password)
+    for given in (password, password.decode("utf-8")):
+        with kc.preauthorized(data, given, "pw") as ident:
+            assert ident.common_name == ec_client.cn
+
+
+@pytest.mark.parametrize(
+    "password,error",
+    [
+        ("wrong", Pkcs12VerifyFailureError),
+        ("", Pkcs12VerifyFailureError),
+        ("x" * 100_000, Pkcs12VerifyFailureError),
+        ("nul\0inside", ParamError),
+        ("\udcff", ParamError),
+        (42, TypeError),
+    ],
+)
+def test_bad_passwords(
+    kc: Keychain, token: Token, rsa_client: ClientIdentity, password: object, error: type
+) -> None:
+    with pytest.raises(error):
+        kc.preauth_key(rsa_client.p12, password, "bad-pw")  # type: ignore[arg-type]
+    assert token.objects() == []
+
+
+def test_oversized_and_truncated_p12(
+    kc: Keychain, token: Token, rsa_client: ClientIdentity
+) -> None:
+    data = rsa_client.p12.read_bytes()
+    with pytest.raises(DecodeError, match="too large"):
+        kc.preauth_key(data + b"\0" * (17 * 1024 * 1024), rsa_client.password, "big")
+    for cut in (1, 10, len(data) // 2, len(data) - 1):
+        with pytest.raises((DecodeError, Pkcs12VerifyFailureError)):
+            kc.preauth_key(data[:cut], rsa_client.password, "cut")
+    assert token.objects() == []
+
+
+def test_unsupported_key_type(kc: Keychain, token: Token, tmp_path: Path) -> None:
+    """An Ed25519 identity is refused (RSA and EC only), store unchanged."""
+    from datetime import datetime, timedelta, timezone
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.x509.oid import NameOID
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ed")])
+    now = datetime.now(timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, None)
+    )
+    data = pkcs12.serialize_key_and_certificates(
+        b"ed", key, cert, None, BestAvailableEncryption(b"pw")
+    )
+    with pytest.raises(UnimplementedError, match="RSA and EC"):
+        kc.preauth_key(data, "pw", "ed")
+    assert token.objects() == []
+
+
+def test_other_curves(kc: Keychain, tmp_path: Path, ec_client: ClientIdentity) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    for curve in (ec.SECP384R1(), ec.SECP521R1()):
+        key = ec.generate_private_key(curve)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, curve.name)])
+        now = datetime.now(timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(1)
+            .not_valid_before(now)
+            .not_valid_after(now + timedelta(days=1))
+            .sign(key, hashes.SHA256())
+        )
+        data = pkcs12.serialize_key_and_certificates(
+            b"c", key, cert, None, BestAvailableEncryption(b"pw")
+        )
+        with kc.preauthorized(data, "pw", curve.name) as ident:
+            assert ident.key_type == "ec" and ident.common_name == curve.name
+
+
+def test_stale_argument_is_checked(kc: Keychain, rsa_client: ClientIdentity) -> None:
+    with pytest.raises(ValueError, match="stale"):
+        kc.preauth_key(rsa_client.p12, rsa_client.password, "x", stale="sometimes")  # type: ignore[arg-type]
+
+
+def test_unknown_impl() -> None:
+    with pytest.raises(ValueError, match="impl"):
+        Keychain(token="t", pin="1", impl="rust")
+
+
+# ---------------------------------------------------------------- secrets
+
+
+def test_secrets_absent_from_logs_errors_and_reprs(
+    token: Token, impl: str, rsa_client: ClientIdentity, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    seen: list[str] = []
+    with token.open(impl) as kc:
+        ident = kc.preauth_key(rsa_client.p12, rsa_client.password, "secret")
+        seen += [repr(kc), str(kc), repr(ident), str(vars(kc))]
+        for bad in ("wrong-password-123", ""):
+            try:
+                kc.preauth_key(rsa_client.p12, bad, "secret2")
+            except Exception as exc:  # noqa: BLE001 - the text is what we check
+                seen += [str(exc), repr(exc)]
+        kc.kill_key("secret")
+    try:
+        Keychain(token.module, token.label, "wrong-pin-456", impl=impl)
+    except Exception as exc:  # noqa: BLE001
+        seen += [str(exc), repr(exc)]
+    seen.append(caplog.text)
+    text = "\n".join(seen)
+    for secret in (token.pin, rsa_client.password, "wrong-password-123", "wrong-pin-456"):
+        assert secret not in text
+
+
+def test_run_child_sees_no_secret_in_argv_or_environment(
+    token: Token, rsa_client: ClientIdentity, tmp_path: Path
+) -> None:
+    pin_file, pw_file = tmp_path / "pin", tmp_path / "pw"
+    write_secret(pin_file, token.pin)
+    write_secret(pw_file, rsa_client.password)
+    dump = (
+        "import sys; from pathlib import Path\n"
+        "sys.stdout.buffer.write(Path('/proc/self/cmdline').read_bytes() + b'\\n' + "
+        "Path('/proc/self/environ').read_bytes())\n"
+    )
+    env = {**os.environ, "KEYCHAIN_EXT_TOKEN": token.label, "KEYCHAIN_EXT_PIN_FILE": str(pin_file)}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keychain_ext",
+            "run",
+            "--p12",
+            str(rsa_client.p12),
+            "--label",
+            "argv",
+            "--password-file",
+            str(pw_file),
+            "--",
+            sys.executable,
+            "-c",
+            dump,
+            "{key}",
+        ],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert b"pin-source=file:" in done.stdout  # the child got the identity...
+    assert token.pin.encode() not in done.stdout  # ...but no PIN
+    assert rsa_client.password.encode() not in done.stdout
+
+
+def test_secret_files_and_directories_are_private(tmp_path: Path) -> None:
+    old = os.umask(0)  # the most permissive umask must not leak
+    try:
+        d = private_dir(tmp_path / "a" / "b")
+        write_secret(d / "pin", "1234")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert stat.S_IMODE((d / "pin").stat().st_mode) == 0o600
+    assert (d / "pin").read_text() == "1234"
+    assert [p.name for p in d.iterdir()] == ["pin"]  # no temporary file left
+    (d / "pin").chmod(0o644)
+    write_secret(d / "pin", "5678")  # replaced, not rewritten in place
+    assert stat.S_IMODE((d / "pin").stat().st_mode) == 0o600
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    assert stat.S_IMODE(private_dir(loose).stat().st_mode) == 0o700
