@@ -34,9 +34,7 @@ from .conftest import Token
 def public_key_sha1(client: ClientIdentity) -> bytes:
     """What macOS reports as kSecImportItemKeyID: SHA-1 of the public key
     bits (the BIT STRING of SubjectPublicKeyInfo)."""
-    _, cert, _ = pkcs12.load_key_and_certificates(
-        client.p12.read_bytes(), client.password.encode()
-    )
+    _, cert, _ = pkcs12.load_key_and_certificates(client.p12.read_bytes(), client.password.encode())
     assert cert is not None
     pub = cert.public_key()
     try:
@@ -111,8 +109,12 @@ def test_private_key_attributes_are_locked_down(
         )
         env = {**os.environ, "VIEW_MODULE": token.module, "VIEW_TOKEN": token.label}
         out = subprocess.run(
-            [sys.executable, "-c", code], input=token.pin, env=env, capture_output=True,
-            text=True, check=True,
+            [sys.executable, "-c", code],
+            input=token.pin,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.split()
     assert out == ["1", "1", "0", "1", "0", "0", "0", "0", "0"]
 
@@ -128,8 +130,13 @@ BAD_P12 = [
 
 @pytest.mark.parametrize("which,error,text", BAD_P12)
 def test_bad_p12_leaves_store_unchanged(
-    kc: Keychain, token: Token, variants: P12Variants, rsa_client: ClientIdentity,
-    which: str, error: type[Exception], text: str,
+    kc: Keychain,
+    token: Token,
+    variants: P12Variants,
+    rsa_client: ClientIdentity,
+    which: str,
+    error: type[Exception],
+    text: str,
 ) -> None:
     with pytest.raises(error, match=text) as info:
         kc.preauth_key(getattr(variants, which), rsa_client.password, "bad")
@@ -158,8 +165,14 @@ def test_missing_and_unreadable_files(kc: Keychain, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "label,error",
-    [("", ParamError), ("a\0b", ParamError), ("x" * 256, ParamError),
-     ("\udcff", ParamError), (b"bytes", TypeError), (None, TypeError)],
+    [
+        ("", ParamError),
+        ("a\0b", ParamError),
+        ("x" * 256, ParamError),
+        ("\udcff", ParamError),
+        (b"bytes", TypeError),
+        (None, TypeError),
+    ],
 )
 def test_bad_labels(kc: Keychain, rsa_client: ClientIdentity, label: object, error: type) -> None:
     with pytest.raises(error):
@@ -217,8 +230,10 @@ def test_kill_by_another_process(
         "with Keychain(m, t, sys.stdin.read(), impl=impl) as kc: kc.kill_key('other-process')\n"
     )
     subprocess.run(
-        [sys.executable, "-c", code, token.module, token.label, impl], input=token.pin,
-        text=True, check=True,
+        [sys.executable, "-c", code, token.module, token.label, impl],
+        input=token.pin,
+        text=True,
+        check=True,
     )
     assert kc.lookup("other-process") is None
 
@@ -302,9 +317,12 @@ def test_repr_has_no_pin(token: Token, impl: str) -> None:
         assert token.pin not in repr(kc) and token.pin not in str(vars(kc))
 
 
-def test_items_lists_identities(kc: Keychain, rsa_client: ClientIdentity, ec_client: ClientIdentity) -> None:
-    with kc.preauthorized(rsa_client.p12, rsa_client.password, "a"), kc.preauthorized(
-        ec_client.p12, ec_client.password, "b", ephemeral=True
+def test_items_lists_identities(
+    kc: Keychain, rsa_client: ClientIdentity, ec_client: ClientIdentity
+) -> None:
+    with (
+        kc.preauthorized(rsa_client.p12, rsa_client.password, "a"),
+        kc.preauthorized(ec_client.p12, ec_client.password, "b", ephemeral=True),
     ):
         items = {i.label: i for i in kc.items()}
         assert set(items) == {"a", "b"}
@@ -313,7 +331,9 @@ def test_items_lists_identities(kc: Keychain, rsa_client: ClientIdentity, ec_cli
 
 
 def test_threads_share_one_keychain(kc: Keychain, pki: PKI) -> None:
-    clients = [make_client(pki, cn=f"t{n}", password="pw", key_type="ec", name=f"t{n}") for n in range(4)]
+    clients = [
+        make_client(pki, cn=f"t{n}", password="pw", key_type="ec", name=f"t{n}") for n in range(4)
+    ]
     errors: list[BaseException] = []
 
     def work(n: int) -> None:
@@ -371,8 +391,12 @@ def test_embedded_default_store(tmp_path: Path, impl: str, ec_client: ClientIden
     )
     for _ in range(2):
         out = subprocess.run(
-            [sys.executable, "-c", code, str(ec_client.p12), impl], input=ec_client.password,
-            env=env, capture_output=True, text=True, check=True,
+            [sys.executable, "-c", code, str(ec_client.p12), impl],
+            input=ec_client.password,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.split()
         assert out == ["0", str(home / "softhsm" / "softhsm2.conf")]
     assert (home / "softhsm").stat().st_mode & 0o777 == 0o700
@@ -385,15 +409,28 @@ def test_embedded_refuses_foreign_softhsm_conf(impl: str) -> None:
 
 
 ALL_CODES = {
-    0: None, -4: "UnimplementedError", -36: "IOFailureError", -50: "ParamError",
-    -61: "WritePermissionError", -108: "AllocateError", -128: "UserCanceledError",
-    -25291: "NotAvailableError", -25292: "ReadOnlyError", -25293: "AuthFailedError",
-    -25294: "NoSuchKeychainError", -25299: "DuplicateItemError",
-    -25300: "ItemNotFoundError", -25304: "InvalidItemRefError",
-    -25307: "NoDefaultKeychainError", -25308: "InteractionNotAllowedError",
-    -25315: "InteractionRequiredError", -25257: "UnknownFormatError",
-    -25260: "PassphraseRequiredError", -25264: "Pkcs12VerifyFailureError",
-    -26275: "DecodeError", -34018: "MissingEntitlementError",
+    0: None,
+    -4: "UnimplementedError",
+    -36: "IOFailureError",
+    -50: "ParamError",
+    -61: "WritePermissionError",
+    -108: "AllocateError",
+    -128: "UserCanceledError",
+    -25291: "NotAvailableError",
+    -25292: "ReadOnlyError",
+    -25293: "AuthFailedError",
+    -25294: "NoSuchKeychainError",
+    -25299: "DuplicateItemError",
+    -25300: "ItemNotFoundError",
+    -25304: "InvalidItemRefError",
+    -25307: "NoDefaultKeychainError",
+    -25308: "InteractionNotAllowedError",
+    -25315: "InteractionRequiredError",
+    -25257: "UnknownFormatError",
+    -25260: "PassphraseRequiredError",
+    -25264: "Pkcs12VerifyFailureError",
+    -26275: "DecodeError",
+    -34018: "MissingEntitlementError",
 }
 
 
