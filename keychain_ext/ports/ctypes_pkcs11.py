@@ -32,6 +32,7 @@ state is the module's, per process (see ``_login``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import hashlib
@@ -149,7 +150,11 @@ CKA_KEY_TYPE, CKA_SUBJECT, CKA_ID, CKA_SENSITIVE = 0x100, 0x101, 0x102, 0x103
 CKA_DECRYPT, CKA_UNWRAP, CKA_SIGN, CKA_SIGN_RECOVER, CKA_DERIVE = 0x105, 0x107, 0x108, 0x109, 0x10C
 CKA_MODULUS, CKA_PUBLIC_EXPONENT, CKA_PRIVATE_EXPONENT = 0x120, 0x122, 0x123
 CKA_PRIME_1, CKA_PRIME_2, CKA_EXPONENT_1, CKA_EXPONENT_2, CKA_COEFFICIENT = (
-    0x124, 0x125, 0x126, 0x127, 0x128,
+    0x124,
+    0x125,
+    0x126,
+    0x127,
+    0x128,
 )
 CKA_EXTRACTABLE, CKA_EC_PARAMS, CKA_ALWAYS_AUTHENTICATE = 0x162, 0x180, 0x202
 CKO_DATA, CKO_CERTIFICATE, CKO_PRIVATE_KEY = 0, 1, 3
@@ -232,20 +237,76 @@ _PROTOTYPES: dict[str, Any] = {
 }
 
 # CK_FUNCTION_LIST, PKCS#11 v2.40 section 5.16, in order.
-_FUNCTIONS = """
-C_Initialize C_Finalize C_GetInfo C_GetFunctionList C_GetSlotList C_GetSlotInfo
-C_GetTokenInfo C_GetMechanismList C_GetMechanismInfo C_InitToken C_InitPIN C_SetPIN
-C_OpenSession C_CloseSession C_CloseAllSessions C_GetSessionInfo C_GetOperationState
-C_SetOperationState C_Login C_Logout C_CreateObject C_CopyObject C_DestroyObject
-C_GetObjectSize C_GetAttributeValue C_SetAttributeValue C_FindObjectsInit C_FindObjects
-C_FindObjectsFinal C_EncryptInit C_Encrypt C_EncryptUpdate C_EncryptFinal C_DecryptInit
-C_Decrypt C_DecryptUpdate C_DecryptFinal C_DigestInit C_Digest C_DigestUpdate C_DigestKey
-C_DigestFinal C_SignInit C_Sign C_SignUpdate C_SignFinal C_SignRecoverInit C_SignRecover
-C_VerifyInit C_Verify C_VerifyUpdate C_VerifyFinal C_VerifyRecoverInit C_VerifyRecover
-C_DigestEncryptUpdate C_DecryptDigestUpdate C_SignEncryptUpdate C_DecryptVerifyUpdate
-C_GenerateKey C_GenerateKeyPair C_WrapKey C_UnwrapKey C_DeriveKey C_SeedRandom
-C_GenerateRandom C_GetFunctionStatus C_CancelFunction C_WaitForSlotEvent
-""".split()
+_FUNCTIONS = [
+    "C_Initialize",
+    "C_Finalize",
+    "C_GetInfo",
+    "C_GetFunctionList",
+    "C_GetSlotList",
+    "C_GetSlotInfo",
+    "C_GetTokenInfo",
+    "C_GetMechanismList",
+    "C_GetMechanismInfo",
+    "C_InitToken",
+    "C_InitPIN",
+    "C_SetPIN",
+    "C_OpenSession",
+    "C_CloseSession",
+    "C_CloseAllSessions",
+    "C_GetSessionInfo",
+    "C_GetOperationState",
+    "C_SetOperationState",
+    "C_Login",
+    "C_Logout",
+    "C_CreateObject",
+    "C_CopyObject",
+    "C_DestroyObject",
+    "C_GetObjectSize",
+    "C_GetAttributeValue",
+    "C_SetAttributeValue",
+    "C_FindObjectsInit",
+    "C_FindObjects",
+    "C_FindObjectsFinal",
+    "C_EncryptInit",
+    "C_Encrypt",
+    "C_EncryptUpdate",
+    "C_EncryptFinal",
+    "C_DecryptInit",
+    "C_Decrypt",
+    "C_DecryptUpdate",
+    "C_DecryptFinal",
+    "C_DigestInit",
+    "C_Digest",
+    "C_DigestUpdate",
+    "C_DigestKey",
+    "C_DigestFinal",
+    "C_SignInit",
+    "C_Sign",
+    "C_SignUpdate",
+    "C_SignFinal",
+    "C_SignRecoverInit",
+    "C_SignRecover",
+    "C_VerifyInit",
+    "C_Verify",
+    "C_VerifyUpdate",
+    "C_VerifyFinal",
+    "C_VerifyRecoverInit",
+    "C_VerifyRecover",
+    "C_DigestEncryptUpdate",
+    "C_DecryptDigestUpdate",
+    "C_SignEncryptUpdate",
+    "C_DecryptVerifyUpdate",
+    "C_GenerateKey",
+    "C_GenerateKeyPair",
+    "C_WrapKey",
+    "C_UnwrapKey",
+    "C_DeriveKey",
+    "C_SeedRandom",
+    "C_GenerateRandom",
+    "C_GetFunctionStatus",
+    "C_CancelFunction",
+    "C_WaitForSlotEvent",
+]
 assert len(_FUNCTIONS) == 68
 
 
@@ -397,7 +458,9 @@ def _get_module(path: str) -> _Module:
             except AttributeError:
                 _dlclose(dll)
                 raise _Failure(
-                    errSecNoSuchKeychain, 0, f"{path} is not a PKCS#11 module (no C_GetFunctionList)"
+                    errSecNoSuchKeychain,
+                    0,
+                    f"{path} is not a PKCS#11 module (no C_GetFunctionList)",
                 ) from None
             get_list.restype = CK_ULONG
             get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(CK_FUNCTION_LIST))]
@@ -406,7 +469,8 @@ def _get_module(path: str) -> _Module:
             if rv != CKR_OK or not flist:
                 _dlclose(dll)
                 raise _Failure(
-                    errSecNoSuchKeychain, rv,
+                    errSecNoSuchKeychain,
+                    rv,
                     f"C_GetFunctionList of {path} failed: {_ckr_name(rv)}",
                 )
             m = _modules[path] = _Module(path, dll, flist.contents)
@@ -485,11 +549,7 @@ def _find_slot(m: _Module, label: bytes, want_uninitialized: bool) -> tuple[int,
             if m.f.C_GetTokenInfo(slots[i], ctypes.byref(info)) != CKR_OK:
                 continue
             initialized = bool(info.flags & CKF_TOKEN_INITIALIZED)
-            if (
-                not initialized
-                if want_uninitialized
-                else initialized and bytes(info.label) == want
-            ):
+            if not initialized if want_uninitialized else initialized and bytes(info.label) == want:
                 return int(slots[i]), int(info.flags)
         # a token another process is writing may briefly not show: a miss
         # is retried like a transient error
@@ -912,7 +972,8 @@ class CtypesStore:
                                         0o600)  # fmt: skip
             except OSError as exc:
                 raise _Failure(
-                    errSecIO, exc.errno or 0,
+                    errSecIO,
+                    exc.errno or 0,
                     f"cannot open lock file {self._lock_path}: {exc.strerror}",
                 ) from None
         session = CK_ULONG(CK_INVALID_HANDLE)
@@ -1229,7 +1290,9 @@ class CtypesStore:
                 (CKA_ISSUER, ident.cert.issuer),
                 (CKA_SERIAL_NUMBER, ident.cert.serial),
             ],
-            CKO_CERTIFICATE, label, "C_CreateObject (certificate)",
+            CKO_CERTIFICATE,
+            label,
+            "C_CreateObject (certificate)",
         )
 
     def _create_key(self, ident: _Identity, label: bytes, token: bytes) -> int:
@@ -1253,7 +1316,9 @@ class CtypesStore:
                 (CKA_ALWAYS_AUTHENTICATE, _FALSE),
                 *ident.key_attrs,
             ],
-            CKO_PRIVATE_KEY, label, "C_CreateObject (private key)",
+            CKO_PRIVATE_KEY,
+            label,
+            "C_CreateObject (private key)",
         )
 
     def _create_lease(self, ident: _Identity, label: bytes) -> int:
@@ -1266,7 +1331,9 @@ class CtypesStore:
                 (CKA_APPLICATION, LEASE_APPLICATION),
                 (CKA_VALUE, _make_lease(ident.key_id)),
             ],
-            CKO_DATA, label, "C_CreateObject (lease)",
+            CKO_DATA,
+            label,
+            "C_CreateObject (lease)",
         )
 
     def preauth_key(self, p12: bytes, password: bytes, label: bytes, flags: int) -> ItemInfo:
@@ -1367,9 +1434,7 @@ class CtypesStore:
 
             def sweep() -> None:
                 if not self._sweep_orphans():
-                    raise _Failure(
-                        errSecItemNotFound, 0, "no objects left by a crash in the store"
-                    )
+                    raise _Failure(errSecItemNotFound, 0, "no objects left by a crash in the store")
 
             self._locked("reclaim_stale", sweep)
             return
@@ -1504,10 +1569,8 @@ class CtypesBackend:
             # reported by the session's own open below.
             lock_fd = -1
             if lock_path:
-                try:
+                with contextlib.suppress(OSError):
                     lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                except OSError:
-                    pass
             try:
                 if lock_fd >= 0:
                     fcntl.flock(lock_fd, fcntl.LOCK_EX)  # retried on EINTR
@@ -1533,7 +1596,8 @@ class CtypesBackend:
             )  # fmt: skip
         if pin is None:
             raise _Failure(
-                errSecInteractionRequired, 0,
+                errSecInteractionRequired,
+                0,
                 f"token '{_name(raw_token)}' needs a PIN and none was given",
             )
         store = CtypesStore(m, slot, _cstr(pin.encode("utf-8")), lock_path or None)
@@ -1578,3 +1642,12 @@ class CtypesBackend:
                 f.C_CloseSession(session)
 
         _api("init_token", run)
+
+
+if TYPE_CHECKING:
+    from .._backend import Backend, Store
+
+    # CtypesStore and CtypesBackend must structurally match the protocols
+    # the façade talks to (mypy checks these assignments).
+    _store_conforms: type[Store] = CtypesStore
+    _backend_conforms: Backend = CtypesBackend()
