@@ -278,6 +278,184 @@ def test_same_pkcs11_calls_as_native(
     assert token.objects() == []
 
 
+# An object put on the token behind keychain_ext's back (PyKCS11, real
+# module): a crash orphan (a data object with nothing but defaults) or a
+# labelled data object of someone else.  One at a time: SoftHSM2 lists
+# objects in an order that differs between processes.
+MAKE_OBJECTS = """
+import os, sys, PyKCS11
+from PyKCS11.LowLevel import CKA_CLASS, CKA_LABEL, CKA_TOKEN, CKA_VALUE, CKO_DATA
+lib = PyKCS11.PyKCS11Lib(); lib.load(sys.argv[1])
+slot = next(s for s in lib.getSlotList(tokenPresent=True)
+            if lib.getTokenInfo(s).label.strip() == sys.argv[2])
+session = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
+session.login(sys.stdin.read())
+if sys.argv[3] == "orphan":
+    session.createObject([(CKA_CLASS, CKO_DATA), (CKA_TOKEN, True)])
+else:
+    session.createObject([(CKA_CLASS, CKO_DATA), (CKA_TOKEN, True), (CKA_LABEL, "foreign"),
+                          (CKA_VALUE, b"x")])
+session.logout(); session.closeSession()
+"""
+
+# A process that imports token identities and dies without removing them.
+DEAD_OWNER = """
+import os, sys
+from keychain_ext import Keychain
+module, label = sys.argv[1:3]
+kc = Keychain(module, label, sys.stdin.read(), impl="native")
+for p12, name in zip(sys.argv[3::2], sys.argv[4::2]):
+    kc.preauth_key(open(p12, "rb").read(), "pw", name)
+os._exit(0)
+"""
+
+STALE_CHILD = """
+import importlib.util, json, os, re, subprocess, sys
+spec = importlib.util.spec_from_file_location("p11shim_build", sys.argv[1])
+build = importlib.util.module_from_spec(spec); spec.loader.exec_module(build)
+shim_path, label, impl, p12_a, p12_b, p12_c = sys.argv[2:8]
+real = os.environ.pop("SHIM_TARGET")
+os.environ["P11SHIM_TARGET"] = real
+shim = build.Shim(shim_path)
+from keychain_ext import Keychain, KeychainError
+pin = sys.stdin.read()
+A, B, C = (open(p, "rb").read() for p in (p12_a, p12_b, p12_c))
+steps = {}
+def norm(value):
+    # owner pids differ between the runs of the two impls
+    return re.sub(r"process [0-9]+", "process N", value) if isinstance(value, str) else value
+def step(name, fn, fault=None):
+    if fault:
+        fname, k, rv = fault
+        shim.fail_function(fname, k, rv)
+    shim.reset()
+    try:
+        out = fn()
+        if isinstance(out, list) and out and hasattr(out[0], "label"):
+            out = sorted([i.label, i.has_certificate, i.has_private_key, i.ephemeral,
+                          i.owner_alive, i.key_type] for i in out)
+        result = ["ok", out if isinstance(out, list) else None]
+    except KeychainError as exc:
+        result = [exc.status, norm(exc.detail), exc.operation, exc.native_code]
+    shim.clear_faults()
+    steps[name] = [result, shim.trace()]
+def run(script, *args):
+    subprocess.run([sys.executable, "-c", os.environ[script], *args], input=pin, text=True,
+                   check=True)
+kc = Keychain(shim_path, label, pin, impl=impl, lock=False)
+store = kc._store
+run("MAKE_OBJECTS", real, label, "orphan")
+step("items-orphan", kc.items)
+step("sweep", lambda: store.reclaim_stale(None))
+step("sweep-none", lambda: store.reclaim_stale(None))
+run("MAKE_OBJECTS", real, label, "foreign")
+step("sweep-foreign", lambda: store.reclaim_stale(None))
+step("items-unreadable", kc.items, ("C_GetAttributeValue", 1, 0x13))
+step("sweep-unreadable", lambda: store.reclaim_stale(None), ("C_GetAttributeValue", 1, 0x13))
+step("sweep-fault", lambda: store.reclaim_stale(None), ("C_FindObjects", 1, 0x31))
+run("DEAD_OWNER", real, label, p12_a, "stale", p12_b, "stale2")
+step("items-dead", kc.items)
+step("refuse-dead", lambda: kc.preauth_key(B, "pw", "stale2"))
+step("preauth-live", lambda: kc.preauth_key(C, "pw", "live"))
+step("reclaim-live", lambda: store.reclaim_stale(b"live"))
+step("reclaim-missing", lambda: store.reclaim_stale(b"nothing"))
+step("reclaim-dead", lambda: store.reclaim_stale(b"stale"))
+step("preauth-reclaim", lambda: kc.preauth_key(B, "pw", "stale2", stale="reclaim"))
+step("kill-stale2", lambda: kc.kill_key("stale2"))
+step("kill-live", lambda: kc.kill_key("live"))
+# kill by the remembered key id: an identity that replaced ours stays
+other = Keychain(shim_path, label, pin, impl=impl, lock=False)
+step("preauth-swap", lambda: kc.preauth_key(A, "pw", "swap"))
+step("kill-swap-other", lambda: other.kill_key("swap"))
+step("preauth-swap-other", lambda: other.preauth_key(C, "pw", "swap"))
+step("kill-replaced", lambda: kc.kill_key("swap"))
+step("lookup-replaced", lambda: [kc.lookup("swap").key_id.hex()])
+step("kill-swap-other-2", lambda: other.kill_key("swap"))
+# a lease that cannot be read stops the removal; a retry completes it
+step("preauth-lr", lambda: kc.preauth_key(A, "pw", "lr"))
+step("kill-lease-read-fault", lambda: kc.kill_key("lr"), ("C_GetAttributeValue", 1, 0x31))
+step("kill-lr-again", lambda: kc.kill_key("lr"))
+step("open-missing-token", lambda: Keychain(shim_path, label + "-no", pin, impl=impl, lock=False))
+# fork: the child re-initializes, logs in again and still checks the PIN
+r, w = os.pipe()
+if os.fork() == 0:
+    os.close(r)
+    step("fork-lookup", lambda: kc.lookup("nothing"))
+    step("fork-wrong-pin", lambda: Keychain(shim_path, label, "wrong-" + pin, impl=impl,
+                                            lock=False))
+    step("fork-open", lambda: Keychain(shim_path, label, pin, impl=impl, lock=False).close())
+    os.write(w, json.dumps(steps).encode()); os._exit(0)
+os.close(w)
+with os.fdopen(r) as f:
+    steps = json.loads(f.read())
+os.wait()
+other.close(); kc.close()
+print(json.dumps(steps))
+"""
+
+
+def test_same_pkcs11_calls_for_leftovers(
+    shim_token: tuple[str, Token, Path], tmp_path: Path
+) -> None:
+    """Crash orphans, unreadable objects, dead owners, reclaim, kill by key
+    id and fork, through the shim: the same PKCS#11 calls and results."""
+    so, token, _ = shim_token
+    p12s = []
+    for name in "abc":
+        p12s.append(tmp_path / f"{name}.p12")
+        p12s[-1].write_bytes(_p12(x509.Name([_attr(A.COMMON_NAME, name)])))
+    runs = {}
+    for impl in ("native", "ctypes"):
+        assert token.objects() == []
+        env = {**os.environ, "SHIM_TARGET": token.module, "MAKE_OBJECTS": MAKE_OBJECTS,
+               "DEAD_OWNER": DEAD_OWNER}  # fmt: skip
+        env.pop("P11SHIM_TARGET", None)
+        out = subprocess.run(
+            [sys.executable, "-c", STALE_CHILD, str(SHIM_BUILD), so, token.label, impl,
+             *map(str, p12s)],
+            input=token.pin, env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        runs[impl] = json.loads(out.stdout)
+    native = runs["native"]
+    for step in native:
+        assert runs["ctypes"][step] == native[step], step
+    # what the steps are about did happen (in both, as they are equal)
+    assert native["items-orphan"][0] == ["ok", [["", False, False, False, False, None]]]
+    assert native["sweep"][0] == ["ok", None] and "C_DestroyObject" in native["sweep"][1]
+    assert native["sweep-none"][0][0] == -25300
+    assert native["sweep-foreign"][0][0] == -25300  # labelled: not an orphan
+    assert native["items-unreadable"][0] == ["ok", [["", False, False, False, False, None]]]
+    assert native["sweep-unreadable"][0] == ["ok", None]
+    assert native["sweep-fault"][0][0] == -108
+    assert native["refuse-dead"][0][0] == -25299 and "(dead)" in native["refuse-dead"][0][1]
+    assert native["reclaim-live"][0][0] == -25299
+    assert native["reclaim-missing"][0][0] == -25300
+    assert native["preauth-reclaim"][0] == ["ok", None]
+    assert native["kill-replaced"][0][0] == -25300
+    assert "C_DestroyObject" not in native["kill-replaced"][1]  # the lease is read, kept
+    assert native["lookup-replaced"][0][0] == "ok"
+    assert "reading the lease" in native["kill-lease-read-fault"][0][1]
+    assert native["open-missing-token"][0][0] == -25294
+    assert native["open-missing-token"][1].count("C_GetSlotList") == 10  # 5 tries
+    assert native["fork-wrong-pin"][0][0] == -25293
+    assert "C_Login" not in native["fork-wrong-pin"][1]
+    assert native["fork-open"][0] == ["ok", None]
+    assert token.objects() == []
+
+
+def test_init_token_refuses_an_empty_module_path() -> None:
+    from keychain_ext.keychain import _backend
+
+    errors = []
+    for impl in IMPLS:
+        with pytest.raises(Exception) as info:
+            _backend(impl).init_token("", "t", "so", "user")
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
+    assert "module, token label and both PINs are required" in errors[0][1]
+
+
 def test_wrong_pin_after_native_login_is_not_detectable_by_c_login(token: Token) -> None:
     """Documents the shared-process limit both implementations have: the
     first PIN an implementation sees after another one logged the token in
