@@ -11,10 +11,14 @@ process-wide rules:
   ``CKR_CRYPTOKI_ALREADY_INITIALIZED`` and runs again after ``fork()``;
 - one anchor session per token stays open for the life of the process, and
   a second open of a token already logged in compares PIN digests so a
-  wrong PIN is still reported;
+  wrong PIN is still reported (the digests survive ``fork()``: a child's
+  first open logs in again and is still checked against them);
 - each handle has its own session (reopened after ``fork()``), a
   ``threading.Lock`` serializing its calls and, with a lock path, an
-  ``flock`` around every operation.
+  ``flock`` around every operation -- and around opening (slot, login,
+  session), since SoftHSM2 misreads a token another process writes;
+- crash leftovers (objects with nothing but defaults, or unreadable ones)
+  are swept on reclaim and listed under the empty label.
 
 A token identity carries a lease (a CKO_DATA object, CKA_APPLICATION
 "keychain_ext", naming the owner process) so that a later run can tell a
@@ -492,6 +496,9 @@ def _login(m: _Module, slot: int, pin: bytes) -> None:
     PIN.  The digests are this module's own: if something else in the
     process (the C extension, libcurl's engine) logged the token in first,
     the first PIN given here cannot be checked -- as in the C backend.
+    After fork() the digests stay: the child's first login opens a new
+    anchor and logs in again (the token may still count the parent's
+    login, and then only the digest can tell a wrong PIN).
     """
     digest = hashlib.sha256(pin).digest()
     with _modules_lock:
