@@ -24,11 +24,22 @@ pytestmark = pytest.mark.skipif(
 def test_benchmark_machinery_minimal(token: Token, tmp_path: Path) -> None:
     from benchmarks import report, runner
 
-    config = runner.Config(reps=1, batch=2, p12_batch=1, token_reps=1, token_batch=1,
-                           lookup_reps=1, lookup_batch=2, fillers=(0,), thread_seconds=0.15,
-                           memory_cycles=10, key_types=("ec",))
-    bench = runner.Bench(token.module, token.label, token.pin, tmp_path, config,
-                         log=lambda msg: None)
+    config = runner.Config(
+        reps=1,
+        batch=2,
+        p12_batch=1,
+        token_reps=1,
+        token_batch=1,
+        lookup_reps=1,
+        lookup_batch=2,
+        fillers=(0,),
+        thread_seconds=0.15,
+        memory_cycles=10,
+        key_types=("ec",),
+    )
+    bench = runner.Bench(
+        token.module, token.label, token.pin, tmp_path, config, log=lambda msg: None
+    )
     bench.setup()
     try:
         results = bench.run()
@@ -41,8 +52,15 @@ def test_benchmark_machinery_minimal(token: Token, tmp_path: Path) -> None:
         assert reason is None or reason.startswith("not available"), (name, reason)
 
     rows = results["rows"]
-    for key in ("cycle_eph_ec", "cycle_clear_ec", "create_destroy_ec", "parse_ec", "cycle_tok_ec",
-                "lookup_hit_0", "lookup_miss_0"):
+    for key in (
+        "cycle_eph_ec",
+        "cycle_clear_ec",
+        "create_destroy_ec",
+        "parse_ec",
+        "cycle_tok_ec",
+        "lookup_hit_0",
+        "lookup_miss_0",
+    ):
         assert key in rows, key
         for name in live:
             ms = rows[key]["ms"].get(name)
