@@ -52,6 +52,7 @@
 #define MAX_FOUND 64         /* objects one label may carry that we handle */
 #define TRANSIENT_RETRIES 5  /* tries for CKR_TOKEN_NOT_PRESENT and kin */
 #define LEASE_APPLICATION "keychain_ext"
+#define MAX_MAC_ITERATIONS 2000000 /* OpenSSL writes 2048, others ~600000 */
 
 /* ---------------------------------------------------------------- errors */
 
@@ -411,7 +412,22 @@ static void free_secret(char *s)
     }
 }
 
-/* Open (or, after fork(), reopen) the session and the lock file. */
+/* Open (or, after fork(), reopen) the lock file: a forked child needs its
+ * own open file, since flock locks belong to the open file. */
+static int32_t open_lock(kc_keychain *kc, kc_error *err)
+{
+    if (!kc->lock_path || (kc->lock_fd >= 0 && kc->pid == getpid()))
+        return KC_errSecSuccess;
+    if (kc->lock_fd >= 0)
+        close(kc->lock_fd);
+    kc->lock_fd = open(kc->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (kc->lock_fd < 0)
+        return fail(err, KC_errSecIO, errno, "cannot open lock file %s: %s",
+                    kc->lock_path, strerror(errno));
+    return KC_errSecSuccess;
+}
+
+/* Open (or, after fork(), reopen) the session. */
 static int32_t ensure_session(kc_keychain *kc, kc_error *err)
 {
     CK_RV rv;
@@ -426,15 +442,6 @@ static int32_t ensure_session(kc_keychain *kc, kc_error *err)
         return st;
     if ((st = login(kc->mod, kc->slot, kc->pin, err)))
         return st;
-    if (kc->lock_path) {
-        /* a forked child gets its own open file: flock is per open file */
-        if (kc->lock_fd >= 0)
-            close(kc->lock_fd);
-        kc->lock_fd = open(kc->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-        if (kc->lock_fd < 0)
-            return fail(err, KC_errSecIO, errno, "cannot open lock file %s: %s",
-                        kc->lock_path, strerror(errno));
-    }
     rv = kc->mod->f->C_OpenSession(kc->slot,
                                    CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL,
                                    NULL, &kc->session);
@@ -464,14 +471,15 @@ int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
     if (strlen(opts->token) > TOKEN_LABEL_LEN)
         return fail(err, KC_errSecParam, 0,
                     "token label longer than %d bytes", TOKEN_LABEL_LEN);
-    if ((st = get_module(opts->module, &m, err)))
-        return st;
     /* Reading the token while another process writes it is what SoftHSM2
-     * gets wrong: opening takes the token lock too (closing drops it). */
+     * gets wrong, and it reads its tokens in C_Initialize: opening takes
+     * the token lock too, from before the module loads (closing drops it). */
     if (opts->lock_path &&
         (lock_fd = open(opts->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600)) >= 0)
         while (flock(lock_fd, LOCK_EX) < 0 && errno == EINTR)
             ;
+    if ((st = get_module(opts->module, &m, err)))
+        goto out;
     if ((st = find_slot(m, opts->token, 0, &slot, &flags, err)))
         goto out;
     /* A PIN pad or other protected path would prompt someone: never. */
@@ -499,7 +507,7 @@ int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
     kc->lock_path = opts->lock_path ? strdup(opts->lock_path) : NULL;
     if (!kc->pin || (opts->lock_path && !kc->lock_path))
         st = fail(err, KC_errSecAllocate, 0, "out of memory");
-    else
+    else if (!(st = open_lock(kc, err)))
         st = ensure_session(kc, err);
     if (st) {
         kc_close(kc);
@@ -528,6 +536,13 @@ void kc_close(kc_keychain *kc)
     free(kc);
 }
 
+static void end(kc_keychain *kc)
+{
+    if (kc->lock_fd >= 0)
+        flock(kc->lock_fd, LOCK_UN);
+    pthread_mutex_unlock(&kc->lock);
+}
+
 /* Every operation runs between begin() and end(): the handle's mutex, the
  * session (reopened after fork) and the cross-process token lock. */
 static int32_t begin(kc_keychain *kc, kc_error *err)
@@ -536,22 +551,21 @@ static int32_t begin(kc_keychain *kc, kc_error *err)
     if (!kc)
         return fail(err, KC_errSecParam, 0, "no keychain handle");
     pthread_mutex_lock(&kc->lock);
-    if ((st = ensure_session(kc, err))) {
+    if ((st = open_lock(kc, err))) {
         pthread_mutex_unlock(&kc->lock);
         return st;
     }
     if (kc->lock_fd >= 0)
         while (flock(kc->lock_fd, LOCK_EX) < 0 && errno == EINTR)
             ;
+    /* after fork(), the child's session opens under the lock */
+    if ((st = ensure_session(kc, err))) {
+        end(kc);
+        return st;
+    }
     return KC_errSecSuccess;
 }
 
-static void end(kc_keychain *kc)
-{
-    if (kc->lock_fd >= 0)
-        flock(kc->lock_fd, LOCK_UN);
-    pthread_mutex_unlock(&kc->lock);
-}
 
 static int32_t check_label(const char *label, kc_error *err)
 {
@@ -660,8 +674,11 @@ static CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o)
         ATTR(CKA_VALUE, o->value, sizeof o->value - 1),
         ATTR(CKA_APPLICATION, o->application, sizeof o->application - 1),
     };
+    CK_ULONG size[7], i;
     CK_RV rv = CKR_OK;
     int attempt;
+    for (i = 0; i < 7; i++)
+        size[i] = t[i].ulValueLen;
     for (attempt = 0; attempt < TRANSIENT_RETRIES; attempt++) {
         if (attempt)
             backoff(attempt);
@@ -669,6 +686,8 @@ static CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o)
         o->handle = h;
         o->cls = (CK_OBJECT_CLASS)-1;
         o->key_type = (CK_KEY_TYPE)-1;
+        for (i = 0; i < 7; i++)
+            t[i].ulValueLen = size[i]; /* the call overwrote them */
         rv = kc->mod->f->C_GetAttributeValue(kc->session, h, t, 7);
         if (!transient(rv))
             break;
@@ -680,7 +699,9 @@ static CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o)
         return rv;
     if (t[0].ulValueLen == CK_UNAVAILABLE_INFORMATION)
         return CKR_OBJECT_HANDLE_INVALID;
-#define LEN(i) (t[i].ulValueLen == CK_UNAVAILABLE_INFORMATION ? 0 : t[i].ulValueLen)
+/* unavailable (~0), or the size a too small buffer needed (older
+ * modules): 0 */
+#define LEN(i) (t[i].ulValueLen > size[i] ? 0 : t[i].ulValueLen)
     o->id_len = LEN(3);
     o->label[LEN(4)] = 0;
     o->value_len = LEN(5);
@@ -880,6 +901,7 @@ static int32_t copy_identity_from_pkcs12(const uint8_t *data, size_t len,
     const char *pass = password ? password : "";
     PKCS12 *p12 = NULL;
     STACK_OF(X509) *ca = NULL;
+    const ASN1_INTEGER *mac_iter = NULL;
     unsigned int n = 0;
     int32_t st = KC_errSecSuccess;
 
@@ -894,20 +916,26 @@ static int32_t copy_identity_from_pkcs12(const uint8_t *data, size_t len,
         st = fail_ssl(err, KC_errSecDecode, "not a PKCS#12 file");
         goto out;
     }
-    if (PKCS12_mac_present(p12) && !PKCS12_verify_mac(p12, pass, -1)) {
-        /* an empty password may have been encoded as "no password" */
-        if (*pass == 0 && PKCS12_verify_mac(p12, NULL, 0)) {
-            pass = NULL;
-        } else {
+    /* an untrusted file must not buy minutes of CPU with its MAC */
+    PKCS12_get0_mac(NULL, NULL, NULL, &mac_iter, p12);
+    if (mac_iter && ASN1_INTEGER_get(mac_iter) > MAX_MAC_ITERATIONS) {
+        st = fail(err, KC_errSecDecode, 0,
+                  "PKCS#12 MAC iteration count %ld is above the limit of %d",
+                  ASN1_INTEGER_get(mac_iter), MAX_MAC_ITERATIONS);
+        goto out;
+    }
+    /* PKCS12_parse checks the MAC itself (an empty password also as "no
+     * password"): checking it here first would cost the PBKDF twice */
+    if (!PKCS12_parse(p12, pass, &out->key, &out->cert, &ca)) {
+        if (ERR_GET_REASON(ERR_peek_last_error()) == PKCS12_R_MAC_VERIFY_FAILURE) {
             ERR_clear_error();
             st = fail(err, KC_errSecPkcs12VerifyFailure, 0,
                       "wrong password for the PKCS#12 file "
                       "(MAC verification failed)");
-            goto out;
+        } else {
+            st = fail_ssl(err, KC_errSecDecode,
+                          "cannot decrypt the PKCS#12 file");
         }
-    }
-    if (!PKCS12_parse(p12, pass, &out->key, &out->cert, &ca)) {
-        st = fail_ssl(err, KC_errSecDecode, "cannot decrypt the PKCS#12 file");
         goto out;
     }
     if (!out->key) {

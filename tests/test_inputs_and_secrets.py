@@ -231,3 +231,20 @@ def test_secret_files_and_directories_are_private(tmp_path: Path) -> None:
     loose.mkdir(mode=0o755)
     loose.chmod(0o755)
     assert stat.S_IMODE(private_dir(loose).stat().st_mode) == 0o700
+
+
+def test_mac_iteration_count_is_capped(
+    kc: Keychain, token: Token, ec_client: ClientIdentity, tmp_path: Path
+) -> None:
+    """An untrusted file must not buy unbounded CPU with its MAC: above
+    2,000,000 iterations it is refused before the MAC is computed."""
+    out = tmp_path / "mac.p12"
+    subprocess.run(
+        ["openssl", "pkcs12", "-export", "-inkey", str(ec_client.key), "-in", str(ec_client.cert),
+         "-out", str(out), "-passout", "env:P12_PW", "-keypbe", "NONE", "-certpbe", "NONE",
+         "-iter", "2000001", "-maciter"],
+        env={**os.environ, "P12_PW": "pw"}, check=True, capture_output=True,
+    )  # fmt: skip
+    with pytest.raises(DecodeError, match="iteration count 2000001"):
+        kc.preauth_key(out, "pw", "mac")
+    assert token.objects() == []

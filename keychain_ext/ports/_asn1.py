@@ -437,6 +437,18 @@ def _bmp(password: Optional[bytes]) -> bytes:
     return text.encode("utf-16-be") + b"\0\0"
 
 
+def pfx_mac_iterations(pfx: Pfx) -> Optional[int]:
+    """The MAC's iteration count (1 if absent from MacData), None without a
+    readable MAC."""
+    if pfx.mac is None:
+        return None
+    try:
+        parts = children(pfx.mac.content)
+        return int.from_bytes(parts[2].content, "big") if len(parts) > 2 else 1
+    except (DerError, IndexError):
+        return None
+
+
 def pfx_mac_verifies(pfx: Pfx, password: Optional[bytes]) -> Optional[bool]:
     """Whether the MAC verifies with the password; None if it cannot be
     checked here (no MAC, an algorithm this code does not know)."""

@@ -89,6 +89,7 @@ MAX_SLOTS = 16
 MAX_FOUND = 64
 TRANSIENT_RETRIES = 5
 P12_MAX = 16 * 1024 * 1024
+MAX_MAC_ITERATIONS = 2_000_000  # keychain_pkcs11.c: OpenSSL writes 2048, others ~600000
 CERT_VALUE_MAX = 8192  # keychain_pkcs11.c object.value
 APPLICATION_MAX = 32  # keychain_pkcs11.c object.application
 LEASE_APPLICATION = b"keychain_ext"
@@ -671,6 +672,15 @@ def _copy_identity_from_pkcs12(data: bytes, password: bytes) -> _Identity:
         raise _Failure(errSecDecode, 0, "empty PKCS#12 data")
     if len(data) > P12_MAX:
         raise _Failure(errSecDecode, 0, "PKCS#12 data too large")
+    try:  # an untrusted file must not buy minutes of CPU with its MAC
+        iterations = _asn1.pfx_mac_iterations(_asn1.parse_pfx(data))
+    except (_asn1.DerError, IndexError):
+        iterations = None  # not a PFX: cryptography says why below
+    if iterations is not None and iterations > MAX_MAC_ITERATIONS:
+        raise _Failure(
+            errSecDecode, 0,
+            f"PKCS#12 MAC iteration count {iterations} is above the limit of {MAX_MAC_ITERATIONS}",
+        )  # fmt: skip
     pkcs12 = _cryptography()
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.hazmat.primitives.serialization import Encoding
