@@ -13,6 +13,7 @@ test: deps
 	$(PY) -m pytest -q
 
 bench: deps
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m benchmarks
 
 clean:
