@@ -8,10 +8,14 @@ import os
 import stat
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import (
     BestAvailableEncryption,
     NoEncryption,
@@ -19,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import (
     pkcs12,
 )
 from cryptography.x509 import load_pem_x509_certificate
+from cryptography.x509.oid import NameOID
 
 from keychain_ext import DecodeError, Keychain, ParamError, Pkcs12VerifyFailureError
 from keychain_ext._store import private_dir, write_secret
@@ -79,16 +84,9 @@ def test_oversized_and_truncated_p12(
     assert token.objects() == []
 
 
-def test_unsupported_key_type(kc: Keychain, token: Token, tmp_path: Path) -> None:
-    """An Ed25519 identity is refused (RSA and EC only), store unchanged."""
-    from datetime import datetime, timedelta, timezone
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-    from cryptography.x509.oid import NameOID
-
-    key = ed25519.Ed25519PrivateKey.generate()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ed")])
+def self_signed_p12(key: Any, cn: str, digest: Any) -> bytes:
+    """A PKCS#12 (password "pw") with a self-signed certificate for key."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     now = datetime.now(timezone.utc)
     cert = (
         x509.CertificateBuilder()
@@ -98,40 +96,24 @@ def test_unsupported_key_type(kc: Keychain, token: Token, tmp_path: Path) -> Non
         .serial_number(1)
         .not_valid_before(now)
         .not_valid_after(now + timedelta(days=1))
-        .sign(key, None)
+        .sign(key, digest)
     )
-    data = pkcs12.serialize_key_and_certificates(
-        b"ed", key, cert, None, BestAvailableEncryption(b"pw")
+    return pkcs12.serialize_key_and_certificates(
+        cn.encode(), key, cert, None, BestAvailableEncryption(b"pw")
     )
+
+
+def test_unsupported_key_type(kc: Keychain, token: Token) -> None:
+    """An Ed25519 identity is refused (RSA and EC only), store unchanged."""
+    data = self_signed_p12(ed25519.Ed25519PrivateKey.generate(), "ed", None)
     with pytest.raises(UnimplementedError, match="RSA and EC"):
         kc.preauth_key(data, "pw", "ed")
     assert token.objects() == []
 
 
-def test_other_curves(kc: Keychain, tmp_path: Path, ec_client: ClientIdentity) -> None:
-    from datetime import datetime, timedelta, timezone
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
-
+def test_other_curves(kc: Keychain) -> None:
     for curve in (ec.SECP384R1(), ec.SECP521R1()):
-        key = ec.generate_private_key(curve)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, curve.name)])
-        now = datetime.now(timezone.utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(1)
-            .not_valid_before(now)
-            .not_valid_after(now + timedelta(days=1))
-            .sign(key, hashes.SHA256())
-        )
-        data = pkcs12.serialize_key_and_certificates(
-            b"c", key, cert, None, BestAvailableEncryption(b"pw")
-        )
+        data = self_signed_p12(ec.generate_private_key(curve), curve.name, hashes.SHA256())
         with kc.preauthorized(data, "pw", curve.name) as ident:
             assert ident.key_type == "ec" and ident.common_name == curve.name
 
