@@ -164,6 +164,9 @@ class Keychain:
 
     Use as a context manager or call :meth:`close`; closing removes the
     handle's ephemeral identities.  One Keychain may be shared by threads.
+    ``lock=False`` skips the per-token lock file that serializes processes
+    (only for a token nothing else uses); ``impl="ctypes"`` selects the
+    pure-Python port.
 
     Raises:
         NoSuchKeychainError: module or token missing.
