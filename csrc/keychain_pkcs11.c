@@ -1180,7 +1180,7 @@ static int32_t remove_identity(kc_keychain *kc, const char *label,
 {
     CK_OBJECT_CLASS cert_cls = CKO_CERTIFICATE, key_cls = CKO_PRIVATE_KEY,
                     data_cls = CKO_DATA;
-    CK_ULONG label_len = strlen(label), n, i;
+    CK_ULONG label_len = strlen(label), n;
     CK_ATTRIBUTE cert_tmpl[] = {ATTR(CKA_CLASS, &cert_cls, sizeof cert_cls),
                                 ATTR(CKA_LABEL, label, label_len),
                                 ATTR(CKA_ID, key_id, key_id_len)};
@@ -1190,13 +1190,9 @@ static int32_t remove_identity(kc_keychain *kc, const char *label,
     CK_ATTRIBUTE lease_tmpl[] = {
         ATTR(CKA_CLASS, &data_cls, sizeof data_cls),
         ATTR(CKA_LABEL, label, label_len),
-        ATTR(CKA_APPLICATION, LEASE_APPLICATION, strlen(LEASE_APPLICATION))};
-    CK_OBJECT_HANDLE h[MAX_FOUND];
-    char id_hex[2 * KC_KEY_ID_MAX + 1];
-    object *o;
-    lease l;
+        ATTR(CKA_APPLICATION, LEASE_APPLICATION, strlen(LEASE_APPLICATION)),
+        ATTR(CKA_OBJECT_ID, key_id, key_id_len)};
     int32_t st;
-    CK_RV rv;
 
     *found = 0;
     if ((st = destroy_all(kc, cert_tmpl, key_id ? 3 : 2,
@@ -1207,30 +1203,13 @@ static int32_t remove_identity(kc_keychain *kc, const char *label,
                           "removing the private key", &n, err)))
         return st;
     *found += n;
-    if (!with_lease)
-        return KC_errSecSuccess;
-    if ((rv = find(kc, lease_tmpl, 3, h, MAX_FOUND, &n)) != CKR_OK)
-        return fail_ck(err, rv, "removing the lease");
-    if (key_id)
-        to_hex(key_id, key_id_len, id_hex);
-    if (!(o = malloc(sizeof *o)))
-        return fail(err, KC_errSecAllocate, 0, "out of memory");
-    for (i = 0; i < n && !st; i++) {
-        if (key_id) {
-            if ((rv = read_object(kc, h[i], o)) != CKR_OK) {
-                st = fail_ck(err, rv, "reading the lease");
-                break;
-            }
-            if (parse_lease(o, &l) && strcmp(l.key_id_hex, id_hex) != 0)
-                continue; /* another identity's lease */
-        }
-        if ((rv = destroy(kc, h[i])) != CKR_OK)
-            st = fail_ck(err, rv, "removing the lease");
-        else
-            ++*found;
+    if (with_lease) {
+        if ((st = destroy_all(kc, lease_tmpl, key_id ? 4 : 3,
+                              "removing the lease", &n, err)))
+            return st;
+        *found += n;
     }
-    free(o);
-    return st;
+    return KC_errSecSuccess;
 }
 
 /* The lease of the token identity under label, if any. */
@@ -1402,11 +1381,13 @@ static int32_t create_lease(kc_keychain *kc, const identity *id,
         ATTR(CKA_PRIVATE, &t, sizeof t),
         ATTR(CKA_LABEL, label, strlen(label)),
         ATTR(CKA_APPLICATION, LEASE_APPLICATION, strlen(LEASE_APPLICATION)),
+        /* the key id, so kill finds its own lease without reading it */
+        ATTR(CKA_OBJECT_ID, id->key_id, sizeof id->key_id),
         ATTR(CKA_VALUE, text, 0),
     };
     make_lease(id->key_id, text, sizeof text);
-    tmpl[5].ulValueLen = strlen(text);
-    return create_object(kc, tmpl, 6, cls, label, out,
+    tmpl[6].ulValueLen = strlen(text);
+    return create_object(kc, tmpl, 7, cls, label, out,
                          "C_CreateObject (lease)", err);
 }
 

@@ -371,9 +371,9 @@ step("preauth-swap-other", lambda: other.preauth_key(C, "pw", "swap"))
 step("kill-replaced", lambda: kc.kill_key("swap"))
 step("lookup-replaced", lambda: [kc.lookup("swap").key_id.hex()])
 step("kill-swap-other-2", lambda: other.kill_key("swap"))
-# a lease that cannot be read stops the removal; a retry completes it
+# a lease that cannot be removed stops the removal; a retry completes it
 step("preauth-lr", lambda: kc.preauth_key(A, "pw", "lr"))
-step("kill-lease-read-fault", lambda: kc.kill_key("lr"), ("C_GetAttributeValue", 1, 0x31))
+step("kill-lease-fault", lambda: kc.kill_key("lr"), ("C_DestroyObject", 3, 0x31))
 step("kill-lr-again", lambda: kc.kill_key("lr"))
 step("open-missing-token", lambda: Keychain(shim_path, label + "-no", pin, impl=impl, lock=False))
 # fork: the child re-initializes, logs in again and still checks the PIN
@@ -433,9 +433,9 @@ def test_same_pkcs11_calls_for_leftovers(
     assert native["reclaim-missing"][0][0] == -25300
     assert native["preauth-reclaim"][0] == ["ok", None]
     assert native["kill-replaced"][0][0] == -25300
-    assert "C_DestroyObject" not in native["kill-replaced"][1]  # the lease is read, kept
+    assert "C_DestroyObject" not in native["kill-replaced"][1]  # its lease (CKA_OBJECT_ID) kept
     assert native["lookup-replaced"][0][0] == "ok"
-    assert "reading the lease" in native["kill-lease-read-fault"][0][1]
+    assert "removing the lease" in native["kill-lease-fault"][0][1]
     assert native["open-missing-token"][0][0] == -25294
     assert native["open-missing-token"][1].count("C_GetSlotList") == 10  # 5 tries
     assert native["fork-wrong-pin"][0][0] == -25293

@@ -150,6 +150,7 @@ _CKR_STATUS = {
 
 CKA_CLASS, CKA_TOKEN, CKA_PRIVATE, CKA_LABEL, CKA_VALUE = 0x0, 0x1, 0x2, 0x3, 0x11
 CKA_APPLICATION = 0x10
+CKA_OBJECT_ID = 0x12
 CKA_CERTIFICATE_TYPE, CKA_ISSUER, CKA_SERIAL_NUMBER = 0x80, 0x81, 0x82
 CKA_KEY_TYPE, CKA_SUBJECT, CKA_ID, CKA_SENSITIVE = 0x100, 0x101, 0x102, 0x103
 CKA_DECRYPT, CKA_UNWRAP, CKA_SIGN, CKA_SIGN_RECOVER, CKA_DERIVE = 0x105, 0x107, 0x108, 0x109, 0x10C
@@ -1167,25 +1168,13 @@ class CtypesStore:
             _Template([(CKA_CLASS, _ulong(CKO_PRIVATE_KEY)), (CKA_LABEL, label), *by_id]),
             "removing the private key",
         )
-        if not with_lease:
-            return found
-        lease_tmpl = _Template([(CKA_CLASS, _ulong(CKO_DATA)), (CKA_LABEL, label),
-                                (CKA_APPLICATION, LEASE_APPLICATION)])  # fmt: skip
-        rv, handles = self._find(lease_tmpl, MAX_FOUND)
-        if rv != CKR_OK:
-            raise _fail_ck(rv, "removing the lease")
-        for h in handles:
-            if key_id is not None:
-                rv, obj = self._read_object(h)
-                if rv != CKR_OK or obj is None:
-                    raise _fail_ck(rv, "reading the lease")
-                lease = _parse_lease(obj)
-                if lease is not None and lease.key_id_hex != key_id.hex():
-                    continue  # another identity's lease
-            rv = self._destroy(h)
-            if rv != CKR_OK:
-                raise _fail_ck(rv, "removing the lease")
-            found += 1
+        if with_lease:
+            by_object_id = [] if key_id is None else [(CKA_OBJECT_ID, key_id)]
+            found += self._destroy_all(
+                _Template([(CKA_CLASS, _ulong(CKO_DATA)), (CKA_LABEL, label),
+                           (CKA_APPLICATION, LEASE_APPLICATION), *by_object_id]),
+                "removing the lease",
+            )  # fmt: skip
         return found
 
     def _crash_orphan(self, handle: int, o: _Object) -> bool:
@@ -1346,6 +1335,8 @@ class CtypesStore:
                 (CKA_PRIVATE, _TRUE),
                 (CKA_LABEL, label),
                 (CKA_APPLICATION, LEASE_APPLICATION),
+                # the key id, so kill finds its own lease without reading it
+                (CKA_OBJECT_ID, ident.key_id),
                 (CKA_VALUE, _make_lease(ident.key_id)),
             ],
             CKO_DATA,
