@@ -1173,10 +1173,12 @@ static int32_t destroy_all(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
  * separately (deleting the pair in one call failed when running as root),
  * then the lease last, so an interrupted removal still names its owner.
  * With key_id, only objects of that identity go: an identity that has
- * replaced ours under the label is left alone. */
+ * replaced ours under the label is left alone.  cert: the certificate when
+ * the caller found it already, else CK_INVALID_HANDLE (search for it). */
 static int32_t remove_identity(kc_keychain *kc, const char *label,
                                const CK_BYTE *key_id, CK_ULONG key_id_len,
-                               int with_lease, CK_ULONG *found, kc_error *err)
+                               CK_OBJECT_HANDLE cert, int with_lease,
+                               CK_ULONG *found, kc_error *err)
 {
     CK_OBJECT_CLASS cert_cls = CKO_CERTIFICATE, key_cls = CKO_PRIVATE_KEY,
                     data_cls = CKO_DATA;
@@ -1193,11 +1195,17 @@ static int32_t remove_identity(kc_keychain *kc, const char *label,
         ATTR(CKA_APPLICATION, LEASE_APPLICATION, strlen(LEASE_APPLICATION)),
         ATTR(CKA_OBJECT_ID, key_id, key_id_len)};
     int32_t st;
+    CK_RV rv;
 
     *found = 0;
-    if ((st = destroy_all(kc, cert_tmpl, key_id ? 3 : 2,
-                          "removing the certificate", &n, err)))
+    if (cert != CK_INVALID_HANDLE) {
+        if ((rv = destroy(kc, cert)) != CKR_OK)
+            return fail_ck(err, rv, "removing the certificate");
+        n = 1;
+    } else if ((st = destroy_all(kc, cert_tmpl, key_id ? 3 : 2,
+                                 "removing the certificate", &n, err))) {
         return st;
+    }
     *found += n;
     if ((st = destroy_all(kc, key_tmpl, key_id ? 3 : 2,
                           "removing the private key", &n, err)))
@@ -1298,7 +1306,8 @@ static int32_t sweep_orphans(kc_keychain *kc, CK_ULONG *removed,
 static int32_t reclaim(kc_keychain *kc, const char *label, kc_error *err)
 {
     CK_ULONG found;
-    int32_t st = remove_identity(kc, label, NULL, 0, 1, &found, err);
+    int32_t st = remove_identity(kc, label, NULL, 0, CK_INVALID_HANDLE, 1,
+                                 &found, err);
     return st ? st : sweep_orphans(kc, &found, err);
 }
 
@@ -1487,7 +1496,7 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, kc_error *err)
     CK_OBJECT_CLASS cert_cls = CKO_CERTIFICATE;
     CK_BYTE key_id[KC_KEY_ID_MAX];
     CK_ULONG key_id_len = 0, count, found;
-    CK_OBJECT_HANDLE h;
+    CK_OBJECT_HANDLE cert = CK_INVALID_HANDLE;
     int ours, with_lease = 1;
     CK_RV rv;
     int32_t st;
@@ -1507,20 +1516,22 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, kc_error *err)
         CK_ATTRIBUTE cert_tmpl[] = {
             ATTR(CKA_CLASS, &cert_cls, sizeof cert_cls),
             ATTR(CKA_LABEL, label, strlen(label))};
-        rv = find(kc, cert_tmpl, 2, &h, 1, &count);
+        rv = find(kc, cert_tmpl, 2, &cert, 1, &count);
         if (rv != CKR_OK) {
             st = fail_ck(err, rv, "searching the certificate");
             goto out;
         }
         if (count) {
             CK_ATTRIBUTE a = ATTR(CKA_ID, key_id, sizeof key_id);
-            rv = kc->mod->f->C_GetAttributeValue(kc->session, h, &a, 1);
+            rv = kc->mod->f->C_GetAttributeValue(kc->session, cert, &a, 1);
             if (rv == CKR_OK)
                 key_id_len = a.ulValueLen;
+        } else {
+            cert = CK_INVALID_HANDLE;
         }
     }
     if ((st = remove_identity(kc, label, key_id_len ? key_id : NULL,
-                              key_id_len, with_lease, &found, err)))
+                              key_id_len, cert, with_lease, &found, err)))
         goto out;
     if (!found)
         st = fail(err, KC_errSecItemNotFound, 0,

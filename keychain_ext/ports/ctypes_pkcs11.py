@@ -1152,18 +1152,27 @@ class CtypesStore:
         rv, obj = self._read_object(found[0])
         return _parse_lease(obj) if rv == CKR_OK and obj is not None else None
 
-    def _remove_identity(self, label: bytes, key_id: Optional[bytes], with_lease: bool) -> int:
+    def _remove_identity(
+        self, label: bytes, key_id: Optional[bytes], with_lease: bool, cert: Optional[int] = None
+    ) -> int:
         """Crypto.cpp killKey's core: the certificate, then the private key
         separately (deleting the pair in one call failed when running as
         root), then the lease last, so an interrupted removal still names
         its owner.  With key_id, only objects of that identity go: an
         identity that has replaced ours under the label is left alone.
+        cert: the certificate when the caller found it already.
         Returns how many objects went."""
         by_id = [] if key_id is None else [(CKA_ID, key_id)]
-        found = self._destroy_all(
-            _Template([(CKA_CLASS, _ulong(CKO_CERTIFICATE)), (CKA_LABEL, label), *by_id]),
-            "removing the certificate",
-        )
+        if cert is not None:
+            rv = self._destroy(cert)
+            if rv != CKR_OK:
+                raise _fail_ck(rv, "removing the certificate")
+            found = 1
+        else:
+            found = self._destroy_all(
+                _Template([(CKA_CLASS, _ulong(CKO_CERTIFICATE)), (CKA_LABEL, label), *by_id]),
+                "removing the certificate",
+            )
         found += self._destroy_all(
             _Template([(CKA_CLASS, _ulong(CKO_PRIVATE_KEY)), (CKA_LABEL, label), *by_id]),
             "removing the private key",
@@ -1404,6 +1413,7 @@ class CtypesStore:
             # certificate's (another handle or process imported it).
             imported = self._imported
             key_id: Optional[bytes] = None
+            cert: Optional[int] = None
             with_lease = True
             ours = imported is not None and imported[0] == label
             if imported is not None and ours:
@@ -1414,13 +1424,14 @@ class CtypesStore:
                 if rv != CKR_OK:
                     raise _fail_ck(rv, "searching the certificate")
                 if found:
+                    cert = found[0]
                     buf = (ctypes.c_ubyte * KEY_ID_MAX)()
                     attr = CK_ATTRIBUTE(CKA_ID, ctypes.addressof(buf), KEY_ID_MAX)
-                    rv = self._f.C_GetAttributeValue(self._session, found[0],
+                    rv = self._f.C_GetAttributeValue(self._session, cert,
                                                      ctypes.byref(attr), 1)  # fmt: skip
                     if rv == CKR_OK and attr.ulValueLen:
                         key_id = bytes(buf[: attr.ulValueLen])
-            if not self._remove_identity(label, key_id, with_lease):
+            if not self._remove_identity(label, key_id, with_lease, cert):
                 raise _Failure(
                     errSecItemNotFound, 0, f"no identity labelled '{_name(label)}' in the store"
                 )
