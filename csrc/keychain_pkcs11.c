@@ -661,6 +661,8 @@ typedef struct object {
     char application[32];
     CK_BYTE value[8192];            /* certificate DER or lease text */
     CK_ULONG value_len;
+    CK_BYTE subject[1024];          /* certificate subject DER */
+    CK_ULONG subject_len;
 } object;
 
 static CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o)
@@ -673,11 +675,12 @@ static CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o)
         ATTR(CKA_LABEL, o->label, sizeof o->label - 1),
         ATTR(CKA_VALUE, o->value, sizeof o->value - 1),
         ATTR(CKA_APPLICATION, o->application, sizeof o->application - 1),
+        ATTR(CKA_SUBJECT, o->subject, sizeof o->subject),
     };
-    CK_ULONG size[7], i;
+    CK_ULONG size[8], i;
     CK_RV rv = CKR_OK;
     int attempt;
-    for (i = 0; i < 7; i++)
+    for (i = 0; i < 8; i++)
         size[i] = t[i].ulValueLen;
     for (attempt = 0; attempt < TRANSIENT_RETRIES; attempt++) {
         if (attempt)
@@ -686,9 +689,9 @@ static CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o)
         o->handle = h;
         o->cls = (CK_OBJECT_CLASS)-1;
         o->key_type = (CK_KEY_TYPE)-1;
-        for (i = 0; i < 7; i++)
+        for (i = 0; i < 8; i++)
             t[i].ulValueLen = size[i]; /* the call overwrote them */
-        rv = kc->mod->f->C_GetAttributeValue(kc->session, h, t, 7);
+        rv = kc->mod->f->C_GetAttributeValue(kc->session, h, t, 8);
         if (!transient(rv))
             break;
     }
@@ -707,6 +710,7 @@ static CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o)
     o->value_len = LEN(5);
     o->value[o->value_len] = 0;
     o->application[LEN(6)] = 0;
+    o->subject_len = LEN(7);
 #undef LEN
     return CKR_OK;
 }
@@ -977,9 +981,8 @@ out:
 }
 
 /* Subject (RFC 2253) and common name of a certificate, as UTF-8. */
-static void describe_cert(X509 *cert, kc_item_info *info)
+static void describe_name(const X509_NAME *name, kc_item_info *info)
 {
-    X509_NAME *name = X509_get_subject_name(cert);
     BIO *bio = BIO_new(BIO_s_mem());
     int i, n;
     unsigned char *cn = NULL;
@@ -1372,7 +1375,7 @@ static void identity_info(const identity *id, const char *label,
     snprintf(info->label, sizeof info->label, "%s", label);
     memcpy(info->key_id, id->key_id, sizeof id->key_id);
     info->key_id_len = sizeof id->key_id;
-    describe_cert(id->cert, info);
+    describe_name(X509_get_subject_name(id->cert), info);
     info->owner_pid = getpid();
     info->owner_alive = 1;
 }
@@ -1555,11 +1558,21 @@ static void add_object(const object *o, kc_item_info *info)
         return;
     }
     if (o->cls == CKO_CERTIFICATE) {
-        const unsigned char *p = o->value;
-        X509 *cert = d2i_X509(NULL, &p, (long)o->value_len);
+        /* CKA_SUBJECT is cheap to decode; the whole certificate costs ~100x
+         * more in OpenSSL 3 (it decodes the public key): only without one */
+        const unsigned char *p = o->subject;
+        X509_NAME *name = o->subject_len
+                              ? d2i_X509_NAME(NULL, &p, (long)o->subject_len)
+                              : NULL;
+        X509 *cert = NULL;
         info->has_certificate = 1;
-        if (cert) {
-            describe_cert(cert, info);
+        if (name) {
+            describe_name(name, info);
+            X509_NAME_free(name);
+        } else {
+            p = o->value;
+            if ((cert = d2i_X509(NULL, &p, (long)o->value_len)))
+                describe_name(X509_get_subject_name(cert), info);
             X509_free(cert);
         }
         ERR_clear_error();

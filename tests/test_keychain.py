@@ -468,3 +468,38 @@ def test_error_table_builtins_and_unknown_codes() -> None:
     assert type(info.value) is KeychainError
     assert info.value.status == -99999 and info.value.symbol == "unknown OSStatus"
     assert errors.symbol(-25300) == "errSecItemNotFound"
+
+
+FOREIGN_CERT = """
+import os, sys, PyKCS11
+from PyKCS11.LowLevel import *
+lib = PyKCS11.PyKCS11Lib(); lib.load(os.environ["VIEW_MODULE"])
+slot = [s for s in lib.getSlotList(True)
+        if lib.getTokenInfo(s).label.strip() == os.environ["VIEW_TOKEN"]][0]
+s = lib.openSession(slot, CKF_RW_SESSION); s.login(sys.stdin.read())
+der = open(sys.argv[1], "rb").read()
+s.createObject([(CKA_CLASS, CKO_CERTIFICATE), (CKA_CERTIFICATE_TYPE, CKC_X_509),
+                (CKA_TOKEN, True), (CKA_LABEL, "foreign"), (CKA_VALUE, der),
+                (CKA_SUBJECT, b"")])  # SoftHSM2 insists on the attribute
+"""
+
+
+def test_certificate_without_subject_attribute(
+    kc: Keychain, token: Token, rsa_client: ClientIdentity, tmp_path: Path
+) -> None:
+    """A certificate another tool stored with an empty CKA_SUBJECT is
+    described from its value; kill removes it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    der = tmp_path / "cert.der"
+    der.write_bytes(
+        x509.load_pem_x509_certificate(rsa_client.cert.read_bytes()).public_bytes(Encoding.DER)
+    )
+    env = {**os.environ, "VIEW_MODULE": token.module, "VIEW_TOKEN": token.label}
+    subprocess.run([sys.executable, "-c", FOREIGN_CERT, str(der)], input=token.pin, env=env,
+                   text=True, check=True)  # fmt: skip
+    found = kc.lookup("foreign")
+    assert found is not None
+    assert (found.common_name, found.subject) == (rsa_client.cn, f"CN={rsa_client.cn}")
+    kc.kill_key("foreign")
