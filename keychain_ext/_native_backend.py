@@ -101,7 +101,7 @@ class NativeStore:
     def list_items(self) -> list[ItemInfo]:
         err = ffi.new("kc_error *")
         count = ffi.new("size_t *")
-        cap = 16
+        cap = 64  # grown to the count the C layer reports if more
         while True:
             out = ffi.new("kc_item_info[]", cap)
             with self._lock:
