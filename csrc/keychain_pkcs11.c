@@ -8,6 +8,10 @@
  * SHA-1 of the public key, the bytes macOS reports as kSecImportItemKeyID)
  * is the remembered key id.
  *
+ * Token identities carry a lease (see "leases" below) so that what a crashed
+ * process left behind can be told from what a running one owns; every
+ * token operation runs under a per-token flock shared by all processes.
+ *
  * Process-wide state, kept on purpose:
  *  - a module is dlopen'ed once and never unloaded, and C_Finalize is never
  *    called: libcurl's pkcs11 engine may share the module in this process;
@@ -22,6 +26,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,8 +34,6 @@
 #include <sys/file.h>
 #include <time.h>
 #include <unistd.h>
-
-#include <signal.h>
 
 #include <openssl/core_names.h>
 #include <openssl/err.h>
