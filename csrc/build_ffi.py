@@ -17,7 +17,8 @@ from cffi import FFI
 
 CSRC = Path(__file__).resolve().parent
 ROOT = CSRC.parent
-STRICT = ["-Wall", "-Wextra", "-Werror"]
+# Only PyInit__native is exported: the support units' symbols stay inside.
+STRICT = ["-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"]
 
 
 def _version() -> str:
@@ -50,14 +51,20 @@ def _pkg_config_cflags(package: str) -> list[str]:
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
 
+# The PKCS#11 backend: the flow file, then its support units (p11.h).
+# Harnesses that compile the backend themselves (fuzzing, memcheck, the
+# benchmark's C driver) take this list too.
+PKCS11_SOURCES = [CSRC / "keychain_pkcs11.c", *sorted(CSRC.glob("p11_*.c"))]
+DARWIN_SOURCES = [CSRC / "keychain_darwin.c"]
+
 if sys.platform == "darwin":
-    _sources = [str(CSRC / "keychain_darwin.c")]
+    _sources = DARWIN_SOURCES
     _kwargs: dict[str, list[str]] = {
         "extra_compile_args": STRICT,
         "extra_link_args": ["-framework", "Security", "-framework", "CoreFoundation"],
     }
 else:
-    _sources = [str(CSRC / "keychain_pkcs11.c")]
+    _sources = PKCS11_SOURCES
     _kwargs = {
         "extra_compile_args": STRICT + _pkg_config_cflags("p11-kit-1"),
         "libraries": ["crypto", "dl", "pthread"],
@@ -66,7 +73,7 @@ else:
 ffibuilder.set_source(
     "keychain_ext._native",
     '#include "keychain.h"',
-    sources=[str(Path(s).relative_to(ROOT)) for s in _sources],
+    sources=[str(s.relative_to(ROOT)) for s in _sources],
     include_dirs=[str(CSRC.relative_to(ROOT))],
     define_macros=[("KC_VERSION", f'"{_version()}"')],
     **_kwargs,

@@ -1,7 +1,7 @@
 """Memory check of the PKCS#11 backend (issue 6, item 5).
 
 tests/memcheck/cycles.c is compiled with gcc -g together with
-csrc/keychain_pkcs11.c and run under valgrind memcheck on a SoftHSM2 token:
+the PKCS#11 backend (csrc/keychain_pkcs11.c and its p11_*.c units) and run under valgrind memcheck on a SoftHSM2 token:
 preauth / lookup / duplicate refusal / wrong password / list / kill cycles,
 alternating token and session (ephemeral) objects, with a 1-iteration RSA
 PKCS#12 file, then a few ephemeral cycles with the EC `openssl pkcs12
@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.serialization import PrivateFormat, pkcs12
 from keychain_ext.testing.pki import PKI, make_client, make_variants
 
 from .conftest import new_token
+from .csources import pkcs11_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "tests" / "memcheck"
@@ -61,7 +62,7 @@ def cycles_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cmd = [
         "gcc", "-g", "-O0", "-Wall", "-Wextra", "-pthread", '-DKC_VERSION="memcheck"',
         "-I", str(ROOT / "csrc"), *shlex.split(cflags.stdout), "-o", str(exe),
-        str(HERE / "cycles.c"), str(ROOT / "csrc" / "keychain_pkcs11.c"),
+        str(HERE / "cycles.c"), *map(str, pkcs11_sources()),
         "-lcrypto", "-ldl", "-lpthread",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True)

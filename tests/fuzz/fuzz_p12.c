@@ -3,8 +3,9 @@
  * the PKCS#11 backend (kc_preauth_key -> copy_identity_from_pkcs12 ->
  * create_cert / create_key on a SoftHSM2 token -> kc_kill_key).
  *
- * The backend is compiled into this target (#include of the .c file), so it
- * is instrumented for coverage and sanitizers along with the harness.
+ * The backend's sources (csrc/build_ffi.py PKCS11_SOURCES) are compiled
+ * into this target, so they are instrumented for coverage and sanitizers
+ * along with the harness.
  *
  * Environment (nothing secret in argv):
  *   KEYCHAIN_EXT_MODULE    PKCS#11 module (SoftHSM2)
@@ -27,7 +28,11 @@
  *
  * Build: see tests/fuzz/run.
  */
-#include "../../csrc/keychain_pkcs11.c"
+#include "keychain.h"
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/pkcs12.h>
 
 #include <stdio.h>
 #include <stdlib.h>

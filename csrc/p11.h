@@ -1,0 +1,158 @@
+/*
+ * p11.h -- private header of the PKCS#11 backend.
+ *
+ * keychain_pkcs11.c holds the flow (the Crypto.cpp functions, in the same
+ * names and order as keychain_darwin.c); these support units hold what
+ * Security.framework does for Darwin and a PKCS#11 token does not:
+ *
+ *   p11_error.c    kc_error filling, CK_RV -> OSStatus, transient results
+ *   p11_session.c  module registry, login, slots, the handle, the token
+ *                  lock, kc_open / kc_close / kc_init_token
+ *   p11_object.c   object I/O with retries: find, read, create, destroy
+ *   p11_lease.c    leases: who owns a token identity, and is it alive
+ *   p11_openssl.c  OpenSSL: PKCS#12 parsing, names, key material
+ *
+ * Nothing here is exported from the built module (-fvisibility=hidden).
+ */
+#ifndef KEYCHAIN_EXT_P11_H
+#define KEYCHAIN_EXT_P11_H
+
+#include "keychain.h"
+
+#include <pthread.h>
+#include <sys/types.h>
+
+#include <openssl/evp.h>
+#include <openssl/sha.h>
+#include <openssl/x509.h>
+
+#include <p11-kit/pkcs11.h>
+
+#define TOKEN_LABEL_LEN 32   /* CK_TOKEN_INFO.label: space padded */
+#define MAX_SLOTS 16         /* tokens per module we remember logins for */
+#define MAX_FOUND 64         /* objects one label may carry that we handle */
+#define TRANSIENT_RETRIES 5  /* tries for CKR_TOKEN_NOT_PRESENT and kin */
+#define LEASE_APPLICATION "keychain_ext"
+
+#define ATTR(type, ptr, len) {(type), (void *)(ptr), (CK_ULONG)(len)}
+
+/* ---------------------------------------------------------- p11_error.c */
+
+int32_t fail(kc_error *err, int32_t status, int64_t native, const char *fmt,
+             ...) __attribute__((format(printf, 4, 5)));
+int32_t fail_ck(kc_error *err, CK_RV rv, const char *what);
+int32_t fail_ssl(kc_error *err, int32_t status, const char *what);
+const char *ckr_name(CK_RV rv);
+int transient(CK_RV rv);
+void backoff(int attempt);
+
+/* -------------------------------------------------------- p11_session.c */
+
+typedef struct slot_login {
+    CK_SLOT_ID slot;
+    pid_t pid;                          /* process that logged in */
+    CK_SESSION_HANDLE anchor;           /* never closed: SoftHSM2 #464 */
+    unsigned char pin_digest[SHA256_DIGEST_LENGTH];
+} slot_login;
+
+typedef struct module {
+    struct module *next;
+    char *path;
+    CK_FUNCTION_LIST_PTR f;
+    pid_t init_pid;                     /* process that C_Initialize'd */
+    slot_login logins[MAX_SLOTS];
+    size_t n_logins;
+} module;
+
+struct kc_keychain {
+    pthread_mutex_t lock;           /* serializes this handle's calls */
+    module *mod;
+    CK_SLOT_ID slot;
+    CK_SESSION_HANDLE session;
+    pid_t pid;                      /* process that opened session/lock */
+    char *pin;                      /* to log in again after fork() */
+    char *lock_path;
+    int lock_fd;
+    /* Crypto.cpp's `id` member, done right: the key id of the last import
+     * and the label it was imported under. */
+    char imported_label[KC_LABEL_MAX];
+    CK_BYTE imported_id[SHA_DIGEST_LENGTH];
+    int has_imported_id;
+    int imported_ephemeral;         /* session objects: no lease */
+};
+
+/* Every operation runs between begin() and end(): the handle's mutex, the
+ * session (reopened after fork) and the cross-process token lock. */
+int32_t begin(kc_keychain *kc, kc_error *err);
+void end(kc_keychain *kc);
+int32_t check_label(const char *label, kc_error *err);
+
+/* --------------------------------------------------------- p11_object.c */
+
+/* The attributes lookup reports, read in one C_GetAttributeValue. */
+typedef struct object {
+    CK_OBJECT_HANDLE handle;
+    CK_OBJECT_CLASS cls;
+    CK_BBOOL token;
+    CK_KEY_TYPE key_type;
+    CK_BYTE id[KC_KEY_ID_MAX];
+    CK_ULONG id_len;
+    char label[KC_LABEL_MAX];
+    char application[32];
+    CK_BYTE value[8192];            /* certificate DER or lease text */
+    CK_ULONG value_len;
+    CK_BYTE subject[1024];          /* certificate subject DER */
+    CK_ULONG subject_len;
+} object;
+
+CK_RV find(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+           CK_OBJECT_HANDLE *found, CK_ULONG max, CK_ULONG *count);
+CK_RV all_objects(kc_keychain *kc, CK_OBJECT_HANDLE **out, CK_ULONG *count);
+CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o);
+int32_t create_object(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+                      CK_OBJECT_CLASS cls, const char *label,
+                      CK_OBJECT_HANDLE *out, const char *what, kc_error *err);
+CK_RV destroy(kc_keychain *kc, CK_OBJECT_HANDLE h);
+int32_t destroy_all(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+                    const char *what, CK_ULONG *found, kc_error *err);
+
+/* ---------------------------------------------------------- p11_lease.c */
+
+/* A token identity carries a lease: a CKO_DATA object with the same label,
+ * CKA_APPLICATION "keychain_ext" and a value naming the owner process and
+ * the key id.  Session objects need none: they die with their owner. */
+typedef struct lease {
+    long pid;
+    unsigned long long start;
+    char boot[40];
+    char host[128];
+    char key_id_hex[2 * SHA_DIGEST_LENGTH + 1];
+} lease;
+
+void make_lease(const CK_BYTE *key_id, char *out, size_t n);
+int parse_lease(const object *o, lease *l);
+int lease_alive(const lease *l); /* 1 alive, 0 dead, -1 cannot tell */
+
+/* -------------------------------------------------------- p11_openssl.c */
+
+/* What copy_identity_from_pkcs12 takes out of a PKCS#12 file. */
+typedef struct identity {
+    EVP_PKEY *key;
+    X509 *cert;
+    CK_BYTE key_id[SHA_DIGEST_LENGTH]; /* SHA-1 of the public key */
+    int key_type;                      /* KC_KEY_* */
+} identity;
+
+typedef struct blob {
+    unsigned char *p;
+    int n;
+} blob;
+
+int32_t parse_pkcs12(const uint8_t *data, size_t len, const char *password,
+                     identity *out, kc_error *err);
+void free_identity(identity *id);
+void describe_name(const X509_NAME *name, kc_item_info *info);
+int bn_blob(EVP_PKEY *key, const char *name, int pad, blob *b);
+void free_blob(blob *b);
+
+#endif

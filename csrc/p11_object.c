@@ -1,0 +1,183 @@
+/*
+ * p11_object.c -- object I/O on the token, with the retries SoftHSM2 needs
+ * under concurrent use (transient CK_RVs, see DESIGN.md).
+ */
+#include "p11.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* C_FindObjectsInit, recovering a session whose previous search was never
+ * finished (its C_FindObjectsFinal failed). */
+static CK_RV find_init(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n)
+{
+    CK_RV rv = kc->mod->f->C_FindObjectsInit(kc->session, tmpl, n);
+    if (rv == CKR_OPERATION_ACTIVE) {
+        kc->mod->f->C_FindObjectsFinal(kc->session);
+        rv = kc->mod->f->C_FindObjectsInit(kc->session, tmpl, n);
+    }
+    return rv;
+}
+
+/* C_FindObjectsInit / C_FindObjects / C_FindObjectsFinal: up to max
+ * handles matching the template.  A search changes nothing, so transient
+ * failures are simply retried. */
+CK_RV find(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+                  CK_OBJECT_HANDLE *found, CK_ULONG max, CK_ULONG *count)
+{
+    CK_FUNCTION_LIST_PTR f = kc->mod->f;
+    CK_RV rv = CKR_OK, rv_final;
+    int attempt;
+    for (attempt = 0; attempt < TRANSIENT_RETRIES; attempt++) {
+        if (attempt)
+            backoff(attempt);
+        *count = 0;
+        rv = find_init(kc, tmpl, n);
+        if (rv == CKR_OK) {
+            rv = f->C_FindObjects(kc->session, found, max, count);
+            rv_final = f->C_FindObjectsFinal(kc->session);
+            if (rv == CKR_OK)
+                rv = rv_final;
+        }
+        if (!transient(rv))
+            break;
+    }
+    return rv;
+}
+
+/* Every object this session can see: *out is malloc'ed, the caller frees. */
+CK_RV all_objects(kc_keychain *kc, CK_OBJECT_HANDLE **out,
+                         CK_ULONG *count)
+{
+    CK_OBJECT_HANDLE *h = NULL, *grown;
+    CK_ULONG n = 0, got = 0;
+    CK_RV rv = find_init(kc, NULL, 0);
+    if (rv != CKR_OK)
+        return rv;
+    do {
+        if (!(grown = realloc(h, (n + MAX_FOUND) * sizeof *h))) {
+            rv = CKR_HOST_MEMORY;
+            break;
+        }
+        h = grown;
+        rv = kc->mod->f->C_FindObjects(kc->session, h + n, MAX_FOUND, &got);
+        n += got;
+    } while (rv == CKR_OK && got == MAX_FOUND);
+    kc->mod->f->C_FindObjectsFinal(kc->session);
+    if (rv != CKR_OK) {
+        free(h);
+        return rv;
+    }
+    *out = h;
+    *count = n;
+    return CKR_OK;
+}
+
+CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o)
+{
+    CK_ATTRIBUTE t[] = {
+        ATTR(CKA_CLASS, &o->cls, sizeof o->cls),
+        ATTR(CKA_TOKEN, &o->token, sizeof o->token),
+        ATTR(CKA_KEY_TYPE, &o->key_type, sizeof o->key_type),
+        ATTR(CKA_ID, o->id, sizeof o->id),
+        ATTR(CKA_LABEL, o->label, sizeof o->label - 1),
+        ATTR(CKA_VALUE, o->value, sizeof o->value - 1),
+        ATTR(CKA_APPLICATION, o->application, sizeof o->application - 1),
+        ATTR(CKA_SUBJECT, o->subject, sizeof o->subject),
+    };
+    CK_ULONG size[8], i;
+    CK_RV rv = CKR_OK;
+    int attempt;
+    for (i = 0; i < 8; i++)
+        size[i] = t[i].ulValueLen;
+    for (attempt = 0; attempt < TRANSIENT_RETRIES; attempt++) {
+        if (attempt)
+            backoff(attempt);
+        memset(o, 0, sizeof *o);
+        o->handle = h;
+        o->cls = (CK_OBJECT_CLASS)-1;
+        o->key_type = (CK_KEY_TYPE)-1;
+        for (i = 0; i < 8; i++)
+            t[i].ulValueLen = size[i]; /* the call overwrote them */
+        rv = kc->mod->f->C_GetAttributeValue(kc->session, h, t, 8);
+        if (!transient(rv))
+            break;
+    }
+    /* These three still fill every attribute they can (PKCS#11 5.7): a
+     * key's CKA_VALUE is sensitive, a certificate has no CKA_KEY_TYPE... */
+    if (rv != CKR_OK && rv != CKR_ATTRIBUTE_SENSITIVE &&
+        rv != CKR_ATTRIBUTE_TYPE_INVALID && rv != CKR_BUFFER_TOO_SMALL)
+        return rv;
+    if (t[0].ulValueLen == CK_UNAVAILABLE_INFORMATION)
+        return CKR_OBJECT_HANDLE_INVALID;
+/* unavailable (~0), or the size a too small buffer needed (older
+ * modules): 0 */
+#define LEN(i) (t[i].ulValueLen > size[i] ? 0 : t[i].ulValueLen)
+    o->id_len = LEN(3);
+    o->label[LEN(4)] = 0;
+    o->value_len = LEN(5);
+    o->value[o->value_len] = 0;
+    o->application[LEN(6)] = 0;
+    o->subject_len = LEN(7);
+#undef LEN
+    return CKR_OK;
+}
+
+/* C_CreateObject.  After a transient failure the object may exist anyway
+ * (SoftHSM2 #573): look for it before trying again, so that nothing is
+ * created twice.  cls and label identify it (duplicates were refused). */
+int32_t create_object(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+                             CK_OBJECT_CLASS cls, const char *label,
+                             CK_OBJECT_HANDLE *out, const char *what,
+                             kc_error *err)
+{
+    CK_ATTRIBUTE probe[] = {ATTR(CKA_CLASS, &cls, sizeof cls),
+                            ATTR(CKA_LABEL, label, strlen(label))};
+    CK_ULONG count;
+    CK_RV rv = CKR_OK;
+    int attempt;
+    for (attempt = 0; attempt < TRANSIENT_RETRIES; attempt++) {
+        if (attempt) {
+            backoff(attempt);
+            if (find(kc, probe, 2, out, 1, &count) == CKR_OK && count)
+                return KC_errSecSuccess;
+        }
+        rv = kc->mod->f->C_CreateObject(kc->session, tmpl, n, out);
+        if (rv == CKR_OK)
+            return KC_errSecSuccess;
+        if (!transient(rv))
+            break;
+    }
+    return fail_ck(err, rv, what);
+}
+
+CK_RV destroy(kc_keychain *kc, CK_OBJECT_HANDLE h)
+{
+    CK_RV rv = CKR_OK;
+    int attempt;
+    for (attempt = 0; attempt < TRANSIENT_RETRIES; attempt++) {
+        if (attempt)
+            backoff(attempt);
+        rv = kc->mod->f->C_DestroyObject(kc->session, h);
+        if (!transient(rv))
+            break;
+    }
+    /* already gone (another session removed it) is what we wanted */
+    return rv == CKR_OBJECT_HANDLE_INVALID ? CKR_OK : rv;
+}
+
+/* Destroy every object the template finds; *found counts them. */
+int32_t destroy_all(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+                           const char *what, CK_ULONG *found, kc_error *err)
+{
+    CK_OBJECT_HANDLE h[MAX_FOUND];
+    CK_ULONG count, i;
+    CK_RV rv = find(kc, tmpl, n, h, MAX_FOUND, &count);
+    *found = count;
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, what);
+    for (i = 0; i < count; i++)
+        if ((rv = destroy(kc, h[i])) != CKR_OK)
+            return fail_ck(err, rv, what);
+    return KC_errSecSuccess;
+}

@@ -1,0 +1,450 @@
+/*
+ * p11_session.c -- modules, logins, slots and the handle.
+ *
+ * Process-wide state, kept on purpose:
+ *  - a module is dlopen'ed once and never unloaded, and C_Finalize is never
+ *    called: libcurl's pkcs11 engine may share the module in this process;
+ *  - one "anchor" session per token stays open for the life of the process,
+ *    so closing a handle never closes the token's last session (SoftHSM2
+ *    #464, and the login would be lost for every other user).
+ *
+ * Every token operation runs under a per-token flock shared by all
+ * processes (SoftHSM2's file store is fragile under concurrent writers).
+ */
+#define _GNU_SOURCE
+#include "p11.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+
+#ifndef KC_VERSION
+#define KC_VERSION "0.0.0"
+#endif
+
+/* --------------------------------------------------------------- modules */
+
+static pthread_mutex_t modules_lock = PTHREAD_MUTEX_INITIALIZER;
+static module *modules;
+
+/* After fork() the child must initialize the module again (and it has none
+ * of the parent's logins). */
+static int32_t module_ready(module *m, kc_error *err)
+{
+    CK_C_INITIALIZE_ARGS args;
+    CK_RV rv;
+    if (m->init_pid == getpid())
+        return KC_errSecSuccess;
+    memset(&args, 0, sizeof args);
+    args.flags = CKF_OS_LOCKING_OK;
+    rv = m->f->C_Initialize(&args);
+    if (rv != CKR_OK && rv != CKR_CRYPTOKI_ALREADY_INITIALIZED)
+        return fail_ck(err, rv, "C_Initialize");
+    m->init_pid = getpid();
+    return KC_errSecSuccess;
+}
+
+/* The module at path, loaded and initialized in this process. */
+static int32_t get_module(const char *path, module **out, kc_error *err)
+{
+    module *m;
+    int32_t st = KC_errSecSuccess;
+    void *dl;
+    CK_C_GetFunctionList get_list;
+    CK_FUNCTION_LIST_PTR f = NULL;
+    CK_RV rv;
+
+    pthread_mutex_lock(&modules_lock);
+    for (m = modules; m; m = m->next)
+        if (strcmp(m->path, path) == 0)
+            break;
+    if (!m) {
+        dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+        if (!dl) {
+            st = fail(err, KC_errSecNoSuchKeychain, 0,
+                      "cannot load PKCS#11 module %s: %s", path, dlerror());
+            goto out;
+        }
+        get_list = (CK_C_GetFunctionList)dlsym(dl, "C_GetFunctionList");
+        if (!get_list) {
+            dlclose(dl);
+            st = fail(err, KC_errSecNoSuchKeychain, 0,
+                      "%s is not a PKCS#11 module (no C_GetFunctionList)",
+                      path);
+            goto out;
+        }
+        rv = get_list(&f);
+        if (rv != CKR_OK || !f) {
+            dlclose(dl);
+            st = fail(err, KC_errSecNoSuchKeychain, (int64_t)rv,
+                      "C_GetFunctionList of %s failed: %s", path,
+                      ckr_name(rv));
+            goto out;
+        }
+        m = calloc(1, sizeof *m);
+        if (!m || !(m->path = strdup(path))) {
+            free(m);
+            m = NULL;
+            st = fail(err, KC_errSecAllocate, 0, "out of memory");
+            goto out; /* the dlopen handle stays: harmless, rare */
+        }
+        m->f = f;
+        m->next = modules;
+        modules = m;
+    }
+    st = module_ready(m, err);
+out:
+    pthread_mutex_unlock(&modules_lock);
+    *out = m;
+    return st;
+}
+
+/* Log the token in once per process, keeping an anchor session open.  A
+ * later login with another PIN while logged in would get
+ * CKR_USER_ALREADY_LOGGED_IN, so we compare PIN digests to still report a
+ * wrong PIN. */
+static int32_t login(module *m, CK_SLOT_ID slot, const char *pin,
+                     kc_error *err)
+{
+    unsigned char digest[SHA256_DIGEST_LENGTH];
+    CK_SESSION_HANDLE anchor = CK_INVALID_HANDLE;
+    int32_t st = KC_errSecSuccess;
+    CK_RV rv;
+    size_t i;
+    int known;
+
+    SHA256((const unsigned char *)pin, strlen(pin), digest);
+    pthread_mutex_lock(&modules_lock);
+    for (i = 0; i < m->n_logins; i++)
+        if (m->logins[i].slot == slot)
+            break;
+    known = i < m->n_logins;
+    if (known && CRYPTO_memcmp(m->logins[i].pin_digest, digest, sizeof digest)) {
+        st = fail(err, KC_errSecAuthFailed, (int64_t)CKR_PIN_INCORRECT,
+                  "C_Login failed: CKR_PIN_INCORRECT (0xa0)");
+        goto out;
+    }
+    if (known && m->logins[i].pid == getpid())
+        goto out;
+    if (!known && m->n_logins == MAX_SLOTS) {
+        st = fail(err, KC_errSecAllocate, 0, "too many tokens open");
+        goto out;
+    }
+    /* First login of this process (a forked child keeps the digest: the
+     * token may still count it as logged in, and then only the digest can
+     * tell a wrong PIN). */
+    rv = m->f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL,
+                             NULL, &anchor);
+    if (rv != CKR_OK) {
+        st = fail_ck(err, rv, "C_OpenSession");
+        goto out;
+    }
+    rv = m->f->C_Login(anchor, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin));
+    if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
+        m->f->C_CloseSession(anchor);
+        st = fail_ck(err, rv, "C_Login");
+        goto out;
+    }
+    if (!known)
+        m->n_logins++;
+    m->logins[i].slot = slot;
+    m->logins[i].pid = getpid();
+    m->logins[i].anchor = anchor;
+    memcpy(m->logins[i].pin_digest, digest, sizeof digest);
+out:
+    pthread_mutex_unlock(&modules_lock);
+    OPENSSL_cleanse(digest, sizeof digest);
+    return st;
+}
+
+static void pad_label(const char *label, CK_UTF8CHAR out[TOKEN_LABEL_LEN])
+{
+    size_t n = strlen(label);
+    memset(out, ' ', TOKEN_LABEL_LEN);
+    memcpy(out, label, n < TOKEN_LABEL_LEN ? n : TOKEN_LABEL_LEN);
+}
+
+/* The slot whose token carries label; with want_uninitialized, instead the
+ * first slot holding a token that is not initialized yet. */
+static int32_t find_slot(module *m, const char *label, int want_uninitialized,
+                         CK_SLOT_ID *out, CK_FLAGS *flags, kc_error *err)
+{
+    CK_UTF8CHAR want[TOKEN_LABEL_LEN];
+    CK_SLOT_ID *slots = NULL;
+    CK_ULONG n = 0, i;
+    CK_TOKEN_INFO info;
+    CK_RV rv = CKR_OK;
+    int32_t st;
+    int attempt;
+
+    pad_label(label, want);
+    for (attempt = 0; attempt < TRANSIENT_RETRIES; attempt++) {
+        if (attempt)
+            backoff(attempt);
+        free(slots);
+        slots = NULL;
+        rv = m->f->C_GetSlotList(CK_TRUE, NULL, &n);
+        if (rv == CKR_OK && n) {
+            slots = calloc(n, sizeof *slots);
+            if (!slots)
+                return fail(err, KC_errSecAllocate, 0, "out of memory");
+            rv = m->f->C_GetSlotList(CK_TRUE, slots, &n);
+        }
+        if (rv != CKR_OK) {
+            if (transient(rv) || rv == CKR_BUFFER_TOO_SMALL)
+                continue;
+            break;
+        }
+        /* a token another process is writing may briefly not show: a miss
+         * is retried like a transient error */
+        for (i = 0; i < n; i++) {
+            rv = m->f->C_GetTokenInfo(slots[i], &info);
+            if (rv != CKR_OK)
+                continue;
+            if (want_uninitialized
+                    ? !(info.flags & CKF_TOKEN_INITIALIZED)
+                    : (info.flags & CKF_TOKEN_INITIALIZED) &&
+                          memcmp(info.label, want, TOKEN_LABEL_LEN) == 0) {
+                *out = slots[i];
+                *flags = info.flags;
+                free(slots);
+                return KC_errSecSuccess;
+            }
+        }
+        rv = CKR_OK;
+    }
+    free(slots);
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, "C_GetSlotList");
+    st = fail(err, KC_errSecNoSuchKeychain, 0,
+              want_uninitialized ? "module %s has no free slot for token '%s'"
+                                 : "module %s has no token labelled '%s'",
+              m->path, label);
+    return st;
+}
+/* ---------------------------------------------------------------- handle */
+
+const char *kc_backend(void) { return "pkcs11"; }
+const char *kc_version(void) { return KC_VERSION; }
+
+static void free_secret(char *s)
+{
+    if (s) {
+        OPENSSL_cleanse(s, strlen(s));
+        free(s);
+    }
+}
+
+/* Open (or, after fork(), reopen) the lock file: a forked child needs its
+ * own open file, since flock locks belong to the open file. */
+static int32_t open_lock(kc_keychain *kc, kc_error *err)
+{
+    if (!kc->lock_path || (kc->lock_fd >= 0 && kc->pid == getpid()))
+        return KC_errSecSuccess;
+    if (kc->lock_fd >= 0)
+        close(kc->lock_fd);
+    kc->lock_fd = open(kc->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (kc->lock_fd < 0)
+        return fail(err, KC_errSecIO, errno, "cannot open lock file %s: %s",
+                    kc->lock_path, strerror(errno));
+    return KC_errSecSuccess;
+}
+
+/* Open (or, after fork(), reopen) the session. */
+static int32_t ensure_session(kc_keychain *kc, kc_error *err)
+{
+    CK_RV rv;
+    int32_t st;
+
+    if (kc->pid == getpid())
+        return KC_errSecSuccess;
+    pthread_mutex_lock(&modules_lock);
+    st = module_ready(kc->mod, err);
+    pthread_mutex_unlock(&modules_lock);
+    if (st)
+        return st;
+    if ((st = login(kc->mod, kc->slot, kc->pin, err)))
+        return st;
+    rv = kc->mod->f->C_OpenSession(kc->slot,
+                                   CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL,
+                                   NULL, &kc->session);
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, "C_OpenSession");
+    kc->pid = getpid();
+    return KC_errSecSuccess;
+}
+
+
+int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
+{
+    kc_keychain *kc = NULL;
+    module *m;
+    CK_SLOT_ID slot;
+    CK_FLAGS flags = 0;
+    int lock_fd = -1;
+    int32_t st;
+
+    if (!out)
+        return fail(err, KC_errSecParam, 0, "no output handle");
+    *out = NULL;
+    if (!opts || !opts->module || !*opts->module)
+        return fail(err, KC_errSecParam, 0, "no PKCS#11 module given");
+    if (!opts->token || !*opts->token)
+        return fail(err, KC_errSecParam, 0, "no token label given");
+    if (strlen(opts->token) > TOKEN_LABEL_LEN)
+        return fail(err, KC_errSecParam, 0,
+                    "token label longer than %d bytes", TOKEN_LABEL_LEN);
+    /* Reading the token while another process writes it is what SoftHSM2
+     * gets wrong, and it reads its tokens in C_Initialize: opening takes
+     * the token lock too, from before the module loads (closing drops it). */
+    if (opts->lock_path &&
+        (lock_fd = open(opts->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600)) >= 0)
+        while (flock(lock_fd, LOCK_EX) < 0 && errno == EINTR)
+            ;
+    if ((st = get_module(opts->module, &m, err)))
+        goto out;
+    if ((st = find_slot(m, opts->token, 0, &slot, &flags, err)))
+        goto out;
+    /* A PIN pad or other protected path would prompt someone: never. */
+    if (flags & CKF_PROTECTED_AUTHENTICATION_PATH) {
+        st = fail(err, KC_errSecInteractionNotAllowed, 0,
+                  "token '%s' needs a protected authentication path "
+                  "(PIN pad); keychain_ext never prompts", opts->token);
+        goto out;
+    }
+    if (!opts->pin) {
+        st = fail(err, KC_errSecInteractionRequired, 0,
+                  "token '%s' needs a PIN and none was given", opts->token);
+        goto out;
+    }
+    if (!(kc = calloc(1, sizeof *kc))) {
+        st = fail(err, KC_errSecAllocate, 0, "out of memory");
+        goto out;
+    }
+    pthread_mutex_init(&kc->lock, NULL);
+    kc->mod = m;
+    kc->slot = slot;
+    kc->lock_fd = -1;
+    kc->pid = 0; /* ensure_session opens session and lock file */
+    kc->pin = strdup(opts->pin);
+    kc->lock_path = opts->lock_path ? strdup(opts->lock_path) : NULL;
+    if (!kc->pin || (opts->lock_path && !kc->lock_path))
+        st = fail(err, KC_errSecAllocate, 0, "out of memory");
+    else if (!(st = open_lock(kc, err)))
+        st = ensure_session(kc, err);
+    if (st) {
+        kc_close(kc);
+        goto out;
+    }
+    *out = kc;
+out:
+    if (lock_fd >= 0)
+        close(lock_fd);
+    return st;
+}
+
+void kc_close(kc_keychain *kc)
+{
+    if (!kc)
+        return;
+    /* Only the process that opened the session may close it: a forked
+     * child's copy must not close its parent's session on a real device. */
+    if (kc->pid == getpid() && kc->session != CK_INVALID_HANDLE)
+        kc->mod->f->C_CloseSession(kc->session);
+    if (kc->lock_fd >= 0)
+        close(kc->lock_fd);
+    free_secret(kc->pin);
+    free(kc->lock_path);
+    pthread_mutex_destroy(&kc->lock);
+    free(kc);
+}
+
+void end(kc_keychain *kc)
+{
+    if (kc->lock_fd >= 0)
+        flock(kc->lock_fd, LOCK_UN);
+    pthread_mutex_unlock(&kc->lock);
+}
+
+int32_t begin(kc_keychain *kc, kc_error *err)
+{
+    int32_t st;
+    if (!kc)
+        return fail(err, KC_errSecParam, 0, "no keychain handle");
+    pthread_mutex_lock(&kc->lock);
+    if ((st = open_lock(kc, err))) {
+        pthread_mutex_unlock(&kc->lock);
+        return st;
+    }
+    if (kc->lock_fd >= 0)
+        while (flock(kc->lock_fd, LOCK_EX) < 0 && errno == EINTR)
+            ;
+    /* after fork(), the child's session opens under the lock */
+    if ((st = ensure_session(kc, err))) {
+        end(kc);
+        return st;
+    }
+    return KC_errSecSuccess;
+}
+
+
+int32_t check_label(const char *label, kc_error *err)
+{
+    size_t n;
+    if (!label || !*label)
+        return fail(err, KC_errSecParam, 0, "empty label");
+    n = strlen(label);
+    if (n >= KC_LABEL_MAX)
+        return fail(err, KC_errSecParam, 0, "label longer than %d bytes",
+                    KC_LABEL_MAX - 1);
+    return KC_errSecSuccess;
+}
+
+int32_t kc_init_token(const char *module_path, const char *token,
+                      const char *so_pin, const char *user_pin, kc_error *err)
+{
+    CK_UTF8CHAR label[TOKEN_LABEL_LEN];
+    CK_SESSION_HANDLE s;
+    CK_SLOT_ID slot;
+    CK_FLAGS flags;
+    module *m;
+    CK_RV rv;
+    int32_t st;
+
+    if (!module_path || !*module_path || !token || !*token || !so_pin ||
+        !user_pin)
+        return fail(err, KC_errSecParam, 0,
+                    "module, token label and both PINs are required");
+    if (strlen(token) > TOKEN_LABEL_LEN)
+        return fail(err, KC_errSecParam, 0,
+                    "token label longer than %d bytes", TOKEN_LABEL_LEN);
+    if ((st = get_module(module_path, &m, err)))
+        return st;
+    if ((st = find_slot(m, token, 1, &slot, &flags, err)))
+        return st;
+    pad_label(token, label);
+    rv = m->f->C_InitToken(slot, (CK_UTF8CHAR_PTR)so_pin, strlen(so_pin),
+                           label);
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, "C_InitToken");
+    rv = m->f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL,
+                             NULL, &s);
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, "C_OpenSession");
+    rv = m->f->C_Login(s, CKU_SO, (CK_UTF8CHAR_PTR)so_pin, strlen(so_pin));
+    if (rv == CKR_OK) {
+        rv = m->f->C_InitPIN(s, (CK_UTF8CHAR_PTR)user_pin, strlen(user_pin));
+        m->f->C_Logout(s);
+        st = rv == CKR_OK ? KC_errSecSuccess : fail_ck(err, rv, "C_InitPIN");
+    } else {
+        st = fail_ck(err, rv, "C_Login (SO)");
+    }
+    m->f->C_CloseSession(s);
+    return st;
+}
