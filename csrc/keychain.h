@@ -53,6 +53,7 @@
 #define KC_errSecPkcs12VerifyFailure    -25264
 #define KC_errSecDecode                 -26275
 #define KC_errSecMissingEntitlement     -34018
+#define KC_errSecInvalidOwnerEdit       -25244
 
 /* Sizes of the fixed buffers below (including the terminating NUL). */
 #define KC_MESSAGE_MAX  512
@@ -60,6 +61,7 @@
 #define KC_SUBJECT_MAX  512
 #define KC_KEY_ID_MAX   64
 #define KC_BACKEND_MAX  32
+#define KC_HOST_MAX     64
 
 /* kc_preauth_key flags. */
 #define KC_PREAUTH_EPHEMERAL      1  /* session objects: never on disk, gone
@@ -67,8 +69,18 @@
                                         dies (PKCS#11 only; errSecUnimplemented
                                         on Darwin) */
 #define KC_PREAUTH_RECLAIM_STALE  2  /* an identity under this label whose
-                                        owner process is dead is removed
+                                        owners are all dead is removed
                                         first instead of refusing */
+#define KC_PREAUTH_HELD           4  /* owned by no process: stays until
+                                        kc_kill_key, never stale */
+#define KC_PREAUTH_SHARED         8  /* several processes may own it: if the
+                                        label holds this same identity,
+                                        shared, join its owners; it goes
+                                        with the last owner */
+
+/* kc_kill_key flags. */
+#define KC_KILL_FORCE  1  /* remove it even if another live process owns it
+                             or keychain_ext cannot prove it made it */
 
 /* Key types reported in kc_item_info.key_type. */
 #define KC_KEY_NONE  0
@@ -84,12 +96,19 @@ typedef struct kc_error {
 /* How to open a store.  Unused fields may be NULL. */
 typedef struct kc_options {
     const char *module;      /* PKCS#11: path of the module to dlopen */
+    const char *init_args;   /* PKCS#11: C_Initialize's pReserved string
+                                (NSS: "configdir='sql:DIR'"), or NULL */
     const char *token;       /* PKCS#11: token label; Darwin: keychain path
                                 or NULL for the default search list */
     const char *pin;         /* PKCS#11: user PIN (never copied into messages) */
-    const char *lock_path;   /* PKCS#11: file to flock around token operations
-                                so processes sharing the token serialize;
-                                NULL = no cross-process lock */
+    const char *state_dir;   /* PKCS#11: an existing directory shared by every
+                                process using the token: the lock that
+                                serializes them and the leases that say who
+                                owns each token identity.  NULL: no lock, and
+                                only ephemeral identities can be made */
+    int exclusive;           /* PKCS#11: only keychain_ext uses this token (the
+                                embedded store), so objects a crash left
+                                without a label are provably ours */
 } kc_options;
 
 /* What a store holds under one label. */
@@ -104,8 +123,16 @@ typedef struct kc_item_info {
     size_t key_id_len;
     char subject[KC_SUBJECT_MAX];   /* certificate subject, RFC 2253 */
     char common_name[KC_LABEL_MAX]; /* subject CN, "" if none */
-    int64_t owner_pid;              /* process that imported it; 0 if unknown */
-    int owner_alive;                /* 1 alive, 0 dead, -1 unknown */
+    int ours;                       /* keychain_ext made it: a lease names it,
+                                       or it is session objects */
+    int held;                       /* owned by no process, until killed */
+    int shared;                     /* owners may join */
+    int owners;                     /* processes owning it */
+    int mine;                       /* this process is one of them */
+    int64_t owner_pid;              /* an owner (a live one if any); 0 none */
+    char owner_host[KC_HOST_MAX];   /* its host name */
+    int owner_alive;                /* 1 an owner runs (or it is held), 0 all
+                                       are dead, -1 cannot tell */
 } kc_item_info;
 
 typedef struct kc_keychain kc_keychain;
@@ -125,23 +152,42 @@ int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err);
 /* Close the handle: its session objects vanish.  NULL is a no-op. */
 void kc_close(kc_keychain *kc);
 
+/* Who owns an identity (PKCS#11; see README "Ownership"):
+ *  - a token identity carries a lease, a record in opts.state_dir written
+ *    under the token lock before its objects are created: its label, key
+ *    id and owners (processes), or none when it is held;
+ *  - an owner is alive while it holds the flock on its owner file in
+ *    state_dir, so PID namespaces, pid reuse and shared host names cannot
+ *    fool the judgement; a missing or unreadable file is "cannot tell",
+ *    which counts as alive;
+ *  - session (ephemeral) objects belong to the process that sees them;
+ *  - nothing is removed unless a lease or the session proves it ours and
+ *    its owners are dead, or its owner asks (kc_kill_key). */
+
 /* Crypto.cpp preAuthKey: import the identity in the PKCS#12 bytes under
- * label so it can be used without a prompt, and remember its key id.
- * Refuses with errSecDuplicateItem, touching nothing, when a certificate or
- * key carries the label or a key has the same id.  All or nothing: on any
- * error the store holds what it held before.  On success fills *out (may be
- * NULL).  Other statuses: errSecPkcs12VerifyFailure (wrong password),
- * errSecDecode (not a PKCS#12 file, or no key / no certificate in it),
- * errSecParam, errSecUnimplemented (key type the store cannot hold). */
+ * label so it can be used without a prompt, owned by this process (flags:
+ * KC_PREAUTH_*).  Refuses with errSecDuplicateItem, touching nothing, when
+ * a certificate or key carries the label (unless KC_PREAUTH_SHARED joins
+ * the same shared identity, or KC_PREAUTH_RECLAIM_STALE removes one whose
+ * owners are dead) or a key has the same id.  All or nothing: on any error
+ * the store holds what it held before, and objects a failed create left
+ * are removed.  On success fills *out (may be NULL).  Other statuses:
+ * errSecPkcs12VerifyFailure (wrong password), errSecDecode (not a PKCS#12
+ * file, or no key / no certificate in it), errSecParam,
+ * errSecUnimplemented (key type the store cannot hold). */
 int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
                        const char *password, const char *label, int flags,
                        kc_item_info *out, kc_error *err);
 
-/* Crypto.cpp killKey: delete the certificate, then the private key
- * separately (by the id remembered at import, else by the certificate's
- * key id), and forget the id.  errSecItemNotFound if nothing carries the
- * label. */
-int32_t kc_kill_key(kc_keychain *kc, const char *label, kc_error *err);
+/* Crypto.cpp killKey: this process gives up the identity under label; when
+ * no other owner is left, delete the certificate, then the private key
+ * separately, by the key id its lease records, then the lease.  Without
+ * KC_KILL_FORCE, refuses with errSecInvalidOwnerEdit, changing nothing,
+ * when another live process owns it or no lease proves keychain_ext made
+ * it.  Verifies that what it deleted is gone.  errSecItemNotFound if
+ * nothing carries the label. */
+int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
+                    kc_error *err);
 
 /* Crypto.cpp lookupKeychainItem: errSecSuccess and *out filled when a
  * certificate or key carries the label, errSecItemNotFound when nothing
@@ -149,14 +195,14 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, kc_error *err);
 int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
                                 kc_item_info *out, kc_error *err);
 
-/* Remove the identity under label only if its lease names an owner process
- * that is dead (a crash between preauth and kill), with the partial objects
- * such a crash leaves.  errSecItemNotFound if nothing carries the label or
- * it has no lease; errSecDuplicateItem if the owner runs or cannot be
- * judged (another host).  Decided under the store's lock, so a live
- * identity is never removed.  With label NULL, removes only the objects a
- * process killed inside C_CreateObject can leave (no label, no id, no
- * value: unusable by anyone); errSecItemNotFound if there are none.
+/* Remove the identity under label only if its lease names owners that are
+ * all dead (a crash between preauth and kill); a held identity is never
+ * stale.  errSecItemNotFound if it has no lease; errSecDuplicateItem if an
+ * owner runs or cannot be judged.  Decided under the store's lock.  With
+ * label NULL, on an exclusive store only, removes the objects a process
+ * killed inside C_CreateObject can leave (no label, no id, no value) and
+ * the owner files of dead processes; errSecItemNotFound if there was
+ * nothing, errSecInvalidOwnerEdit on a store that is not exclusive.
  * errSecUnimplemented where there are no leases (Darwin). */
 int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err);
 

@@ -756,7 +756,8 @@ cleanup:
     return status;
 }
 
-int32_t kc_kill_key(kc_keychain *kc, const char *label, kc_error *err)
+int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
+                    kc_error *err)
 {
     CFTypeRef found = NULL;
     SecCertificateRef cert = NULL;
@@ -766,7 +767,7 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, kc_error *err)
     int is_identity = 1;
 
     clear_error(err);
-    if (kc == NULL || !valid_label(label))
+    if (kc == NULL || !valid_label(label) || (flags & ~KC_KILL_FORCE) != 0)
         return fail(err, errSecParam, "kc_kill_key: bad argument");
     pthread_mutex_lock(&kc->lock);
 

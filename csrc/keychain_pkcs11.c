@@ -32,33 +32,35 @@
 
 /* ------------------------------------------------- Crypto.cpp helpers */
 
+/* Which objects a query sees: all, token objects only, or session objects
+ * only (an ephemeral identity: only its own process sees them). */
+enum scope { ANY_OBJECTS, TOKEN_OBJECTS, SESSION_OBJECTS };
+
 /* A search template and the values it points to. */
 typedef struct query {
     CK_ATTRIBUTE attrs[4];
     CK_ULONG n;
     CK_OBJECT_CLASS cls;
+    CK_BBOOL token;
 } query;
 
-/* createQueryDict: objects of class cls (ANY_CLASS: every class) carrying
- * label, and with key_id (NULL: any) the identity's key id -- CKA_ID of a
- * certificate or key, CKA_OBJECT_ID of a lease.  Leases are also matched
- * by CKA_APPLICATION, so another application's data objects never are. */
-static void create_query_dict(query *q, CK_OBJECT_CLASS cls,
+/* createQueryDict: objects of class cls (ANY_CLASS: every class) in scope,
+ * carrying label (NULL: any), with key_id as CKA_ID (NULL: any). */
+static void create_query_dict(query *q, CK_OBJECT_CLASS cls, enum scope scope,
                               const char *label, const CK_BYTE *key_id,
                               CK_ULONG key_id_len)
 {
     q->n = 0;
     q->cls = cls;
+    q->token = scope == TOKEN_OBJECTS;
     if (cls != ANY_CLASS)
         q->attrs[q->n++] = (CK_ATTRIBUTE)ATTR(CKA_CLASS, &q->cls, sizeof q->cls);
+    if (scope != ANY_OBJECTS)
+        q->attrs[q->n++] = (CK_ATTRIBUTE)ATTR(CKA_TOKEN, &q->token, sizeof q->token);
     if (label)
         q->attrs[q->n++] = (CK_ATTRIBUTE)ATTR(CKA_LABEL, label, strlen(label));
-    if (cls == CKO_DATA)
-        q->attrs[q->n++] = (CK_ATTRIBUTE)ATTR(
-            CKA_APPLICATION, LEASE_APPLICATION, strlen(LEASE_APPLICATION));
     if (key_id)
-        q->attrs[q->n++] = (CK_ATTRIBUTE)ATTR(
-            cls == CKO_DATA ? CKA_OBJECT_ID : CKA_ID, key_id, key_id_len);
+        q->attrs[q->n++] = (CK_ATTRIBUTE)ATTR(CKA_ID, key_id, key_id_len);
 }
 
 /* lookupKeychainItem: up to max handles of what the query finds. */
@@ -69,6 +71,21 @@ static int32_t lookup_keychain_item(kc_keychain *kc, query *q,
     CK_RV rv = find(kc, q->attrs, q->n, found, max, count);
     return rv == CKR_OK ? KC_errSecSuccess
                         : fail_ck(err, rv, "searching the token");
+}
+
+/* Whether anything the query describes is there. */
+static int32_t exists(kc_keychain *kc, CK_OBJECT_CLASS cls, enum scope scope,
+                      const char *label, const CK_BYTE *key_id,
+                      CK_ULONG key_id_len, int *yes, kc_error *err)
+{
+    CK_OBJECT_HANDLE h;
+    CK_ULONG count = 0;
+    query q;
+    int32_t st;
+    create_query_dict(&q, cls, scope, label, key_id, key_id_len);
+    st = lookup_keychain_item(kc, &q, &h, 1, &count, err);
+    *yes = count > 0;
+    return st;
 }
 
 /* createAccess: the SecAccess "only this application" becomes a private
@@ -135,7 +152,8 @@ enum { RSA_N, RSA_E, RSA_D, RSA_P, RSA_Q, RSA_DP, RSA_DQ, RSA_QINV, N_KEY_BLOBS 
 
 static int32_t create_key(kc_keychain *kc, const identity *id,
                           const char *label, CK_BBOOL token,
-                          CK_OBJECT_HANDLE *out, kc_error *err)
+                          const blanks *before, CK_OBJECT_HANDLE *out,
+                          kc_error *err)
 {
     static const char *rsa_params[N_KEY_BLOBS] = {
         OSSL_PKEY_PARAM_RSA_N, OSSL_PKEY_PARAM_RSA_E, OSSL_PKEY_PARAM_RSA_D,
@@ -187,7 +205,7 @@ static int32_t create_key(kc_keychain *kc, const identity *id,
                       "cannot read the private key's parameters");
         goto out;
     }
-    st = create_object(kc, tmpl, n, cls, label, out,
+    st = create_object(kc, tmpl, n, cls, label, before, out,
                        "C_CreateObject (private key)", err);
 out:
     for (i = 0; i < N_KEY_BLOBS; i++)
@@ -198,7 +216,8 @@ out:
 
 static int32_t create_cert(kc_keychain *kc, const identity *id,
                            const char *label, CK_BBOOL token,
-                           CK_OBJECT_HANDLE *out, kc_error *err)
+                           const blanks *before, CK_OBJECT_HANDLE *out,
+                           kc_error *err)
 {
     CK_OBJECT_CLASS cls = CKO_CERTIFICATE;
     CK_CERTIFICATE_TYPE type = CKC_X_509;
@@ -230,36 +249,13 @@ static int32_t create_cert(kc_keychain *kc, const identity *id,
             ATTR(CKA_ISSUER, p[2], len[2]),
             ATTR(CKA_SERIAL_NUMBER, p[3], len[3]),
         };
-        st = create_object(kc, tmpl, 10, cls, label, out,
+        st = create_object(kc, tmpl, 10, cls, label, before, out,
                            "C_CreateObject (certificate)", err);
     }
 out:
     for (i = 0; i < 4; i++)
         OPENSSL_free(p[i]);
     return st;
-}
-
-static int32_t create_lease(kc_keychain *kc, const identity *id,
-                            const char *label, CK_OBJECT_HANDLE *out,
-                            kc_error *err)
-{
-    CK_OBJECT_CLASS cls = CKO_DATA;
-    CK_BBOOL t = CK_TRUE;
-    char text[512];
-    CK_ATTRIBUTE tmpl[] = {
-        ATTR(CKA_CLASS, &cls, sizeof cls),
-        ATTR(CKA_TOKEN, &t, sizeof t),
-        ATTR(CKA_PRIVATE, &t, sizeof t),
-        ATTR(CKA_LABEL, label, strlen(label)),
-        ATTR(CKA_APPLICATION, LEASE_APPLICATION, strlen(LEASE_APPLICATION)),
-        /* the key id, so kill finds its own lease without reading it */
-        ATTR(CKA_OBJECT_ID, id->key_id, sizeof id->key_id),
-        ATTR(CKA_VALUE, text, 0),
-    };
-    make_lease(id->key_id, text, sizeof text);
-    tmpl[6].ulValueLen = strlen(text);
-    return create_object(kc, tmpl, 7, cls, label, out,
-                         "C_CreateObject (lease)", err);
 }
 
 static void identity_info(const identity *id, const char *label,
@@ -274,185 +270,112 @@ static void identity_info(const identity *id, const char *label,
     memcpy(info->key_id, id->key_id, sizeof id->key_id);
     info->key_id_len = sizeof id->key_id;
     describe_name(X509_get_subject_name(id->cert), info);
+    info->ours = info->mine = 1;
     info->owner_pid = getpid();
     info->owner_alive = 1;
 }
 
 /* ------------------------------------------------ removing an identity */
 
-/* Destroy what the query finds, adding the count to *found. */
-static int32_t destroy_found(kc_keychain *kc, query *q, const char *what,
-                             CK_ULONG *found, kc_error *err)
-{
-    CK_ULONG n = 0;
-    int32_t st = destroy_all(kc, q->attrs, q->n, what, &n, err);
-    *found += n;
-    return st;
-}
-
-/* Crypto.cpp killKey's core: the certificate, then the private key
+/* Crypto.cpp killKey's core: the certificates, then the private keys
  * separately (deleting the pair in one call failed when running as root),
- * then the lease last, so an interrupted removal still names its owner.
- * With key_id, only objects of that identity go: an identity that has
- * replaced ours under the label is left alone.  cert: the certificate when
- * the caller found it already, else CK_INVALID_HANDLE (search for it). */
+ * of label in scope, with key_id (NULL: any).  *found counts them. */
 static int32_t remove_identity(kc_keychain *kc, const char *label,
-                               const CK_BYTE *key_id, CK_ULONG key_id_len,
-                               CK_OBJECT_HANDLE cert, int with_lease,
-                               CK_ULONG *found, kc_error *err)
+                               enum scope scope, const CK_BYTE *key_id,
+                               CK_ULONG key_id_len, CK_ULONG *found,
+                               kc_error *err)
 {
+    static const CK_OBJECT_CLASS classes[] = {CKO_CERTIFICATE, CKO_PRIVATE_KEY};
+    static const char *what[] = {"removing the certificate",
+                                 "removing the private key"};
+    CK_ULONG n, i;
     query q;
     int32_t st;
-    CK_RV rv;
 
     *found = 0;
-    if (cert != CK_INVALID_HANDLE) {
-        if ((rv = destroy(kc, cert)) != CKR_OK)
-            return fail_ck(err, rv, "removing the certificate");
-        *found = 1;
-    } else {
-        create_query_dict(&q, CKO_CERTIFICATE, label, key_id, key_id_len);
-        if ((st = destroy_found(kc, &q, "removing the certificate", found, err)))
+    for (i = 0; i < 2; i++) {
+        create_query_dict(&q, classes[i], scope, label, key_id, key_id_len);
+        if ((st = destroy_all(kc, q.attrs, q.n, what[i], &n, err)))
             return st;
+        *found += n;
     }
-    create_query_dict(&q, CKO_PRIVATE_KEY, label, key_id, key_id_len);
-    if ((st = destroy_found(kc, &q, "removing the private key", found, err)))
-        return st;
-    if (!with_lease)
-        return KC_errSecSuccess;
-    create_query_dict(&q, CKO_DATA, label, key_id, key_id_len);
-    return destroy_found(kc, &q, "removing the lease", found, err);
+    return KC_errSecSuccess;
 }
 
-/* The lease of the token identity under label, if any. */
-static int read_lease(kc_keychain *kc, const char *label, lease *l)
-{
-    CK_OBJECT_HANDLE h;
-    CK_ULONG count;
-    object *o;
-    query q;
-    int ok = 0;
-
-    create_query_dict(&q, CKO_DATA, label, NULL, 0);
-    if (lookup_keychain_item(kc, &q, &h, 1, &count, NULL) || !count)
-        return 0;
-    if ((o = malloc(sizeof *o))) {
-        ok = read_object(kc, h, o) == CKR_OK && parse_lease(o, l);
-        free(o);
-    }
-    return ok;
-}
-
-/* An object that holds nothing but PKCS#11 defaults: no label, no id, no
- * value or key material.  SoftHSM2 leaves these when a process dies inside
- * C_CreateObject (the object exists before its template is committed).
- * Nobody can use one, so removing it harms no one. */
-static int crash_orphan(kc_keychain *kc, const object *o)
-{
-    CK_ATTRIBUTE material[] = {ATTR(CKA_MODULUS, NULL, 0),
-                               ATTR(CKA_EC_PARAMS, NULL, 0)};
-    if (o->label[0] || o->id_len)
-        return 0;
-    switch (o->cls) {
-    case CKO_CERTIFICATE:
-        return o->value_len == 0;
-    case CKO_DATA:
-        return o->value_len == 0 && !o->application[0];
-    case CKO_PRIVATE_KEY:
-        kc->mod->f->C_GetAttributeValue(kc->session, o->handle, material, 2);
-        return (material[0].ulValueLen == 0 ||
-                material[0].ulValueLen == CK_UNAVAILABLE_INFORMATION) &&
-               (material[1].ulValueLen == 0 ||
-                material[1].ulValueLen == CK_UNAVAILABLE_INFORMATION);
-    default:
-        return 0;
-    }
-}
-
-/* SoftHSM2 answers CKR_ATTRIBUTE_VALUE_INVALID for every attribute of an
- * object whose file a crash left half-written. */
-static int unreadable(CK_RV rv) { return rv == CKR_ATTRIBUTE_VALUE_INVALID; }
-
-/* Remove every crash orphan (see crash_orphan) and every object a crash
- * left unreadable; *removed counts them. */
-static int32_t sweep_orphans(kc_keychain *kc, CK_ULONG *removed,
+/* Remove the token identity a lease names: its objects (by the key id it
+ * records: an identity that replaced ours under the label stays), then the
+ * lease, last, so an interrupted removal still names its owners. */
+static int32_t remove_leased(kc_keychain *kc, const lease *l, CK_ULONG *found,
                              kc_error *err)
 {
-    CK_OBJECT_HANDLE *h = NULL;
-    CK_ULONG n = 0, i;
-    int32_t st = KC_errSecSuccess;
-    object *o;
-    CK_RV rv;
-
-    *removed = 0;
-    if (!(o = malloc(sizeof *o)))
-        return fail(err, KC_errSecAllocate, 0, "out of memory");
-    if ((rv = all_objects(kc, &h, &n)) != CKR_OK)
-        st = fail_ck(err, rv, "searching for objects left by a crash");
-    for (i = 0; i < n && !st; i++) {
-        rv = read_object(kc, h[i], o);
-        if (!unreadable(rv) && !(rv == CKR_OK && crash_orphan(kc, o)))
-            continue;
-        if ((rv = destroy(kc, h[i])) != CKR_OK)
-            st = fail_ck(err, rv, "removing an object left by a crash");
-        else
-            ++*removed;
-    }
-    free(h);
-    free(o);
-    return st;
+    int32_t st = remove_identity(kc, l->label, TOKEN_OBJECTS, l->key_id,
+                                 sizeof l->key_id, found, err);
+    return st ? st : lease_remove(kc, l->label, err);
 }
 
-/* Remove what a dead owner left under label, and the crash orphans its
- * death may have left. */
-static int32_t reclaim(kc_keychain *kc, const char *label, kc_error *err)
+static const char *verdict(int alive)
 {
-    CK_ULONG found;
-    int32_t st = remove_identity(kc, label, NULL, 0, CK_INVALID_HANDLE, 1,
-                                 &found, err);
-    return st ? st : sweep_orphans(kc, &found, err);
+    return alive > 0 ? "running" : alive == 0 ? "dead" : "cannot tell";
 }
 
-/* Crypto.cpp lookupKeychainItem's refusal: nothing may carry the label
- * (unless its owner is dead and the caller asked to reclaim it), and no
- * private key may have the same id. */
+static int32_t refuse_owned(const lease *l, int alive, const char *why,
+                            int32_t status, kc_error *err)
+{
+    if (l->held)
+        return fail(err, status, 0,
+                    "the identity labelled '%s' is held until it is killed; %s",
+                    l->label, why);
+    return fail(err, status, 0,
+                "the identity labelled '%s' is owned by process %ld on %s "
+                "(%s); %s", l->label, l->n_owners ? l->owners[0].pid : 0L,
+                l->n_owners ? l->owners[0].host : "?", verdict(alive), why);
+}
+
+/* Crypto.cpp lookupKeychainItem's refusal: nothing may carry the label --
+ * unless it is the same shared identity (*join: the caller joins its
+ * owners) or its owners are dead and the caller asked to reclaim it -- and
+ * no private key may have the same id. */
 static int32_t refuse_duplicate(kc_keychain *kc, const char *label,
-                                const identity *id, int flags, kc_error *err)
+                                const identity *id, int flags, lease *l,
+                                int *join, kc_error *err)
 {
-    CK_OBJECT_HANDLE h;
-    CK_ULONG count;
-    query q;
-    lease l;
-    int alive;
+    int taken, found, alive, same;
+    CK_ULONG removed;
     int32_t st;
 
-    /* a crash may have left objects no label leads to */
-    if ((flags & KC_PREAUTH_RECLAIM_STALE) && (st = sweep_orphans(kc, &count, err)))
+    *join = 0;
+    if ((st = exists(kc, ANY_CLASS, ANY_OBJECTS, label, NULL, 0, &taken, err)) ||
+        (st = lease_read(kc, label, l, &found, err)))
         return st;
-    create_query_dict(&q, ANY_CLASS, label, NULL, 0);
-    if ((st = lookup_keychain_item(kc, &q, &h, 1, &count, err)))
-        return st;
-    if (count) {
-        if (!read_lease(kc, label, &l))
-            return fail(err, KC_errSecDuplicateItem, 0,
-                        "an identity labelled '%s' is already in the store; "
-                        "refusing to import over it", label);
-        alive = lease_alive(&l);
+    if (found && taken && (flags & KC_PREAUTH_SHARED) && l->shared &&
+        !memcmp(l->key_id, id->key_id, sizeof l->key_id)) {
+        if ((st = exists(kc, CKO_PRIVATE_KEY, TOKEN_OBJECTS, label, id->key_id,
+                          sizeof id->key_id, &same, err)))
+            return st;
+        *join = same;
+        if (same)
+            return KC_errSecSuccess;
+    }
+    if (found) {
+        alive = lease_alive(kc, l);
         if (alive != 0 || !(flags & KC_PREAUTH_RECLAIM_STALE))
-            return fail(err, KC_errSecDuplicateItem, 0,
-                        "an identity labelled '%s' is already in the store, "
-                        "owned by process %ld on %s (%s); refusing to import "
-                        "over it%s", label, l.pid, l.host,
-                        alive > 0 ? "running" : alive == 0 ? "dead" : "unknown",
-                        alive == 0 ? ": reclaim it (stale='reclaim') or purge"
-                                   : "");
-        if ((st = reclaim(kc, label, err)))
+            return refuse_owned(l, alive,
+                                alive == 0 ? "reclaim it (stale='reclaim') or purge"
+                                           : "refusing to import over it",
+                                KC_errSecDuplicateItem, err);
+        if ((st = remove_leased(kc, l, &removed, err)) ||
+            (st = exists(kc, ANY_CLASS, ANY_OBJECTS, label, NULL, 0, &taken, err)))
             return st;
     }
-    create_query_dict(&q, CKO_PRIVATE_KEY, NULL, id->key_id, sizeof id->key_id);
-    if ((st = lookup_keychain_item(kc, &q, &h, 1, &count, err)))
+    if (taken)
+        return fail(err, KC_errSecDuplicateItem, 0,
+                    "an identity labelled '%s' is already in the store%s; "
+                    "refusing to import over it", label,
+                    found ? "" : " (not made by keychain_ext)");
+    if ((st = exists(kc, CKO_PRIVATE_KEY, ANY_OBJECTS, NULL, id->key_id,
+                      sizeof id->key_id, &taken, err)))
         return st;
-    if (count)
+    if (taken)
         return fail(err, KC_errSecDuplicateItem, 0,
                     "the private key of this identity is already in the "
                     "store under another label; refusing to import it twice");
@@ -465,42 +388,74 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
                        const char *password, const char *label, int flags,
                        kc_item_info *out, kc_error *err)
 {
+    const int modes = KC_PREAUTH_EPHEMERAL | KC_PREAUTH_HELD | KC_PREAUTH_SHARED;
     identity id;
     CK_BBOOL token = (flags & KC_PREAUTH_EPHEMERAL) ? CK_FALSE : CK_TRUE;
-    CK_OBJECT_HANDLE made[3]; /* lease, certificate, key: undone in reverse */
-    int n_made = 0;
+    CK_OBJECT_HANDLE made[2]; /* certificate, key: undone in reverse */
+    int n_made = 0, join = 0, leased = 0, counted;
+    blanks before;
+    lease l;
     CK_RV rv;
     int32_t st;
 
     memset(&id, 0, sizeof id);
     if ((st = check_label(label, err)))
         return st;
-    if (flags & ~(KC_PREAUTH_EPHEMERAL | KC_PREAUTH_RECLAIM_STALE))
+    if (flags & ~(modes | KC_PREAUTH_RECLAIM_STALE))
         return fail(err, KC_errSecParam, 0, "unknown flags 0x%x", flags);
+    if ((flags & modes) & ((flags & modes) - 1))
+        return fail(err, KC_errSecParam, 0,
+                    "ephemeral, held and shared exclude each other");
+    if (token && (!kc || !kc->state_dir))
+        return fail(err, KC_errSecParam, 0,
+                    "token identities need a state directory for their leases");
     /* Parse before touching the store: a bad file changes nothing. */
     if ((st = copy_identity_from_pkcs12(p12, p12_len, password, &id, err)))
         return st;
     if ((st = begin(kc, err)))
         goto out;
-    if ((st = refuse_duplicate(kc, label, &id, flags, err)))
+    if ((st = refuse_duplicate(kc, label, &id, flags, &l, &join, err)))
         goto unlock;
-    /* The lease goes first and leaves last: every partial state a crash
-     * can leave names its (dead) owner. */
-    if (token && (st = create_lease(kc, &id, label, &made[n_made], err)))
-        goto undo;
-    n_made += token;
-    if ((st = create_cert(kc, &id, label, token, &made[n_made], err)))
+    if (token) {
+        /* The lease goes first and leaves last: every partial state a
+         * crash can leave is named by a lease, so it can be proven ours. */
+        if (!join) {
+            memset(&l, 0, sizeof l);
+            snprintf(l.label, sizeof l.label, "%s", label);
+            memcpy(l.key_id, id.key_id, sizeof l.key_id);
+            l.held = !!(flags & KC_PREAUTH_HELD);
+            l.shared = !!(flags & KC_PREAUTH_SHARED);
+        }
+        lease_prune(kc, &l);
+        counted = !l.held && !lease_mine(&l);
+        if (counted && (st = lease_join(kc, &l, err)))
+            goto unlock;
+        if ((st = lease_write(kc, &l, err))) {
+            if (counted)
+                lease_unjoin(kc);
+            goto unlock;
+        }
+        if (counted)
+            lease_joined(kc);
+        leased = 1;
+        if (join)
+            goto done;
+        note_blanks(kc, &before);
+    }
+    if ((st = create_cert(kc, &id, label, token, token ? &before : NULL,
+                          &made[n_made], err)))
         goto undo;
     n_made++;
-    if ((st = create_key(kc, &id, label, token, &made[n_made], err)))
+    if ((st = create_key(kc, &id, label, token, token ? &before : NULL,
+                         &made[n_made], err)))
         goto undo;
     n_made++;
-    snprintf(kc->imported_label, sizeof kc->imported_label, "%s", label);
-    memcpy(kc->imported_id, id.key_id, sizeof id.key_id);
-    kc->has_imported_id = 1;
-    kc->imported_ephemeral = !token;
-    if (out)
+done:
+    if (out) {
         identity_info(&id, label, !token, out);
+        if (leased)
+            lease_describe(kc, &l, out);
+    }
     goto unlock;
 undo:
     /* all or nothing: take back out what this call created */
@@ -509,6 +464,10 @@ undo:
             snprintf(err->message + strlen(err->message),
                      sizeof err->message - strlen(err->message),
                      "; undoing the import also failed: %s", ckr_name(rv));
+    if (leased) {
+        lease_leave(kc, &l);
+        lease_remove(kc, label, NULL);
+    }
 unlock:
     end(kc);
 out:
@@ -516,46 +475,71 @@ out:
     return st;
 }
 
-int32_t kc_kill_key(kc_keychain *kc, const char *label, kc_error *err)
+int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
+                    kc_error *err)
 {
     CK_BYTE key_id[KC_KEY_ID_MAX];
-    CK_ULONG key_id_len = 0, count, found;
-    CK_OBJECT_HANDLE cert = CK_INVALID_HANDLE;
-    int ours, with_lease = 1;
+    CK_ULONG key_id_len = 0, count = 0, found = 0;
+    CK_OBJECT_HANDLE cert;
+    int leased, alive, taken, force = flags & KC_KILL_FORCE;
+    lease l;
     query q;
     int32_t st;
 
     if ((st = check_label(label, err)))
         return st;
+    if (flags & ~KC_KILL_FORCE)
+        return fail(err, KC_errSecParam, 0, "unknown flags 0x%x", flags);
     if ((st = begin(kc, err)))
         return st;
-    /* The key id: remembered from our own import, else the certificate's
-     * (another handle or process imported it). */
-    ours = kc->has_imported_id && strcmp(kc->imported_label, label) == 0;
-    if (ours) {
-        memcpy(key_id, kc->imported_id, sizeof kc->imported_id);
-        key_id_len = sizeof kc->imported_id;
-        with_lease = !kc->imported_ephemeral;
-    } else {
-        create_query_dict(&q, CKO_CERTIFICATE, label, NULL, 0);
-        if ((st = lookup_keychain_item(kc, &q, &cert, 1, &count, err)))
-            goto out;
-        if (count) {
-            CK_ATTRIBUTE a = ATTR(CKA_ID, key_id, sizeof key_id);
-            if (kc->mod->f->C_GetAttributeValue(kc->session, cert, &a, 1) == CKR_OK)
-                key_id_len = a.ulValueLen;
-        } else {
-            cert = CK_INVALID_HANDLE;
-        }
+    /* An ephemeral identity: session objects, which only this process
+     * sees, so they are ours.  The key goes by the certificate's id. */
+    create_query_dict(&q, CKO_CERTIFICATE, SESSION_OBJECTS, label, NULL, 0);
+    if ((st = lookup_keychain_item(kc, &q, &cert, 1, &count, err)))
+        goto out;
+    if (count) {
+        CK_ATTRIBUTE a = ATTR(CKA_ID, key_id, sizeof key_id);
+        if (kc->mod->f->C_GetAttributeValue(kc->session, cert, &a, 1) == CKR_OK &&
+            a.ulValueLen <= sizeof key_id)
+            key_id_len = a.ulValueLen;
+        st = remove_identity(kc, label, SESSION_OBJECTS,
+                             key_id_len ? key_id : NULL, key_id_len, &found, err);
+        goto out;
     }
-    if ((st = remove_identity(kc, label, key_id_len ? key_id : NULL,
-                              key_id_len, cert, with_lease, &found, err)))
+    /* A token identity: its lease says who owns it. */
+    if ((st = lease_read(kc, label, &l, &leased, err)))
+        goto out;
+    if (!leased) {
+        if ((st = exists(kc, ANY_CLASS, TOKEN_OBJECTS, label, NULL, 0, &taken, err)))
+            goto out;
+        if (!taken)
+            st = fail(err, KC_errSecItemNotFound, 0,
+                      "no identity labelled '%s' in the store", label);
+        else if (!force)
+            st = fail(err, KC_errSecInvalidOwnerEdit, 0,
+                      "the identity labelled '%s' has no lease: keychain_ext "
+                      "did not make it, so it will not remove it (force to "
+                      "override)", label);
+        else
+            st = remove_identity(kc, label, TOKEN_OBJECTS, NULL, 0, &found, err);
+        goto out;
+    }
+    if (lease_leave(kc, &l) && l.shared && l.n_owners > 0) {
+        st = lease_write(kc, &l, err); /* other owners keep it */
+        goto out;
+    }
+    alive = lease_alive(kc, &l);
+    if (!l.held && alive != 0 && l.n_owners > 0 && !force) {
+        st = refuse_owned(&l, alive, "refusing to remove it (force to override)",
+                          KC_errSecInvalidOwnerEdit, err);
+        goto out;
+    }
+    if ((st = remove_leased(kc, &l, &found, err)))
         goto out;
     if (!found)
         st = fail(err, KC_errSecItemNotFound, 0,
-                  "no identity labelled '%s' in the store", label);
-    if (ours)
-        kc->has_imported_id = 0;
+                  "no identity labelled '%s' in the store (its lease is "
+                  "removed)", label);
 out:
     end(kc);
     return st;
@@ -564,32 +548,15 @@ out:
 /* Fold one object into the description of its label. */
 static void add_object(const object *o, kc_item_info *info)
 {
-    lease l;
     if (!info->label[0])
         snprintf(info->label, sizeof info->label, "%s", o->label);
-    if (parse_lease(o, &l)) {
-        info->owner_pid = l.pid;
-        info->owner_alive = lease_alive(&l);
-        return;
-    }
     if (o->cls == CKO_CERTIFICATE) {
-        /* CKA_SUBJECT is cheap to decode; the whole certificate costs ~100x
-         * more in OpenSSL 3 (it decodes the public key): only without one */
         const unsigned char *p = o->subject;
-        X509_NAME *name = o->subject_len
-                              ? d2i_X509_NAME(NULL, &p, (long)o->subject_len)
-                              : NULL;
-        X509 *cert = NULL;
+        X509_NAME *name = d2i_X509_NAME(NULL, &p, (long)o->subject_len);
         info->has_certificate = 1;
-        if (name) {
+        if (name)
             describe_name(name, info);
-            X509_NAME_free(name);
-        } else {
-            p = o->value;
-            if ((cert = d2i_X509(NULL, &p, (long)o->value_len)))
-                describe_name(X509_get_subject_name(cert), info);
-            X509_free(cert);
-        }
+        X509_NAME_free(name);
         ERR_clear_error();
     } else if (o->cls == CKO_PRIVATE_KEY) {
         info->has_private_key = 1;
@@ -604,13 +571,28 @@ static void add_object(const object *o, kc_item_info *info)
         info->key_id_len = o->id_len;
     }
     info->ephemeral = !o->token;
+}
+
+/* Who owns what info describes: its lease, or this process for session
+ * objects; token objects without a lease are not ours. */
+static int32_t describe_owner(kc_keychain *kc, kc_item_info *info,
+                              kc_error *err)
+{
+    lease l;
+    int found;
+    int32_t st;
+    info->owner_alive = -1;
     if (info->ephemeral) {
-        /* session objects belong to this process */
+        info->ours = info->mine = info->owners = 1;
         info->owner_pid = getpid();
         info->owner_alive = 1;
-    } else if (!info->owner_pid) {
-        info->owner_alive = -1; /* until its lease says otherwise */
+        return KC_errSecSuccess;
     }
+    if (!info->label[0] || (st = lease_read(kc, info->label, &l, &found, err)))
+        return info->label[0] ? st : KC_errSecSuccess;
+    if (found)
+        lease_describe(kc, &l, info);
+    return KC_errSecSuccess;
 }
 
 int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
@@ -627,7 +609,7 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
     if ((st = check_label(label, err)))
         return st;
     memset(&info, 0, sizeof info);
-    create_query_dict(&q, ANY_CLASS, label, NULL, 0);
+    create_query_dict(&q, ANY_CLASS, ANY_OBJECTS, label, NULL, 0);
     if ((st = begin(kc, err)))
         return st;
     if ((st = lookup_keychain_item(kc, &q, h, MAX_FOUND, &count, err)))
@@ -649,7 +631,7 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
     if (!info.has_certificate && !info.has_private_key)
         st = fail(err, KC_errSecItemNotFound, 0,
                   "no identity labelled '%s' in the store", label);
-    else if (out)
+    else if (!(st = describe_owner(kc, &info, err)) && out)
         *out = info;
 out:
     free(o);
@@ -657,11 +639,46 @@ out:
     return st;
 }
 
+/* On an exclusive store, remove the blank objects a crash left, and the
+ * owner files of ended processes.  *removed counts both. */
+static int32_t sweep_crash_leftovers(kc_keychain *kc, CK_ULONG *removed,
+                                     kc_error *err)
+{
+    CK_OBJECT_HANDLE *h = NULL;
+    CK_ULONG n = 0, i, files = 0;
+    CK_ATTRIBUTE label;
+    char text[2];
+    int32_t st = KC_errSecSuccess;
+    CK_RV rv;
+
+    *removed = 0;
+    if (!kc->exclusive)
+        return fail(err, KC_errSecInvalidOwnerEdit, 0,
+                    "objects without a label on this token cannot be proven "
+                    "keychain_ext's: left alone");
+    if ((rv = all_objects(kc, &h, &n)) != CKR_OK)
+        return fail_ck(err, rv, "searching for objects left by a crash");
+    for (i = 0; i < n && !st; i++) {
+        label = (CK_ATTRIBUTE)ATTR(CKA_LABEL, text, sizeof text);
+        rv = kc->mod->f->C_GetAttributeValue(kc->session, h[i], &label, 1);
+        if ((rv == CKR_OK && label.ulValueLen != 0) || !is_blank(kc, h[i]))
+            continue;
+        if ((rv = destroy(kc, h[i])) != CKR_OK)
+            st = fail_ck(err, rv, "removing an object left by a crash");
+        else
+            ++*removed;
+    }
+    free(h);
+    if (!st && !(st = sweep_owner_files(kc, &files, err)))
+        *removed += files;
+    return st;
+}
+
 int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
 {
-    CK_ULONG removed;
+    CK_ULONG removed = 0;
     lease l;
-    int alive;
+    int found, alive;
     int32_t st;
 
     if (label && (st = check_label(label, err)))
@@ -669,23 +686,37 @@ int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
     if ((st = begin(kc, err)))
         return st;
     if (!label) {
-        st = sweep_orphans(kc, &removed, err);
-        if (!st && !removed)
+        if (!(st = sweep_crash_leftovers(kc, &removed, err)) && !removed)
             st = fail(err, KC_errSecItemNotFound, 0,
-                      "no objects left by a crash in the store");
-    } else if (!read_lease(kc, label, &l)) {
+                      "nothing left by a crash in the store");
+    } else if ((st = lease_read(kc, label, &l, &found, err))) {
+        ;
+    } else if (!found) {
         st = fail(err, KC_errSecItemNotFound, 0,
                   "no leased identity labelled '%s' in the store", label);
-    } else if ((alive = lease_alive(&l)) != 0) {
-        st = fail(err, KC_errSecDuplicateItem, 0,
-                  "the identity labelled '%s' is owned by process %ld on %s "
-                  "(%s): not stale", label, l.pid, l.host,
-                  alive > 0 ? "running" : "unknown");
+    } else if ((alive = lease_alive(kc, &l)) != 0) {
+        st = refuse_owned(&l, alive, "not stale", KC_errSecDuplicateItem, err);
     } else {
-        st = reclaim(kc, label, err);
+        st = remove_leased(kc, &l, &removed, err);
     }
     end(kc);
     return st;
+}
+
+/* The entry for label in items (added if new); NULL when out of memory. */
+static kc_item_info *entry(kc_item_info **items, size_t *n, const char *label)
+{
+    kc_item_info *grown;
+    size_t j;
+    for (j = 0; j < *n; j++)
+        if (strcmp((*items)[j].label, label) == 0)
+            return &(*items)[j];
+    if (!(grown = realloc(*items, (*n + 1) * sizeof *grown)))
+        return NULL;
+    *items = grown;
+    memset(&grown[*n], 0, sizeof *grown);
+    snprintf(grown[*n].label, sizeof grown[*n].label, "%s", label);
+    return &grown[(*n)++];
 }
 
 int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
@@ -693,8 +724,9 @@ int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
 {
     CK_OBJECT_HANDLE *h = NULL;
     CK_ULONG n = 0, i;
-    kc_item_info *items = NULL, *grown;
-    size_t n_items = 0, j;
+    kc_item_info *items = NULL, *item;
+    char (*labels)[KC_LABEL_MAX] = NULL;
+    size_t n_items = 0, n_labels = 0, j;
     object *o;
     CK_RV rv;
     int32_t st;
@@ -713,34 +745,42 @@ int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
         goto out;
     }
     for (i = 0; i < n; i++) {
-        /* identities (labelled certificates, keys, our leases), and crash
-         * leftovers, which group under the empty label */
+        /* identities (labelled certificates and keys), and blank objects a
+         * crash left, which group under the empty label */
         rv = read_object(kc, h[i], o);
-        if (unreadable(rv))
+        if (rv == CKR_ATTRIBUTE_VALUE_INVALID)
             memset(o, 0, sizeof *o);
         else if (rv != CKR_OK ||
                  (o->label[0] ? o->cls != CKO_CERTIFICATE &&
-                                    o->cls != CKO_PRIVATE_KEY &&
-                                    strcmp(o->application, LEASE_APPLICATION)
-                              : !crash_orphan(kc, o)))
+                                    o->cls != CKO_PRIVATE_KEY
+                              : !is_blank(kc, h[i])))
             continue;
-        for (j = 0; j < n_items; j++)
-            if (strcmp(items[j].label, o->label) == 0)
-                break;
-        if (j == n_items) {
-            if (!(grown = realloc(items, (n_items + 1) * sizeof *items))) {
-                st = fail(err, KC_errSecAllocate, 0, "out of memory");
-                goto out;
-            }
-            items = grown;
-            memset(&items[n_items++], 0, sizeof *items);
+        if (!(item = entry(&items, &n_items, o->label))) {
+            st = fail(err, KC_errSecAllocate, 0, "out of memory");
+            goto out;
         }
-        add_object(o, &items[j]);
+        add_object(o, item);
     }
-    for (j = 0; j < n_items && j < cap; j++)
+    /* leases whose objects are gone (a crash before the create) */
+    if ((st = lease_labels(kc, &labels, &n_labels, err)))
+        goto out;
+    for (j = 0; j < n_labels; j++)
+        if (!entry(&items, &n_items, labels[j])) {
+            st = fail(err, KC_errSecAllocate, 0, "out of memory");
+            goto out;
+        }
+    for (j = 0; j < n_items && !st; j++) {
+        if (items[j].label[0])
+            st = describe_owner(kc, &items[j], err);
+        else
+            items[j].ours = kc->exclusive;
+    }
+    for (j = 0; j < n_items && j < cap && !st; j++)
         out[j] = items[j];
-    *count = n_items;
+    if (!st)
+        *count = n_items;
 out:
+    free(labels);
     free(h);
     free(items);
     free(o);

@@ -32,7 +32,6 @@
 #define MAX_SLOTS 16         /* tokens per module we remember logins for */
 #define MAX_FOUND 64         /* objects one label may carry that we handle */
 #define TRANSIENT_RETRIES 5  /* tries for CKR_TOKEN_NOT_PRESENT and kin */
-#define LEASE_APPLICATION "keychain_ext"
 
 #define ATTR(type, ptr, len) {(type), (void *)(ptr), (CK_ULONG)(len)}
 
@@ -52,12 +51,16 @@ typedef struct slot_login {
     CK_SLOT_ID slot;
     pid_t pid;                          /* process that logged in */
     CK_SESSION_HANDLE anchor;           /* never closed: SoftHSM2 #464 */
+    int verified;                       /* C_Login accepted pin_digest's PIN */
     unsigned char pin_digest[SHA256_DIGEST_LENGTH];
 } slot_login;
 
 typedef struct module {
     struct module *next;
+    dev_t dev;                          /* the module file: its identity */
+    ino_t ino;
     char *path;
+    char *init_args;                    /* C_Initialize pReserved, or NULL */
     CK_FUNCTION_LIST_PTR f;
     pid_t init_pid;                     /* process that C_Initialize'd */
     slot_login logins[MAX_SLOTS];
@@ -65,31 +68,29 @@ typedef struct module {
 } module;
 
 struct kc_keychain {
+    struct kc_keychain *next;       /* every open handle (fork safety) */
     pthread_mutex_t lock;           /* serializes this handle's calls */
     module *mod;
     CK_SLOT_ID slot;
     CK_SESSION_HANDLE session;
     pid_t pid;                      /* process that opened session/lock */
     char *pin;                      /* to log in again after fork() */
-    char *lock_path;
+    char *state_dir;                /* lock and leases; NULL: neither */
     int lock_fd;
-    /* Crypto.cpp's `id` member, done right: the key id of the last import
-     * and the label it was imported under. */
-    char imported_label[KC_LABEL_MAX];
-    CK_BYTE imported_id[SHA_DIGEST_LENGTH];
-    int has_imported_id;
-    int imported_ephemeral;         /* session objects: no lease */
+    int exclusive;                  /* only keychain_ext uses the token */
 };
 
 /* Every operation runs between begin() and end(): the handle's mutex, the
  * session (reopened after fork) and the cross-process token lock. */
 int32_t begin(kc_keychain *kc, kc_error *err);
+int32_t ensure_login(kc_keychain *kc, kc_error *err);
 void end(kc_keychain *kc);
 int32_t check_label(const char *label, kc_error *err);
 
 /* --------------------------------------------------------- p11_object.c */
 
-/* The attributes lookup reports, read in one C_GetAttributeValue. */
+/* The attributes lookup reports, read in one C_GetAttributeValue (never
+ * an object's value: certificates are described by CKA_SUBJECT). */
 typedef struct object {
     CK_OBJECT_HANDLE handle;
     CK_OBJECT_CLASS cls;
@@ -98,12 +99,17 @@ typedef struct object {
     CK_BYTE id[KC_KEY_ID_MAX];
     CK_ULONG id_len;
     char label[KC_LABEL_MAX];
-    char application[32];
-    CK_BYTE value[8192];            /* certificate DER or lease text */
-    CK_ULONG value_len;
     CK_BYTE subject[1024];          /* certificate subject DER */
     CK_ULONG subject_len;
 } object;
+
+/* Objects with an empty label seen before a create: what a failed
+ * C_CreateObject leaves is blank and not among them. */
+typedef struct blanks {
+    CK_OBJECT_HANDLE h[MAX_FOUND];
+    CK_ULONG n;
+    int complete;                   /* all of them fit in h */
+} blanks;
 
 CK_RV find(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
            CK_OBJECT_HANDLE *found, CK_ULONG max, CK_ULONG *count);
@@ -111,27 +117,55 @@ CK_RV all_objects(kc_keychain *kc, CK_OBJECT_HANDLE **out, CK_ULONG *count);
 CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o);
 int32_t create_object(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
                       CK_OBJECT_CLASS cls, const char *label,
-                      CK_OBJECT_HANDLE *out, const char *what, kc_error *err);
+                      const blanks *before, CK_OBJECT_HANDLE *out,
+                      const char *what, kc_error *err);
+void note_blanks(kc_keychain *kc, blanks *b);
+void remove_new_blanks(kc_keychain *kc, const blanks *before);
+int is_blank(kc_keychain *kc, CK_OBJECT_HANDLE h);
 CK_RV destroy(kc_keychain *kc, CK_OBJECT_HANDLE h);
 int32_t destroy_all(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
                     const char *what, CK_ULONG *found, kc_error *err);
 
 /* ---------------------------------------------------------- p11_lease.c */
 
-/* A token identity carries a lease: a CKO_DATA object with the same label,
- * CKA_APPLICATION "keychain_ext" and a value naming the owner process and
- * the key id.  Session objects need none: they die with their owner. */
+#define OWNER_ID_LEN 32 /* hex characters of a random owner id */
+#define MAX_OWNERS 32   /* processes sharing one identity */
+
+typedef struct owner_ref {
+    char id[OWNER_ID_LEN + 1];
+    long pid;                       /* for people: liveness is the flock */
+    char host[KC_HOST_MAX];
+} owner_ref;
+
+/* Who owns the token identity under a label (see p11_lease.c). */
 typedef struct lease {
-    long pid;
-    unsigned long long start;
-    char boot[40];
-    char host[128];
-    char key_id_hex[2 * SHA_DIGEST_LENGTH + 1];
+    char label[KC_LABEL_MAX];
+    CK_BYTE key_id[SHA_DIGEST_LENGTH];
+    int held, shared;
+    int unreadable;                 /* a lease file we cannot parse */
+    int n_owners;
+    owner_ref owners[MAX_OWNERS];
 } lease;
 
-void make_lease(const CK_BYTE *key_id, char *out, size_t n);
-int parse_lease(const object *o, lease *l);
-int lease_alive(const lease *l); /* 1 alive, 0 dead, -1 cannot tell */
+int32_t lease_read(kc_keychain *kc, const char *label, lease *l, int *found,
+                   kc_error *err);
+int32_t lease_write(kc_keychain *kc, const lease *l, kc_error *err);
+int32_t lease_remove(kc_keychain *kc, const char *label, kc_error *err);
+int32_t lease_labels(kc_keychain *kc, char (**out)[KC_LABEL_MAX], size_t *n,
+                     kc_error *err);
+int32_t lease_join(kc_keychain *kc, lease *l, kc_error *err);
+void lease_joined(kc_keychain *kc);
+void lease_unjoin(kc_keychain *kc);
+int lease_leave(kc_keychain *kc, lease *l);
+void lease_prune(kc_keychain *kc, lease *l);
+int lease_mine(const lease *l);
+int lease_alive(kc_keychain *kc, const lease *l); /* 1, 0, -1 cannot tell */
+void lease_describe(kc_keychain *kc, const lease *l, kc_item_info *info);
+int32_t sweep_owner_files(kc_keychain *kc, CK_ULONG *removed, kc_error *err);
+int is_me(const owner_ref *o);
+void owner_atfork_prepare(void);
+void owner_atfork_parent(void);
+void owner_atfork_child(void);
 
 /* -------------------------------------------------------- p11_openssl.c */
 

@@ -23,7 +23,7 @@ static CK_RV find_init(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n)
  * handles matching the template.  A search changes nothing, so transient
  * failures are simply retried. */
 CK_RV find(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
-                  CK_OBJECT_HANDLE *found, CK_ULONG max, CK_ULONG *count)
+           CK_OBJECT_HANDLE *found, CK_ULONG max, CK_ULONG *count)
 {
     CK_FUNCTION_LIST_PTR f = kc->mod->f;
     CK_RV rv = CKR_OK, rv_final;
@@ -35,6 +35,8 @@ CK_RV find(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
         rv = find_init(kc, tmpl, n);
         if (rv == CKR_OK) {
             rv = f->C_FindObjects(kc->session, found, max, count);
+            if (*count > max)
+                *count = max; /* a module's count is not an index */
             rv_final = f->C_FindObjectsFinal(kc->session);
             if (rv == CKR_OK)
                 rv = rv_final;
@@ -46,8 +48,7 @@ CK_RV find(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
 }
 
 /* Every object this session can see: *out is malloc'ed, the caller frees. */
-CK_RV all_objects(kc_keychain *kc, CK_OBJECT_HANDLE **out,
-                         CK_ULONG *count)
+CK_RV all_objects(kc_keychain *kc, CK_OBJECT_HANDLE **out, CK_ULONG *count)
 {
     CK_OBJECT_HANDLE *h = NULL, *grown;
     CK_ULONG n = 0, got = 0;
@@ -61,6 +62,8 @@ CK_RV all_objects(kc_keychain *kc, CK_OBJECT_HANDLE **out,
         }
         h = grown;
         rv = kc->mod->f->C_FindObjects(kc->session, h + n, MAX_FOUND, &got);
+        if (got > MAX_FOUND)
+            got = MAX_FOUND;
         n += got;
     } while (rv == CKR_OK && got == MAX_FOUND);
     kc->mod->f->C_FindObjectsFinal(kc->session);
@@ -81,14 +84,13 @@ CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o)
         ATTR(CKA_KEY_TYPE, &o->key_type, sizeof o->key_type),
         ATTR(CKA_ID, o->id, sizeof o->id),
         ATTR(CKA_LABEL, o->label, sizeof o->label - 1),
-        ATTR(CKA_VALUE, o->value, sizeof o->value - 1),
-        ATTR(CKA_APPLICATION, o->application, sizeof o->application - 1),
         ATTR(CKA_SUBJECT, o->subject, sizeof o->subject),
     };
-    CK_ULONG size[8], i;
+    enum { N = sizeof t / sizeof t[0] };
+    CK_ULONG size[N], i;
     CK_RV rv = CKR_OK;
     int attempt;
-    for (i = 0; i < 8; i++)
+    for (i = 0; i < N; i++)
         size[i] = t[i].ulValueLen;
     for (attempt = 0; attempt < TRANSIENT_RETRIES; attempt++) {
         if (attempt)
@@ -97,39 +99,97 @@ CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o)
         o->handle = h;
         o->cls = (CK_OBJECT_CLASS)-1;
         o->key_type = (CK_KEY_TYPE)-1;
-        for (i = 0; i < 8; i++)
+        for (i = 0; i < N; i++)
             t[i].ulValueLen = size[i]; /* the call overwrote them */
-        rv = kc->mod->f->C_GetAttributeValue(kc->session, h, t, 8);
+        rv = kc->mod->f->C_GetAttributeValue(kc->session, h, t, N);
         if (!transient(rv))
             break;
     }
     /* These three still fill every attribute they can (PKCS#11 5.7): a
-     * key's CKA_VALUE is sensitive, a certificate has no CKA_KEY_TYPE... */
+     * certificate has no CKA_KEY_TYPE, a data object no CKA_SUBJECT... */
     if (rv != CKR_OK && rv != CKR_ATTRIBUTE_SENSITIVE &&
         rv != CKR_ATTRIBUTE_TYPE_INVALID && rv != CKR_BUFFER_TOO_SMALL)
         return rv;
     if (t[0].ulValueLen == CK_UNAVAILABLE_INFORMATION)
         return CKR_OBJECT_HANDLE_INVALID;
 /* unavailable (~0), or the size a too small buffer needed (older
- * modules): 0 */
+ * modules): 0 -- never trust a length the module reports */
 #define LEN(i) (t[i].ulValueLen > size[i] ? 0 : t[i].ulValueLen)
     o->id_len = LEN(3);
     o->label[LEN(4)] = 0;
-    o->value_len = LEN(5);
-    o->value[o->value_len] = 0;
-    o->application[LEN(6)] = 0;
-    o->subject_len = LEN(7);
+    o->subject_len = LEN(5);
 #undef LEN
     return CKR_OK;
 }
 
+/* An object that holds nothing but PKCS#11 defaults: no label, no id, no
+ * value, no key material -- or that the module cannot read at all
+ * (SoftHSM2's half-written object file).  SoftHSM2 leaves these when a
+ * C_CreateObject fails or its process dies inside one.  Only lengths are
+ * read, never a value. */
+int is_blank(kc_keychain *kc, CK_OBJECT_HANDLE h)
+{
+    CK_ATTRIBUTE t[] = {ATTR(CKA_LABEL, NULL, 0), ATTR(CKA_ID, NULL, 0),
+                        ATTR(CKA_VALUE, NULL, 0), ATTR(CKA_MODULUS, NULL, 0),
+                        ATTR(CKA_EC_PARAMS, NULL, 0),
+                        ATTR(CKA_APPLICATION, NULL, 0)};
+    CK_ULONG i;
+    CK_RV rv = kc->mod->f->C_GetAttributeValue(kc->session, h, t, 6);
+    if (rv == CKR_ATTRIBUTE_VALUE_INVALID)
+        return 1;
+    if (rv != CKR_OK && rv != CKR_ATTRIBUTE_SENSITIVE &&
+        rv != CKR_ATTRIBUTE_TYPE_INVALID)
+        return 0;
+    for (i = 0; i < 6; i++)
+        if (t[i].ulValueLen != 0 && t[i].ulValueLen != CK_UNAVAILABLE_INFORMATION)
+            return 0;
+    return 1;
+}
+
+static CK_RV find_unlabelled(kc_keychain *kc, CK_OBJECT_HANDLE *h,
+                             CK_ULONG max, CK_ULONG *n)
+{
+    CK_ATTRIBUTE empty = ATTR(CKA_LABEL, "", 0);
+    return find(kc, &empty, 1, h, max, n);
+}
+
+void note_blanks(kc_keychain *kc, blanks *b)
+{
+    CK_OBJECT_HANDLE h[MAX_FOUND + 1];
+    CK_ULONG n = 0;
+    b->complete = find_unlabelled(kc, h, MAX_FOUND + 1, &n) == CKR_OK &&
+                  n <= MAX_FOUND;
+    b->n = b->complete ? n : 0;
+    memcpy(b->h, h, b->n * sizeof *h);
+}
+
+/* Destroy the blank objects that appeared since *before: a failed create
+ * of ours left them, under the token lock (a blank object is of no use to
+ * anyone, and none of these existed before we tried). */
+void remove_new_blanks(kc_keychain *kc, const blanks *before)
+{
+    CK_OBJECT_HANDLE h[MAX_FOUND];
+    CK_ULONG n = 0, i, j;
+    if (!before || !before->complete ||
+        find_unlabelled(kc, h, MAX_FOUND, &n) != CKR_OK)
+        return;
+    for (i = 0; i < n; i++) {
+        for (j = 0; j < before->n && before->h[j] != h[i]; j++)
+            ;
+        if (j == before->n && is_blank(kc, h[i]))
+            destroy(kc, h[i]);
+    }
+}
+
 /* C_CreateObject.  After a transient failure the object may exist anyway
  * (SoftHSM2 #573): look for it before trying again, so that nothing is
- * created twice.  cls and label identify it (duplicates were refused). */
+ * created twice (cls and label identify it: duplicates were refused), and
+ * remove what the failed call left (before: the blank objects seen before
+ * the first try, NULL for session objects).  On final failure, too. */
 int32_t create_object(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
-                             CK_OBJECT_CLASS cls, const char *label,
-                             CK_OBJECT_HANDLE *out, const char *what,
-                             kc_error *err)
+                      CK_OBJECT_CLASS cls, const char *label,
+                      const blanks *before, CK_OBJECT_HANDLE *out,
+                      const char *what, kc_error *err)
 {
     CK_ATTRIBUTE probe[] = {ATTR(CKA_CLASS, &cls, sizeof cls),
                             ATTR(CKA_LABEL, label, strlen(label))};
@@ -145,6 +205,7 @@ int32_t create_object(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
         rv = kc->mod->f->C_CreateObject(kc->session, tmpl, n, out);
         if (rv == CKR_OK)
             return KC_errSecSuccess;
+        remove_new_blanks(kc, before);
         if (!transient(rv))
             break;
     }
@@ -168,7 +229,7 @@ CK_RV destroy(kc_keychain *kc, CK_OBJECT_HANDLE h)
 
 /* Destroy every object the template finds; *found counts them. */
 int32_t destroy_all(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
-                           const char *what, CK_ULONG *found, kc_error *err)
+                    const char *what, CK_ULONG *found, kc_error *err)
 {
     CK_OBJECT_HANDLE h[MAX_FOUND];
     CK_ULONG count, i;

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
@@ -33,6 +34,51 @@
 static pthread_mutex_t modules_lock = PTHREAD_MUTEX_INITIALIZER;
 static module *modules;
 
+/* ------------------------------------------------------------------ fork */
+
+/* fork() copies every mutex as it is: one held by another thread would
+ * stay locked forever in the child.  So fork waits until no thread is
+ * inside the library, and the child starts with every lock free (and, in
+ * p11_lease.c, as a new owner). */
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t handles_lock = PTHREAD_MUTEX_INITIALIZER;
+static kc_keychain *handles;
+
+static void atfork_prepare(void)
+{
+    kc_keychain *kc;
+    pthread_mutex_lock(&handles_lock);
+    for (kc = handles; kc; kc = kc->next)
+        pthread_mutex_lock(&kc->lock);
+    pthread_mutex_lock(&modules_lock);
+    owner_atfork_prepare();
+}
+
+static void atfork_parent(void)
+{
+    kc_keychain *kc;
+    owner_atfork_parent();
+    pthread_mutex_unlock(&modules_lock);
+    for (kc = handles; kc; kc = kc->next)
+        pthread_mutex_unlock(&kc->lock);
+    pthread_mutex_unlock(&handles_lock);
+}
+
+static void atfork_child(void)
+{
+    kc_keychain *kc;
+    owner_atfork_child();
+    pthread_mutex_init(&modules_lock, NULL);
+    for (kc = handles; kc; kc = kc->next)
+        pthread_mutex_init(&kc->lock, NULL);
+    pthread_mutex_init(&handles_lock, NULL);
+}
+
+static void register_atfork(void)
+{
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
 /* After fork() the child must initialize the module again (and it has none
  * of the parent's logins). */
 static int32_t module_ready(module *m, kc_error *err)
@@ -43,6 +89,7 @@ static int32_t module_ready(module *m, kc_error *err)
         return KC_errSecSuccess;
     memset(&args, 0, sizeof args);
     args.flags = CKF_OS_LOCKING_OK;
+    args.pReserved = m->init_args; /* NSS: "configdir=..." */
     rv = m->f->C_Initialize(&args);
     if (rv != CKR_OK && rv != CKR_CRYPTOKI_ALREADY_INITIALIZED)
         return fail_ck(err, rv, "C_Initialize");
@@ -50,20 +97,34 @@ static int32_t module_ready(module *m, kc_error *err)
     return KC_errSecSuccess;
 }
 
-/* The module at path, loaded and initialized in this process. */
-static int32_t get_module(const char *path, module **out, kc_error *err)
+/* The module at path, loaded and initialized in this process with
+ * init_args.  Modules are known by their file, not their path: a symlink
+ * and its target are one module, with one login state. */
+static int32_t get_module(const char *path, const char *init_args,
+                          module **out, kc_error *err)
 {
     module *m;
     int32_t st = KC_errSecSuccess;
     void *dl;
     CK_C_GetFunctionList get_list;
     CK_FUNCTION_LIST_PTR f = NULL;
+    struct stat file;
     CK_RV rv;
 
+    *out = NULL;
+    if (stat(path, &file) != 0)
+        return fail(err, KC_errSecNoSuchKeychain, errno,
+                    "cannot load PKCS#11 module %s: %s", path, strerror(errno));
     pthread_mutex_lock(&modules_lock);
     for (m = modules; m; m = m->next)
-        if (strcmp(m->path, path) == 0)
+        if (m->dev == file.st_dev && m->ino == file.st_ino)
             break;
+    if (m && strcmp(m->init_args ? m->init_args : "", init_args ? init_args : "")) {
+        st = fail(err, KC_errSecParam, 0,
+                  "module %s is already initialized with other arguments", path);
+        m = NULL;
+        goto out;
+    }
     if (!m) {
         dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
         if (!dl) {
@@ -88,79 +149,103 @@ static int32_t get_module(const char *path, module **out, kc_error *err)
             goto out;
         }
         m = calloc(1, sizeof *m);
-        if (!m || !(m->path = strdup(path))) {
+        if (!m || !(m->path = strdup(path)) ||
+            (init_args && !(m->init_args = strdup(init_args)))) {
+            if (m)
+                free(m->path);
             free(m);
             m = NULL;
             st = fail(err, KC_errSecAllocate, 0, "out of memory");
             goto out; /* the dlopen handle stays: harmless, rare */
         }
         m->f = f;
+        m->dev = file.st_dev;
+        m->ino = file.st_ino;
         m->next = modules;
         modules = m;
     }
     st = module_ready(m, err);
 out:
     pthread_mutex_unlock(&modules_lock);
-    *out = m;
+    *out = st ? NULL : m;
     return st;
 }
 
 /* Log the token in once per process, keeping an anchor session open.  A
  * later login with another PIN while logged in would get
- * CKR_USER_ALREADY_LOGGED_IN, so we compare PIN digests to still report a
- * wrong PIN. */
+ * CKR_USER_ALREADY_LOGGED_IN, so we compare against the digest of the PIN
+ * that C_Login accepted.  A PIN is never recorded unless C_Login itself
+ * accepted it: when another user of the module in this process logged in
+ * first, it stays unverified and every login tries C_Login again. */
 static int32_t login(module *m, CK_SLOT_ID slot, const char *pin,
                      kc_error *err)
 {
     unsigned char digest[SHA256_DIGEST_LENGTH];
-    CK_SESSION_HANDLE anchor = CK_INVALID_HANDLE;
+    slot_login *l = NULL;
     int32_t st = KC_errSecSuccess;
     CK_RV rv;
     size_t i;
-    int known;
 
     SHA256((const unsigned char *)pin, strlen(pin), digest);
     pthread_mutex_lock(&modules_lock);
-    for (i = 0; i < m->n_logins; i++)
+    for (i = 0; i < m->n_logins && !l; i++)
         if (m->logins[i].slot == slot)
-            break;
-    known = i < m->n_logins;
-    if (known && CRYPTO_memcmp(m->logins[i].pin_digest, digest, sizeof digest)) {
+            l = &m->logins[i];
+    if (l && l->verified &&
+        CRYPTO_memcmp(l->pin_digest, digest, sizeof digest)) {
         st = fail(err, KC_errSecAuthFailed, (int64_t)CKR_PIN_INCORRECT,
                   "C_Login failed: CKR_PIN_INCORRECT (0xa0)");
         goto out;
     }
-    if (known && m->logins[i].pid == getpid())
+    if (l && l->pid == getpid() && l->verified)
         goto out;
-    if (!known && m->n_logins == MAX_SLOTS) {
-        st = fail(err, KC_errSecAllocate, 0, "too many tokens open");
-        goto out;
+    if (!l) {
+        if (m->n_logins == MAX_SLOTS) {
+            st = fail(err, KC_errSecAllocate, 0, "too many tokens open");
+            goto out;
+        }
+        l = &m->logins[m->n_logins++];
+        memset(l, 0, sizeof *l);
+        l->slot = slot;
     }
     /* First login of this process (a forked child keeps the digest: the
      * token may still count it as logged in, and then only the digest can
      * tell a wrong PIN). */
-    rv = m->f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL,
-                             NULL, &anchor);
-    if (rv != CKR_OK) {
-        st = fail_ck(err, rv, "C_OpenSession");
-        goto out;
+    if (l->pid != getpid()) {
+        rv = m->f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                                 NULL, NULL, &l->anchor);
+        if (rv != CKR_OK) {
+            st = fail_ck(err, rv, "C_OpenSession");
+            goto out;
+        }
+        l->pid = getpid();
     }
-    rv = m->f->C_Login(anchor, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin));
-    if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
-        m->f->C_CloseSession(anchor);
+    rv = m->f->C_Login(l->anchor, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin));
+    if (rv == CKR_OK) {
+        memcpy(l->pin_digest, digest, sizeof digest);
+        l->verified = 1;
+    } else if (rv != CKR_USER_ALREADY_LOGGED_IN) {
         st = fail_ck(err, rv, "C_Login");
-        goto out;
     }
-    if (!known)
-        m->n_logins++;
-    m->logins[i].slot = slot;
-    m->logins[i].pid = getpid();
-    m->logins[i].anchor = anchor;
-    memcpy(m->logins[i].pin_digest, digest, sizeof digest);
 out:
     pthread_mutex_unlock(&modules_lock);
     OPENSSL_cleanse(digest, sizeof digest);
     return st;
+}
+
+/* Forget this process's login to kc's token (another user of the module
+ * closed all sessions or finalized it): the next login starts afresh. */
+static void forget_login(kc_keychain *kc, int finalized)
+{
+    size_t i;
+    pthread_mutex_lock(&modules_lock);
+    if (finalized)
+        kc->mod->init_pid = 0;
+    for (i = 0; i < kc->mod->n_logins; i++)
+        if (finalized || kc->mod->logins[i].slot == kc->slot)
+            kc->mod->logins[i].pid = 0;
+    pthread_mutex_unlock(&modules_lock);
+    kc->pid = 0;
 }
 
 static void pad_label(const char *label, CK_UTF8CHAR out[TOKEN_LABEL_LEN])
@@ -241,18 +326,41 @@ static void free_secret(char *s)
     }
 }
 
+/* The token lock: state_dir/lock, never through a symlink. */
+static int open_lock_file(const char *state_dir)
+{
+    char path[4096];
+    int n = snprintf(path, sizeof path, "%s/lock", state_dir);
+    if (n <= 0 || (size_t)n >= sizeof path) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    return open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+}
+
+/* Wait for the token lock. */
+static int32_t take_lock(int fd, kc_error *err)
+{
+    while (flock(fd, LOCK_EX) != 0)
+        if (errno != EINTR)
+            return fail(err, KC_errSecIO, errno, "cannot lock the token: %s",
+                        strerror(errno));
+    return KC_errSecSuccess;
+}
+
 /* Open (or, after fork(), reopen) the lock file: a forked child needs its
  * own open file, since flock locks belong to the open file. */
 static int32_t open_lock(kc_keychain *kc, kc_error *err)
 {
-    if (!kc->lock_path || (kc->lock_fd >= 0 && kc->pid == getpid()))
+    if (!kc->state_dir || (kc->lock_fd >= 0 && kc->pid == getpid()))
         return KC_errSecSuccess;
     if (kc->lock_fd >= 0)
         close(kc->lock_fd);
-    kc->lock_fd = open(kc->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    kc->lock_fd = open_lock_file(kc->state_dir);
     if (kc->lock_fd < 0)
-        return fail(err, KC_errSecIO, errno, "cannot open lock file %s: %s",
-                    kc->lock_path, strerror(errno));
+        return fail(err, KC_errSecIO, errno,
+                    "cannot open the lock file in %s: %s", kc->state_dir,
+                    strerror(errno));
     return KC_errSecSuccess;
 }
 
@@ -281,6 +389,31 @@ static int32_t ensure_session(kc_keychain *kc, kc_error *err)
 }
 
 
+/* The session, logged in: recovered when another user of the module in
+ * this process (libp11 under libcurl's engine, when it unloads) logged
+ * out, closed all sessions or called C_Finalize -- a key is invisible to a
+ * session without a login, and a kill must never miss it. */
+int32_t ensure_login(kc_keychain *kc, kc_error *err)
+{
+    CK_SESSION_INFO info;
+    CK_RV rv = kc->mod->f->C_GetSessionInfo(kc->session, &info);
+    if (rv == CKR_OK && (info.state == CKS_RW_USER_FUNCTIONS ||
+                         info.state == CKS_RO_USER_FUNCTIONS))
+        return KC_errSecSuccess;
+    if (rv == CKR_OK) {
+        rv = kc->mod->f->C_Login(kc->session, CKU_USER,
+                                 (CK_UTF8CHAR_PTR)kc->pin, strlen(kc->pin));
+        return rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN
+                   ? KC_errSecSuccess
+                   : fail_ck(err, rv, "C_Login (again)");
+    }
+    if (rv != CKR_SESSION_HANDLE_INVALID && rv != CKR_SESSION_CLOSED &&
+        rv != CKR_CRYPTOKI_NOT_INITIALIZED)
+        return fail_ck(err, rv, "C_GetSessionInfo");
+    forget_login(kc, rv == CKR_CRYPTOKI_NOT_INITIALIZED);
+    return ensure_session(kc, err);
+}
+
 int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
 {
     kc_keychain *kc = NULL;
@@ -303,11 +436,16 @@ int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
     /* Reading the token while another process writes it is what SoftHSM2
      * gets wrong, and it reads its tokens in C_Initialize: opening takes
      * the token lock too, from before the module loads (closing drops it). */
-    if (opts->lock_path &&
-        (lock_fd = open(opts->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600)) >= 0)
-        while (flock(lock_fd, LOCK_EX) < 0 && errno == EINTR)
-            ;
-    if ((st = get_module(opts->module, &m, err)))
+    pthread_once(&atfork_once, register_atfork);
+    if (opts->state_dir) {
+        if ((lock_fd = open_lock_file(opts->state_dir)) < 0)
+            return fail(err, KC_errSecIO, errno,
+                        "cannot open the lock file in %s: %s", opts->state_dir,
+                        strerror(errno));
+        if ((st = take_lock(lock_fd, err)))
+            goto out;
+    }
+    if ((st = get_module(opts->module, opts->init_args, &m, err)))
         goto out;
     if ((st = find_slot(m, opts->token, 0, &slot, &flags, err)))
         goto out;
@@ -333,8 +471,9 @@ int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
     kc->lock_fd = -1;
     kc->pid = 0; /* ensure_session opens session and lock file */
     kc->pin = strdup(opts->pin);
-    kc->lock_path = opts->lock_path ? strdup(opts->lock_path) : NULL;
-    if (!kc->pin || (opts->lock_path && !kc->lock_path))
+    kc->state_dir = opts->state_dir ? strdup(opts->state_dir) : NULL;
+    kc->exclusive = opts->exclusive;
+    if (!kc->pin || (opts->state_dir && !kc->state_dir))
         st = fail(err, KC_errSecAllocate, 0, "out of memory");
     else if (!(st = open_lock(kc, err)))
         st = ensure_session(kc, err);
@@ -342,6 +481,10 @@ int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
         kc_close(kc);
         goto out;
     }
+    pthread_mutex_lock(&handles_lock);
+    kc->next = handles;
+    handles = kc;
+    pthread_mutex_unlock(&handles_lock);
     *out = kc;
 out:
     if (lock_fd >= 0)
@@ -351,8 +494,16 @@ out:
 
 void kc_close(kc_keychain *kc)
 {
+    kc_keychain **link;
     if (!kc)
         return;
+    pthread_mutex_lock(&handles_lock);
+    for (link = &handles; *link; link = &(*link)->next)
+        if (*link == kc) {
+            *link = kc->next;
+            break;
+        }
+    pthread_mutex_unlock(&handles_lock);
     /* Only the process that opened the session may close it: a forked
      * child's copy must not close its parent's session on a real device. */
     if (kc->pid == getpid() && kc->session != CK_INVALID_HANDLE)
@@ -360,7 +511,7 @@ void kc_close(kc_keychain *kc)
     if (kc->lock_fd >= 0)
         close(kc->lock_fd);
     free_secret(kc->pin);
-    free(kc->lock_path);
+    free(kc->state_dir);
     pthread_mutex_destroy(&kc->lock);
     free(kc);
 }
@@ -382,11 +533,12 @@ int32_t begin(kc_keychain *kc, kc_error *err)
         pthread_mutex_unlock(&kc->lock);
         return st;
     }
-    if (kc->lock_fd >= 0)
-        while (flock(kc->lock_fd, LOCK_EX) < 0 && errno == EINTR)
-            ;
+    if (kc->lock_fd >= 0 && (st = take_lock(kc->lock_fd, err))) {
+        pthread_mutex_unlock(&kc->lock);
+        return st;
+    }
     /* after fork(), the child's session opens under the lock */
-    if ((st = ensure_session(kc, err))) {
+    if ((st = ensure_session(kc, err)) || (st = ensure_login(kc, err))) {
         end(kc);
         return st;
     }
@@ -424,7 +576,7 @@ int32_t kc_init_token(const char *module_path, const char *token,
     if (strlen(token) > TOKEN_LABEL_LEN)
         return fail(err, KC_errSecParam, 0,
                     "token label longer than %d bytes", TOKEN_LABEL_LEN);
-    if ((st = get_module(module_path, &m, err)))
+    if ((st = get_module(module_path, NULL, &m, err)))
         return st;
     if ((st = find_slot(m, token, 1, &slot, &flags, err)))
         return st;

@@ -29,7 +29,7 @@ int main(int argc, char **argv)
      * refused before any keychain is touched. */
     if (argc > 2) {
         kc_preauth_key(kc, NULL, 0, NULL, label, 0, NULL, &err);
-        kc_kill_key(kc, label, &err);
+        kc_kill_key(kc, label, 0, &err);
         kc_list_items(kc, NULL, 0, &count, &err);
         kc_reclaim_stale(kc, label, &err);
         kc_init_token(NULL, NULL, NULL, NULL, &err);

@@ -101,6 +101,7 @@ def _valgrind(exe: Path, args: list[str], p12: Path, log: Path) -> tuple[int, st
         **os.environ,  # SOFTHSM2_CONF of this test session (conftest)
         "KEYCHAIN_EXT_MODULE": token.module,
         "KEYCHAIN_EXT_TOKEN": token.label,
+        "KEYCHAIN_EXT_STATE_DIR": str(log.parent),
         "KEYCHAIN_EXT_PIN_FILE": str(pin_file),
         "KEYCHAIN_EXT_TEST_P12_PASSWORD": PASSWORD,
     }

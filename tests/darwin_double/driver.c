@@ -127,13 +127,13 @@ static void roundtrip_with(Boolean initial, int cstring_ptr)
     CHECK(kc_lookup_keychain_item(kc, "alice", &info, &err) == 0,
           "lookup: %s", err.message);
     CHECK(info.has_private_key && info.key_id_len == 20, "lookup info");
-    CHECK(kc_kill_key(kc, "alice", &err) == 0, "kill: %s", err.message);
+    CHECK(kc_kill_key(kc, "alice", 0, &err) == 0, "kill: %s", err.message);
     CHECK(dbl_count('c', -1) == 0 && dbl_count('k', -1) == 0,
           "kill left items behind");
     CHECK(kc_lookup_keychain_item(kc, "alice", &info, &err) == -25300,
           "lookup after kill");
     CHECK(err.status == -25300 && err.message[0] != '\0', "error not filled");
-    CHECK(kc_kill_key(kc, "alice", &err) == -25300, "second kill");
+    CHECK(kc_kill_key(kc, "alice", 0, &err) == -25300, "second kill");
     CHECK(dbl_interaction() == initial, "flag changed by kill/lookup");
     kc_close(kc);
     check_balanced("roundtrip");
@@ -173,7 +173,7 @@ static void duplicate(void)
     st = kc_preauth_key(kc, (const uint8_t *)p12, p12_len, "s3cret", "alice",
                         KC_PREAUTH_RECLAIM_STALE, NULL, &err);
     CHECK(st == -25299, "reclaim-stale preauth returned %d", (int)st);
-    CHECK(kc_kill_key(kc, "alice", &err) == 0, "kill: %s", err.message);
+    CHECK(kc_kill_key(kc, "alice", 0, &err) == 0, "kill: %s", err.message);
 
     /* A foreign certificate alone (no key) under the name also refuses. */
     dbl_put("bob", other, 20, 0, 1, 0);
@@ -200,7 +200,7 @@ static void kill_separately(void)
     kc = open_default();
     CHECK(preauth(kc, "alice", NULL, &err) == 0, "preauth: %s", err.message);
     dbl_log_clear();
-    CHECK(kc_kill_key(kc, "alice", &err) == 0, "kill: %s", err.message);
+    CHECK(kc_kill_key(kc, "alice", 0, &err) == 0, "kill: %s", err.message);
     c = find_call("SecItemDelete(certificate cn=alice)", 0);
     k = find_call("SecItemDelete(key id=a10203040506070809", 0);
     if (c < 0 || k < 0)
@@ -216,7 +216,7 @@ static void kill_separately(void)
     CHECK(preauth(kc, "alice", NULL, &err) == 0, "preauth: %s", err.message);
     kc2 = open_default();
     dbl_log_clear();
-    CHECK(kc_kill_key(kc2, "alice", &err) == 0, "kill: %s", err.message);
+    CHECK(kc_kill_key(kc2, "alice", 0, &err) == 0, "kill: %s", err.message);
     CHECK(find_call("SecKeyCopyAttributes", 0) >= 0, "no key id lookup");
     CHECK(find_call("SecItemDelete(key id=a10203", 0) >
           find_call("SecItemDelete(certificate cn=alice)", 0),
@@ -230,7 +230,7 @@ static void kill_separately(void)
 
         dbl_put("alice", foreign, 20, 0, 1, 1);
         dbl_log_clear();
-        CHECK(kc_kill_key(kc, "alice", &err) == -25304,
+        CHECK(kc_kill_key(kc, "alice", 0, &err) == -25304,
               "a foreign identity was killed: %s", err.message);
         CHECK(find_call("SecItemDelete", 0) < 0, "something was deleted");
         CHECK(dbl_has_cert("alice", 0) && dbl_has_key(foreign, 20),
@@ -254,7 +254,7 @@ static void missing_key_id(void)
           "key id");
     CHECK(info.key_type == KC_KEY_EC, "key type %d", info.key_type);
     dbl_log_clear();
-    CHECK(kc_kill_key(kc, "alice", &err) == 0, "kill: %s", err.message);
+    CHECK(kc_kill_key(kc, "alice", 0, &err) == 0, "kill: %s", err.message);
     CHECK(find_call("SecItemDelete(key id=a10203", 0) >= 0,
           "key not deleted by the id derived at import");
     CHECK(dbl_count('k', -1) == 0, "key left behind");
@@ -373,11 +373,11 @@ static void walk_preauth_with(Boolean initial)
                   "pos %d (%s): failed preauth left items", pos,
                   dbl_call(pos - 1));
             dbl_fail_call(0, 0);
-            CHECK(kc_kill_key(kc, "alice", &err) == -25300,
+            CHECK(kc_kill_key(kc, "alice", 0, &err) == -25300,
                   "pos %d: something to kill after a failed preauth", pos);
         } else {
             dbl_fail_call(0, 0);
-            CHECK(kc_kill_key(kc, "alice", &err) == 0, "pos %d: kill", pos);
+            CHECK(kc_kill_key(kc, "alice", 0, &err) == 0, "pos %d: kill", pos);
             CHECK(dbl_count('c', -1) == 0 && dbl_count('k', -1) == 0,
                   "pos %d: items left", pos);
         }
@@ -410,7 +410,7 @@ static void walk_kill(void)
     kc = open_default();
     CHECK(preauth(kc, "alice", NULL, &err) == 0, "preauth: %s", err.message);
     dbl_log_clear();
-    CHECK(kc_kill_key(kc, "alice", &err) == 0, "kill: %s", err.message);
+    CHECK(kc_kill_key(kc, "alice", 0, &err) == 0, "kill: %s", err.message);
     n = dbl_calls();
     kc_close(kc);
 
@@ -421,7 +421,7 @@ static void walk_kill(void)
         CHECK(preauth(kc, "alice", NULL, &err) == 0, "preauth");
         dbl_log_clear();
         dbl_fail_call(pos, INJECTED);
-        st = kc_kill_key(kc, "alice", &err);
+        st = kc_kill_key(kc, "alice", 0, &err);
         CHECK(dbl_fired(), "position %d never reached", pos);
         CHECK(find_call("SecKeychainSetUserInteractionAllowed", 0) < 0,
               "kill touched the interaction flag");
@@ -435,7 +435,7 @@ static void walk_kill(void)
             CHECK(dbl_count('k', -1) == 1, "pos %d: key gone on failure",
                   pos);
             /* A retry removes what is left, the lone key included. */
-            CHECK(kc_kill_key(kc, "alice", &err) == 0, "pos %d: retry: %s",
+            CHECK(kc_kill_key(kc, "alice", 0, &err) == 0, "pos %d: retry: %s",
                   pos, err.message);
         }
         CHECK(dbl_count('c', -1) == 0 && dbl_count('k', -1) == 0,
@@ -519,12 +519,12 @@ static void scoped_keychain(void)
     dbl_put("bob", other, 20, 0, 1, 1);
     CHECK(kc_lookup_keychain_item(kc, "bob", &info, &err) == -25300,
           "scoped lookup saw the default keychain");
-    CHECK(kc_kill_key(kc, "bob", &err) == -25300, "scoped kill reached out");
+    CHECK(kc_kill_key(kc, "bob", 0, &err) == -25300, "scoped kill reached out");
     plain = open_default();
     CHECK(kc_lookup_keychain_item(plain, "bob", &info, &err) == 0,
           "default search list");
     kc_close(plain);
-    CHECK(kc_kill_key(kc, "alice", &err) == 0, "kill: %s", err.message);
+    CHECK(kc_kill_key(kc, "alice", 0, &err) == 0, "kill: %s", err.message);
     CHECK(dbl_count('c', idx) == 0 && dbl_count('k', idx) == 0, "left");
     CHECK(dbl_has_cert("bob", 0) && dbl_has_key(other, 20), "bob touched");
     kc_close(kc);
@@ -549,7 +549,7 @@ static void misc_api(void)
     CHECK(kc_reclaim_stale(kc, "a", &err) == -4, "reclaim_stale");
     CHECK(kc_open(NULL, NULL, &err) == -50, "open without out");
     CHECK(kc_lookup_keychain_item(NULL, "a", NULL, &err) == -50, "NULL kc");
-    CHECK(kc_kill_key(kc, NULL, NULL) == -50, "NULL label");
+    CHECK(kc_kill_key(kc, NULL, 0, NULL) == -50, "NULL label");
     kc_close(kc);
     kc_close(NULL);
     check_balanced("misc_api");
@@ -579,7 +579,7 @@ static void *worker_main(void *arg)
             int32_t st = kc_preauth_key(w->kc, (const uint8_t *)blob, len,
                                         "pw", label, 0, NULL, &err);
             if (st == 0)
-                st = kc_kill_key(w->kc, label, &err);
+                st = kc_kill_key(w->kc, label, 0, &err);
             if (st != 0)
                 w->failed = st;
         }

@@ -149,7 +149,7 @@ static int32_t import_one(const uint8_t *data, size_t size)
             die("preauth succeeded with an inconsistent kc_item_info", st,
                 &err);
         memset(&err, 0, sizeof err);
-        st = kc_kill_key(fuzz_kc, FUZZ_LABEL, &err);
+        st = kc_kill_key(fuzz_kc, FUZZ_LABEL, 0, &err);
         if (st != KC_errSecSuccess)
             die("kc_kill_key after a successful import failed", st, &err);
     } else {

@@ -142,9 +142,9 @@ def test_preauth_lookup_kill_leaves_nothing(keychain):
                                 label.encode(), 0, ffi.NULL, err)
         assert st == ERR_DUPLICATE, ffi.string(err.message)
 
-        assert lib.kc_kill_key(kc, label.encode(), err) == 0, ffi.string(err.message)
+        assert lib.kc_kill_key(kc, label.encode(), 0, err) == 0, ffi.string(err.message)
         assert lib.kc_lookup_keychain_item(kc, label.encode(), info2, err) == ERR_NOT_FOUND
-        assert lib.kc_kill_key(kc, label.encode(), err) == ERR_NOT_FOUND
+        assert lib.kc_kill_key(kc, label.encode(), 0, err) == ERR_NOT_FOUND
 
         gone = security("find-certificate", "-c", label, keychain, check=False)
         assert gone.returncode != 0, "certificate left behind"

@@ -7,6 +7,7 @@
  * Environment (nothing secret in argv):
  *   KEYCHAIN_EXT_MODULE             PKCS#11 module (SoftHSM2)
  *   KEYCHAIN_EXT_TOKEN              label of an initialized token
+ *   KEYCHAIN_EXT_STATE_DIR          its state directory (lock, leases)
  *   KEYCHAIN_EXT_TEST_PIN           its user PIN, or
  *   KEYCHAIN_EXT_PIN_FILE           a file holding it (first line)
  *   KEYCHAIN_EXT_TEST_P12_PASSWORD  the password of P12_FILE
@@ -125,6 +126,7 @@ int main(int argc, char **argv)
     memset(&err, 0, sizeof err);
     opts.module = getenv("KEYCHAIN_EXT_MODULE");
     opts.token = getenv("KEYCHAIN_EXT_TOKEN");
+    opts.state_dir = getenv("KEYCHAIN_EXT_STATE_DIR");
     opts.pin = pin;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     st = kc_open(&opts, &kc, &err);
@@ -170,7 +172,7 @@ int main(int argc, char **argv)
             ok = 0;
         }
     kill:
-        st = kc_kill_key(kc, LABEL, &err);
+        st = kc_kill_key(kc, LABEL, 0, &err);
         ok &= expect(st, 0, "kc_kill_key", i, &err);
         st = kc_lookup_keychain_item(kc, LABEL, &info, &err);
         ok &= expect(st, KC_errSecItemNotFound, "kc_lookup_keychain_item after "
