@@ -646,8 +646,11 @@ static int run_settings(const settings *s, outbuf *o)
 }
 
 #ifdef KC_BENCH_LIBRARY
-/* In-process entry point: settings text in, JSON out.  0 on success. */
-int kc_bench_run(const char *spec, char *result, size_t cap);
+/* In-process entry point: settings text in, JSON out.  0 on success.
+ * Exported even when the C layer's flags hide every other symbol
+ * (-fvisibility=hidden). */
+__attribute__((visibility("default"))) int kc_bench_run(const char *spec, char *result,
+                                                        size_t cap);
 int kc_bench_run(const char *spec, char *result, size_t cap)
 {
     settings s;
