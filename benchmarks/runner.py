@@ -133,7 +133,7 @@ def make_identities(workdir: Path, count: int = 2) -> dict:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.serialization import pkcs12
 
-    from keychain_ext.testing.pki import make_client, make_pki
+    from tests.pki import make_client, make_pki
 
     pki = make_pki(workdir / "pki")
     password = secrets.token_hex(8)

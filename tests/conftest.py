@@ -36,7 +36,7 @@ for _var in ("KEYCHAIN_EXT_MODULE", "KEYCHAIN_EXT_TOKEN", "KEYCHAIN_EXT_PIN_FILE
 from keychain_ext import Keychain  # noqa: E402
 from keychain_ext._native_backend import NativeBackend  # noqa: E402
 from keychain_ext._store import softhsm2_module  # noqa: E402
-from keychain_ext.testing.pki import (  # noqa: E402
+from tests.pki import (  # noqa: E402
     PKI,
     ClientIdentity,
     P12Variants,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from keychain_ext.testing.pki import PKI, ClientIdentity, P12Variants
-from keychain_ext.testing.server import MTLSServer, NginxServer
+from tests.pki import PKI, ClientIdentity, P12Variants
+from tests.servers import MTLSServer, NginxServer
 
 from .conftest import Token
 

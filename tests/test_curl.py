@@ -18,8 +18,8 @@ import pytest
 from keychain_ext import InteractionNotAllowedError, Keychain
 from keychain_ext.curl import client_env, curl_args, pycurl_problem, setup_pycurl
 from keychain_ext.keychain import Identity
-from keychain_ext.testing.pki import PKI, ClientIdentity, P12Variants
-from keychain_ext.testing.server import MTLSServer, NginxServer
+from tests.pki import PKI, ClientIdentity, P12Variants
+from tests.servers import MTLSServer, NginxServer
 
 from .conftest import Token
 

@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 from keychain_ext import DecodeError, Keychain, ParamError, Pkcs12VerifyFailureError
 from keychain_ext._store import private_dir, write_secret
 from keychain_ext.errors import UnimplementedError
-from keychain_ext.testing.pki import ClientIdentity
+from tests.pki import ClientIdentity
 
 from .conftest import Token
 

@@ -26,7 +26,7 @@ from keychain_ext import (
     ParamError,
     Pkcs12VerifyFailureError,
 )
-from keychain_ext.testing.pki import PKI, ClientIdentity, P12Variants, make_client
+from tests.pki import PKI, ClientIdentity, P12Variants, make_client
 
 from .conftest import Token
 

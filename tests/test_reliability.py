@@ -22,8 +22,8 @@ import pytest
 from keychain_ext import DuplicateItemError, Keychain
 from keychain_ext.curl import client_env, curl_args
 from keychain_ext.errors import AllocateError
-from keychain_ext.testing.pki import PKI, ClientIdentity, make_client
-from keychain_ext.testing.server import MTLSServer
+from tests.pki import PKI, ClientIdentity, make_client
+from tests.servers import MTLSServer
 
 from .conftest import Token, new_token
 
