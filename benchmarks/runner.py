@@ -301,23 +301,18 @@ class Impl:
 
 
 class KeychainImpl(Impl):
-    """keychain_ext's public API, Keychain(impl=...).  Opened with the
-    token's PIN file (as the embedded store is) and without the
-    cross-process flock, so it makes the same PKCS#11 calls as the others
-    and nothing else."""
+    """keychain_ext's public API, Keychain.  Opened with the token's PIN
+    file (as the embedded store is) and without the cross-process flock, so
+    it makes the same PKCS#11 calls as the others and nothing else."""
 
-    def __init__(self, name: str, impl: str) -> None:
-        self.name, self.impl = name, impl
-        self.parser = "OpenSSL" if impl == "native" else "cryptography"
-        try:
-            from keychain_ext.keychain import _backend
-            _backend(impl)
-        except Exception as exc:  # ImportError until the ctypes port lands
-            self.available, self.reason = False, f"not available ({type(exc).__name__}: {exc})"
+    parser = "OpenSSL"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def open(self, module: str, token: str, pin: str, pin_file: Path) -> Any:
         from keychain_ext import Keychain
-        return Keychain(module, token, pin_file=pin_file, impl=self.impl, lock=False)
+        return Keychain(module, token, pin_file=pin_file, lock=False)
 
     def preauth(self, h: Any, p12: P12, label: str, eph: bool) -> None:
         h.preauth_key(p12.data, p12.password, label, ephemeral=eph)
@@ -355,6 +350,17 @@ class PortImpl(Impl):
 
     def lookup(self, h: Any, label: str) -> Any:
         return h.lookup(label.encode())
+
+
+class CtypesImpl(PortImpl):
+    """The ctypes port (ports/ctypes_port.py): the façade's Store protocol
+    in pure Python, called as the façade calls the C extension's store.  It
+    parses the p12 itself (cryptography + its own DER code): no pre-parsed
+    material rows."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, "ctypes_port")
+        self.parse = None
 
 
 class Driver:
@@ -449,8 +455,8 @@ class Bench:
         prog, lib = build_driver(self.workdir)
         self.limit = Driver(lib, prog)
         impls: list[Impl] = [
-            KeychainImpl(NATIVE, "native"),          # first: initializes the module
-            KeychainImpl(CTYPES, "ctypes"),
+            KeychainImpl(NATIVE),                    # first: initializes the module
+            CtypesImpl(CTYPES),
             PortImpl(PKCS11, "pkcs11_port"),
             PortImpl(PYKCS11, "pykcs11_port"),
         ]

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.pki import PKI, ClientIdentity, P12Variants
-from tests.servers import MTLSServer, NginxServer
-
 from .conftest import Token
+from .pki import PKI, ClientIdentity, P12Variants
+from .servers import MTLSServer, NginxServer
 
 
 @pytest.fixture(scope="module")

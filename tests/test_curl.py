@@ -18,10 +18,10 @@ import pytest
 from keychain_ext import InteractionNotAllowedError, Keychain
 from keychain_ext.curl import client_env, curl_args, pycurl_problem, setup_pycurl
 from keychain_ext.keychain import Identity
-from tests.pki import PKI, ClientIdentity, P12Variants
-from tests.servers import MTLSServer, NginxServer
 
 from .conftest import Token
+from .pki import PKI, ClientIdentity, P12Variants
+from .servers import MTLSServer, NginxServer
 
 
 @pytest.fixture(scope="module")
