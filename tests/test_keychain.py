@@ -404,40 +404,29 @@ def test_embedded_refuses_foreign_softhsm_conf() -> None:
         Keychain()
 
 
-ALL_CODES = {
-    0: None,
-    -4: "UnimplementedError",
-    -36: "IOFailureError",
-    -50: "ParamError",
-    -61: "WritePermissionError",
-    -108: "AllocateError",
-    -128: "UserCanceledError",
-    -25291: "NotAvailableError",
-    -25292: "ReadOnlyError",
-    -25293: "AuthFailedError",
-    -25294: "NoSuchKeychainError",
-    -25299: "DuplicateItemError",
-    -25300: "ItemNotFoundError",
-    -25304: "InvalidItemRefError",
-    -25307: "NoDefaultKeychainError",
-    -25308: "InteractionNotAllowedError",
-    -25315: "InteractionRequiredError",
-    -25257: "UnknownFormatError",
-    -25260: "PassphraseRequiredError",
-    -25264: "Pkcs12VerifyFailureError",
-    -26275: "DecodeError",
-    -34018: "MissingEntitlementError",
-}
+def test_error_table_is_keychain_h() -> None:
+    """errors.py's one table names every OSStatus of keychain.h (the
+    KC_errSec* constants of the compiled module) and nothing else; each
+    class's status is the header's number."""
+    from keychain_ext._native import lib
+
+    header = {n[len("KC_") :]: getattr(lib, n) for n in dir(lib) if n.startswith("KC_errSec")}
+    assert set(errors._TABLE) == set(header)
+    for symbol, (cls, _message) in errors._TABLE.items():
+        assert errors.symbol(header[symbol]) == symbol
+        assert errors.error_class(header[symbol]) is cls
+        assert cls is errors.KeychainError or cls.status == header[symbol], symbol
+    classes = [cls for cls, _ in errors._TABLE.values()]
+    assert len(set(classes)) == len(classes)  # one class per status
 
 
-@pytest.mark.parametrize("status,name", [(s, n) for s, n in ALL_CODES.items() if n])
-def test_error_table(status: int, name: str) -> None:
-    """Not per impl: errors.py is the one table both implementations raise
-    through (raise_status); no backend is involved."""
-    from keychain_ext import errors
-
-    cls = errors.error_class(status)
-    assert cls.__name__ == name and cls is getattr(errors, name)
+@pytest.mark.parametrize(
+    "name", [cls.__name__ for cls, _ in errors._TABLE.values() if cls is not KeychainError]
+)
+def test_error_table(name: str) -> None:
+    cls = getattr(errors, name)
+    status = cls.status
+    assert errors.error_class(status) is cls
     exc = cls(status, "detail text", operation="op", native_code=7)
     assert isinstance(exc, KeychainError) and isinstance(exc, OSError)
     assert exc.symbol.startswith("errSec") and exc.symbol in str(exc)
