@@ -7,7 +7,8 @@ deps:
 	scripts/install-deps
 
 demo: deps
-	$(PY) -m keychain_ext.demo
+	$(PY) -m pip install -q -e '.[demo]'
+	$(PY) examples/demo.py
 
 test: deps
 	$(PY) -m pytest -q

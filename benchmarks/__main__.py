@@ -22,18 +22,22 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (< 60 s)")
-    ap.add_argument("--write", action="store_true",
-                    help="write RESULTS.md and results.png also after --quick")
+    ap.add_argument(
+        "--write", action="store_true", help="write RESULTS.md and results.png also after --quick"
+    )
     ap.add_argument("--json", type=Path, help="also write the raw results as JSON")
     args = ap.parse_args(argv)
 
     # SOFTHSM2_CONF must be set before anything loads SoftHSM2: the runner
     # sets it before it imports keychain_ext's extension.
-    from .runner import Config, run_standalone
     from . import report
+    from .runner import Config, run_standalone
 
     config = Config.quick() if args.quick else Config()
     t0 = time.perf_counter()
@@ -52,13 +56,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {reason}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
+    problems = report.validate(results)
+    if problems:
+        log("impossible figures, RESULTS.md not written: " + "; ".join(problems))
+        return 1
     if not args.quick or args.write:
         (HERE / "RESULTS.md").write_text(report.markdown(results, args.quick))
         if report.chart(results, HERE / "results.png"):
             log("wrote benchmarks/RESULTS.md and benchmarks/results.png")
         else:
-            log("wrote benchmarks/RESULTS.md; no chart: matplotlib is not installed "
-                "(pip install -e '.[bench]')")
+            log(
+                "wrote benchmarks/RESULTS.md; no chart: matplotlib is not installed "
+                "(pip install -e '.[bench]')"
+            )
     log(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
 

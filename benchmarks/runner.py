@@ -10,7 +10,12 @@ process); nobody ever calls C_Finalize.
 
 Measurements are interleaved: each repetition runs one batch per
 implementation, in turn, so machine drift hits all alike; a row's figure is
-the median of all its samples.
+the median of all its samples, kept with their spread (min, quartiles,
+max).  Every row is measured directly, none derived from other rows.
+
+The raw-C column is benchmarks/kc_bench.c: the C layer's own kc_*
+functions, compiled from the sources and with the flags csrc/build_ffi.py
+gives the extension, called in a loop from C.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from typing import Any, Optional
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-LIMIT, NATIVE, CTYPES, PKCS11, PYKCS11 = "raw C", "C extension", "ctypes port", "python-pkcs11", "PyKCS11"
+LIMIT, NATIVE, CTYPES = "raw C", "C extension", "ctypes port"
+PKCS11, PYKCS11 = "python-pkcs11", "PyKCS11"
 IMPLS = (LIMIT, NATIVE, CTYPES, PKCS11, PYKCS11)
 PORTS = (CTYPES, PKCS11, PYKCS11)
 EPHEMERAL = 1
@@ -73,7 +79,7 @@ class Config:
     rows: Optional[set] = None    # None = everything
 
     @classmethod
-    def quick(cls) -> "Config":
+    def quick(cls) -> Config:
         return cls(reps=5, batch=8, p12_batch=1, token_reps=2, token_batch=1, lookup_reps=3,
                    lookup_batch=6, thread_seconds=0.4, memory_cycles=1000)
 
@@ -127,7 +133,7 @@ def make_identities(workdir: Path, count: int = 2) -> dict:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.serialization import pkcs12
 
-    from keychain_ext.testing.pki import make_client, make_pki
+    from tests.pki import make_client, make_pki
 
     pki = make_pki(workdir / "pki")
     password = secrets.token_hex(8)
@@ -144,7 +150,9 @@ def make_identities(workdir: Path, count: int = 2) -> dict:
                    .hmac_hash(hashes.SHA256())
                    .build(password.encode()))
             for kind, alg in (("enc", enc), ("clear", serialization.NoEncryption())):
-                data = pkcs12.serialize_key_and_certificates(client.cn.encode(), key, cert, None, alg)
+                data = pkcs12.serialize_key_and_certificates(
+                    client.cn.encode(), key, cert, None, alg
+                )
                 path = workdir / f"bench-{key_type}-{n}-{kind}.p12"
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "wb") as f:
@@ -159,19 +167,86 @@ def _p11kit_cflags() -> list[str]:
     return shlex.split(res.stdout)
 
 
-def build_limit(outdir: Path) -> tuple[Path, Path]:
-    """Compile limit.c twice with the system compiler: the program and the
-    in-process library.  Returns (program, library)."""
-    cc = shlex.split(os.environ.get("CC", "cc"))
-    src = HERE / "limit.c"
-    common = ["-O2", "-Wall", "-Wextra", *_p11kit_cflags()]
-    libs = ["-ldl", "-lcrypto", "-lpthread"]
-    prog, lib = outdir / "limit", outdir / "liblimit.so"
-    for cmd in ([*cc, *common, str(src), "-o", str(prog), *libs],
-                [*cc, *common, "-shared", "-fPIC", "-DLIMIT_LIBRARY", str(src), "-o", str(lib), *libs]):
+def _load_build_ffi() -> Any:
+    """csrc/build_ffi.py, loaded by path (it only declares the cffi build)."""
+    path = ROOT / "csrc" / "build_ffi.py"
+    spec = importlib.util.spec_from_file_location("_kc_build_ffi", path)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def _csrc_path(entry: Any) -> Path:
+    path = Path(entry)
+    if path.is_absolute():
+        return path
+    return ROOT / path if (ROOT / path).exists() else ROOT / "csrc" / path
+
+
+def c_layer_build() -> dict:
+    """How the extension's PKCS#11 C layer is compiled, as csrc/build_ffi.py
+    says: {"sources": [Path], "cflags": [str], "libs": [str]}.
+
+    Sources: build_ffi.PKCS11_SOURCES (until it exists: csrc/*.c except
+    keychain_darwin.c).  Flags: the interpreter's CFLAGS and CCSHARED (what
+    setuptools compiles the extension with), then the include dirs, macros,
+    extra compile args and libraries build_ffi hands to cffi's set_source
+    (falling back to the documented ones if cffi's record is missing)."""
+    import sysconfig
+
+    mod = _load_build_ffi()
+    csrc = ROOT / "csrc"
+    listed = getattr(mod, "PKCS11_SOURCES", None)
+    if listed is not None:
+        sources = [_csrc_path(s) for s in listed]
+    else:
+        sources = sorted(p for p in csrc.glob("*.c") if p.name != "keychain_darwin.c")
+    assigned = getattr(getattr(mod, "ffibuilder", None), "_assigned_source", None)
+    kw: dict = dict(assigned[3]) if assigned and len(assigned) > 3 else {}
+    version = kw.get("define_macros") or [("KC_VERSION", f'"{mod._version()}"')]
+    extra = kw.get("extra_compile_args") or [*mod.STRICT, *_p11kit_cflags()]
+    libraries = kw.get("libraries") or ["crypto", "dl", "pthread"]
+    cflags = [
+        *shlex.split(sysconfig.get_config_var("CFLAGS") or "-O2"),
+        *shlex.split(sysconfig.get_config_var("CCSHARED") or "-fPIC"),
+        *(f"-I{_csrc_path(d)}" for d in kw.get("include_dirs") or [csrc]),
+        *(f"-D{k}" if v is None else f"-D{k}={v}" for k, v in version),
+        *extra,
+    ]
+    missing = [str(s) for s in sources if not s.is_file()]
+    if not sources or missing:
+        raise RuntimeError(f"C layer sources missing: {missing or 'none listed'}")
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    return {"cc": shlex.split(cc), "sources": sources, "cflags": cflags,
+            "libs": [*(kw.get("extra_link_args") or []), *(f"-l{x}" for x in libraries)]}
+
+
+def build_driver(outdir: Path) -> tuple[Path, Path]:
+    """Compile benchmarks/kc_bench.c with the C layer's own sources and
+    flags (c_layer_build), twice: the program and the in-process library.
+    Returns (program, library)."""
+    build = c_layer_build()
+    cc = build["cc"]
+    objdir = outdir / "kc_bench_obj"
+    objdir.mkdir(exist_ok=True)
+
+    def run(cmd: list) -> None:
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"building limit.c failed:\n{shlex.join(cmd)}\n{res.stderr}")
+            raise RuntimeError(
+                f"building the raw-C driver failed:\n{shlex.join(cmd)}\n{res.stderr}"
+            )
+
+    objs = []
+    for i, src in enumerate(build["sources"]):
+        obj = objdir / f"{i:02d}-{src.stem}.o"
+        run([*cc, *build["cflags"], "-c", str(src), "-o", str(obj)])
+        objs.append(str(obj))
+    driver = HERE / "kc_bench.c"
+    prog, lib = outdir / "kc_bench", outdir / "libkc_bench.so"
+    run([*cc, *build["cflags"], str(driver), *objs, "-o", str(prog), *build["libs"]])
+    run([*cc, *build["cflags"], "-shared", "-DKC_BENCH_LIBRARY", str(driver), *objs,
+         "-o", str(lib), *build["libs"]])
     return prog, lib
 
 
@@ -210,6 +285,14 @@ class Impl:
     def close(self, h: Any) -> None:
         h.close()
 
+    def list_items(self, h: Any) -> Any:
+        """Everything the store holds (kc_list_items' counterpart); raises
+        NotImplementedError where the implementation cannot list."""
+        fn = getattr(h, "list_items", None) or getattr(h, "items", None)
+        if fn is None:
+            raise NotImplementedError
+        return fn()
+
     # pre-parsed key material (ports only)
     parse: Optional[Callable] = None
 
@@ -218,23 +301,18 @@ class Impl:
 
 
 class KeychainImpl(Impl):
-    """keychain_ext's public API, Keychain(impl=...).  Opened with the
-    token's PIN file (as the embedded store is) and without the
-    cross-process flock, so it makes the same PKCS#11 calls as the others
-    and nothing else."""
+    """keychain_ext's public API, Keychain.  Opened with the token's PIN
+    file (as the embedded store is) and without the cross-process flock, so
+    it makes the same PKCS#11 calls as the others and nothing else."""
 
-    def __init__(self, name: str, impl: str) -> None:
-        self.name, self.impl = name, impl
-        self.parser = "OpenSSL" if impl == "native" else "cryptography"
-        try:
-            from keychain_ext.keychain import _backend
-            _backend(impl)
-        except Exception as exc:  # ImportError until the ctypes port lands
-            self.available, self.reason = False, f"not available ({type(exc).__name__}: {exc})"
+    parser = "OpenSSL"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def open(self, module: str, token: str, pin: str, pin_file: Path) -> Any:
         from keychain_ext import Keychain
-        return Keychain(module, token, pin_file=pin_file, impl=self.impl, lock=False)
+        return Keychain(module, token, pin_file=pin_file, lock=False)
 
     def preauth(self, h: Any, p12: P12, label: str, eph: bool) -> None:
         h.preauth_key(p12.data, p12.password, label, ephemeral=eph)
@@ -274,30 +352,48 @@ class PortImpl(Impl):
         return h.lookup(label.encode())
 
 
-class Limit:
-    """limit.c in this process (liblimit.so through ctypes, which releases
-    the GIL for the call)."""
+class CtypesImpl(PortImpl):
+    """The ctypes port (ports/ctypes_port.py): the façade's Store protocol
+    in pure Python, called as the façade calls the C extension's store.  It
+    parses the p12 itself (cryptography + its own DER code): no pre-parsed
+    material rows."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, "ctypes_port")
+        self.parse = None
+
+
+class Driver:
+    """The raw-C column: benchmarks/kc_bench.c, which calls the C layer's
+    own kc_* functions (compiled from the same sources with the same flags
+    as the extension) in a timed loop.  In this process through ctypes
+    (libkc_bench.so; ctypes releases the GIL for the call), or as its own
+    process for the threads experiment."""
 
     name = LIMIT
 
     def __init__(self, lib_path: Path, prog_path: Path) -> None:
         self.lib = ctypes.CDLL(str(lib_path))
-        self.lib.limit_run.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
-        self.lib.limit_run.restype = ctypes.c_int
+        self.lib.kc_bench_run.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
+        self.lib.kc_bench_run.restype = ctypes.c_int
         self.prog = prog_path
         self.buf = ctypes.create_string_buffer(1 << 22)
 
     @staticmethod
-    def spec(module: str, token: str, pin: str, p12: P12, **kw: Any) -> str:
-        lines = {"module": module, "token": token, "pin": pin, "p12": str(p12.path),
-                 "password": p12.password, **kw}
+    def spec(module: str, token: str, pin: str, p12: Optional[P12] = None, **kw: Any) -> str:
+        """The settings text (PIN and password included: it goes to the
+        library call or the program's stdin, never to argv)."""
+        lines: dict[str, Any] = {"module": module, "token": token, "pin": pin}
+        if p12 is not None:
+            lines |= {"p12": str(p12.path), "password": p12.password}
+        lines |= kw
         return "".join(f"{k}={v}\n" for k, v in lines.items())
 
     def run(self, spec: str) -> dict:
-        rc = self.lib.limit_run(spec.encode(), self.buf, len(self.buf))
+        rc = self.lib.kc_bench_run(spec.encode(), self.buf, len(self.buf))
         out = json.loads(self.buf.value.decode())
         if rc != 0:
-            raise RuntimeError(f"limit.c: {out.get('error')}")
+            raise RuntimeError(f"kc_bench: {out.get('error')}")
         return out
 
     def run_program(self, spec: str) -> dict:
@@ -307,7 +403,7 @@ class Limit:
                              timeout=600)
         out = json.loads(res.stdout)
         if res.returncode != 0:
-            raise RuntimeError(f"limit: {out.get('error')}")
+            raise RuntimeError(f"kc_bench: {out.get('error')}")
         return out
 
 
@@ -320,6 +416,15 @@ def _ms(ns: int) -> float:
 
 def _med(samples: list) -> Optional[float]:
     return statistics.median(samples) if samples else None
+
+
+def spread(samples: list) -> Optional[dict]:
+    """min, quartiles and max of a row's samples (None without samples)."""
+    if not samples:
+        return None
+    xs = sorted(samples)
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else xs * 3
+    return {"min": xs[0], "q1": q1, "median": q2, "q3": q3, "max": xs[-1]}
 
 
 def rss_kib() -> int:
@@ -347,11 +452,11 @@ class Bench:
         with os.fdopen(fd, "w") as f:
             f.write(self.pin)
         self.ids = make_identities(self.workdir, count=2)
-        prog, lib = build_limit(self.workdir)
-        self.limit = Limit(lib, prog)
+        prog, lib = build_driver(self.workdir)
+        self.limit = Driver(lib, prog)
         impls: list[Impl] = [
-            KeychainImpl(NATIVE, "native"),          # first: initializes the module
-            KeychainImpl(CTYPES, "ctypes"),
+            KeychainImpl(NATIVE),                    # first: initializes the module
+            CtypesImpl(CTYPES),
             PortImpl(PKCS11, "pkcs11_port"),
             PortImpl(PYKCS11, "pykcs11_port"),
         ]
@@ -374,17 +479,18 @@ class Bench:
         return [i for i in self.impls.values() if i.available]
 
     def close(self) -> None:
+        import contextlib
+
         for name, h in self.handles.items():
-            try:
+            with contextlib.suppress(Exception):
                 self.impls[name].close(h)
-            except Exception:
-                pass
 
     def _row(self, key: str, label: str, group: str, samples: dict, note: str = "") -> None:
         self.results["rows"][key] = {
             "label": label, "group": group, "note": note,
             "ms": {name: _med(s) for name, s in samples.items()},
             "n": {name: len(s) for name, s in samples.items()},
+            "spread": {name: spread(s) for name, s in samples.items()},
         }
 
     # -- cycles -------------------------------------------------------------
@@ -408,10 +514,13 @@ class Bench:
             impl.kill(h, label)
             out.append(_ms(clock() - t0))
 
-    def _limit_cycles(self, p12: P12, n: int, token: bool, parse: bool) -> dict:
-        return self.limit.run(Limit.spec(self.module, self.token, self.pin, p12, mode="cycle",
-                                         label="bench-limit", iterations=n,
-                                         token_objects=int(token), parse=int(parse)))
+    def _limit_cycles(self, p12: P12, n: int, token: bool) -> list:
+        """n cycles of kc_preauth_key + kc_kill_key from p12 bytes by the
+        raw-C driver; the sample of each cycle (ms)."""
+        r = self.limit.run(Driver.spec(self.module, self.token, self.pin, p12, mode="cycle",
+                                       label="bench-limit", iterations=n,
+                                       ephemeral=int(not token)))
+        return r["samples_ms"]
 
     def measure_cycles(self) -> None:
         cfg = self.config
@@ -419,15 +528,18 @@ class Bench:
         for key_type in cfg.key_types:
             enc, clear = self.ids[(key_type, "enc", 0)], self.ids[(key_type, "clear", 0)]
             kt = "RSA-2048" if key_type == "rsa" else "EC P-256"
-            # 1. ephemeral cycle from encrypted p12 bytes, 2. from cleartext p12,
-            # 3. pre-parsed material (ports, limit), 4. parse alone
+            # 1. ephemeral cycle from encrypted p12 bytes, 2. from cleartext p12
+            # (every implementation, raw C included: the same kc_* calls);
+            # 3. from pre-parsed material and 4. the parse alone, measured
+            # where an implementation has such an entry point (the ports).
+            # keychain.h takes p12 bytes only, so the C extension and raw C
+            # have no row 3 and 4: no figure is derived from other rows.
             full = {i.name: [] for i in self.live()} | {LIMIT: []}
             clr = {i.name: [] for i in self.live()} | {LIMIT: []}
-            pre = {i.name: [] for i in self.live() if i.parse} | {LIMIT: []}
-            parse_enc = {"OpenSSL": [], "cryptography": []}
-            parse_clear = {"OpenSSL": [], "cryptography": []}
+            pre = {i.name: [] for i in self.live() if i.parse}
+            parse_enc: list = []
+            parse_clear: list = []
             materials = {}
-            pairs: dict = {i.name: [] for i in self.live()}   # per-rep (impl, raw C) clear medians
             if pre:
                 from benchmarks.ports._material import parse_p12
                 materials[key_type] = parse_p12(enc.data, enc.password.encode())
@@ -436,68 +548,41 @@ class Bench:
             try:
                 for _ in range(cfg.reps):
                     for impl in self.live():
-                        n = cfg.batch if impl.parser == "OpenSSL" or key_type == "ec" else cfg.p12_batch
+                        slow = impl.parser != "OpenSSL" and key_type != "ec"
+                        n = cfg.p12_batch if slow else cfg.batch
                         self._cycle_batch(impl, enc, "bench-cycle", True, n, full[impl.name])
-                        before = len(clr[impl.name])
                         self._cycle_batch(impl, clear, "bench-cycle", True, n, clr[impl.name])
-                        pairs[impl.name].append([_med(clr[impl.name][before:]), None])
                         if impl.parse:
                             self._material_batch(impl, materials[key_type], "bench-cycle",
                                                  cfg.batch, pre[impl.name])
-                    r = self._limit_cycles(enc, cfg.batch, False, True)
-                    full[LIMIT] += r["samples_ms"]
-                    parse_enc["OpenSSL"].append(r["parse_ms"])
-                    r = self._limit_cycles(clear, cfg.batch, False, True)
-                    clr[LIMIT] += r["samples_ms"]
-                    for name in pairs:
-                        pairs[name][-1][1] = _med(r["samples_ms"])
-                    parse_clear["OpenSSL"].append(r["parse_ms"])
-                    r = self._limit_cycles(enc, cfg.batch, False, False)
-                    pre[LIMIT] += r["samples_ms"]
-                    for p12, bucket in ((enc, parse_enc), (clear, parse_clear)):
-                        for _ in range(cfg.p12_batch):
-                            t0 = time.perf_counter_ns()
-                            parse_p12(p12.data, p12.password.encode())
-                            bucket["cryptography"].append(_ms(time.perf_counter_ns() - t0))
+                    full[LIMIT] += self._limit_cycles(enc, cfg.batch, False)
+                    clr[LIMIT] += self._limit_cycles(clear, cfg.batch, False)
+                    if pre:
+                        for p12, bucket in ((enc, parse_enc), (clear, parse_clear)):
+                            for _ in range(cfg.p12_batch):
+                                t0 = time.perf_counter_ns()
+                                parse_p12(p12.data, p12.password.encode())
+                                bucket.append(_ms(time.perf_counter_ns() - t0))
             finally:
                 if gc_was:
                     gc.enable()
-            self._row(f"cycle_eph_{key_type}", f"cycle, ephemeral, {kt}", "cycle (p12 bytes → kill)",
-                      full)
+            self._row(f"cycle_eph_{key_type}", f"cycle, ephemeral, {kt}",
+                      "cycle (p12 bytes → kill)", full)
             self._row(f"cycle_clear_{key_type}", f"cycle from cleartext p12, ephemeral, {kt}",
                       "cycle (p12 bytes → kill)", clr,
                       note="p12 without encryption or MAC: parsing is DER decoding only")
-            # excl. parse: measured directly from pre-parsed material (raw C,
-            # python-pkcs11, PyKCS11); for the Keychain implementations, whose
-            # API takes p12 bytes only, the cleartext-p12 cycle minus the
-            # median parse of that same cleartext p12 by their parser.
-            pe = {k: _med(v) for k, v in parse_enc.items()}
-            pc = {k: _med(v) for k, v in parse_clear.items()}
-            excl = dict(pre)
-            derived = []
-            for impl in self.live():
-                if impl.parse or not clr[impl.name]:
-                    continue
-                if impl.parser == "OpenSSL":
-                    # same parse as raw C: floor + (C extension − raw C) on
-                    # the same cleartext-p12 cycle (the parse cancels out),
-                    # the difference taken per repetition (adjacent batches)
-                    diff = _med([a - b for a, b in pairs[impl.name] if b is not None])
-                    est = _med(pre[LIMIT]) + diff
-                else:
-                    est = _med(clr[impl.name]) - (pc["cryptography"] or 0.0)
-                excl[impl.name] = [est]
-                derived.append(impl.name)
+            if not pre:
+                continue
             self._row(f"create_destroy_{key_type}", f"create+destroy excl. parse, ephemeral, {kt}",
-                      "excl. p12 parsing", excl,
-                      note="derived (cleartext-p12 cycle − its parse) for: " + ", ".join(derived))
-            self.results["parse"][key_type] = {"enc": pe, "clear": pc}
-            parse_row = {}
-            for impl in self.live():
-                parse_row[impl.name] = [pe[impl.parser]] if pe[impl.parser] is not None else []
-            parse_row[LIMIT] = [pe["OpenSSL"]]
-            self._row(f"parse_{key_type}", f"p12 parse alone, {kt}", "excl. p12 parsing",
-                      parse_row, note="OpenSSL (C extension, raw C) / cryptography (Python ports)")
+                      "excl. p12 parsing", pre,
+                      note="from pre-parsed key material; keychain.h (C extension, raw C) "
+                           "takes p12 bytes only: compare the cleartext-p12 cycle instead")
+            self.results["parse"][key_type] = {"enc": {"cryptography": spread(parse_enc)},
+                                               "clear": {"cryptography": spread(parse_clear)}}
+            self._row(f"parse_{key_type}", f"p12 parse alone (cryptography), {kt}",
+                      "excl. p12 parsing", {name: parse_enc for name in pre},
+                      note="the ports' parse (cryptography), encrypted p12; keychain.h has no "
+                           "parse-only entry point")
 
     def measure_token_cycles(self) -> None:
         cfg = self.config
@@ -510,8 +595,7 @@ class Bench:
                 for impl in self.live():
                     self._cycle_batch(impl, enc, "bench-token", False, cfg.token_batch,
                                       samples[impl.name])
-                r = self._limit_cycles(enc, cfg.token_batch, True, True)
-                samples[LIMIT] += r["samples_ms"]
+                samples[LIMIT] += self._limit_cycles(enc, cfg.token_batch, True)
             self._row(f"cycle_tok_{key_type}", f"cycle, token objects, {kt}",
                       "cycle (p12 bytes → kill)", samples)
 
@@ -548,19 +632,27 @@ class Bench:
         native = self.handles[NATIVE]
         native.preauth_key(self.ids[("rsa", "clear", 1)].data, "", target)   # token objects
         missing = "bench-lookup-missing"
-        own = self.ids[("rsa", "clear", 0)]   # limit.c's identity: another key
+        listers = []
+        for impl in self.live():
+            try:
+                impl.list_items(self.handles[impl.name])
+                listers.append(impl)
+            except NotImplementedError:
+                pass
         try:
             for n_fill in cfg.fillers:
                 have = self.results.get("_fillers", 0)
                 if n_fill > have:
                     self.log(f"  adding {n_fill - have} token objects")
                     self._add_fillers(n_fill - have)
-                self.log(f"  lookups, {n_fill} other objects")
+                self.log(f"  lookups and lists, {n_fill} other objects")
                 hit = {i.name: [] for i in self.live()} | {LIMIT: []}
                 miss = {i.name: [] for i in self.live()} | {LIMIT: []}
+                lists = {i.name: [] for i in listers} | {LIMIT: []}
                 clock = time.perf_counter_ns
                 reps = cfg.lookup_reps if n_fill < 1000 else max(2, cfg.lookup_reps // 2)
                 batch = cfg.lookup_batch if n_fill < 1000 else max(2, cfg.lookup_batch // 4)
+                list_batch = max(1, batch // 2)
                 for _ in range(reps):
                     for impl in self.live():
                         h = self.handles[impl.name]
@@ -573,17 +665,28 @@ class Bench:
                             assert found is not None and gone is None, impl.name
                             hit[impl.name].append(_ms(t1 - t0))
                             miss[impl.name].append(_ms(t2 - t1))
-                    # limit.c imports its own identity (token objects, with a
-                    # lease, like the target) and looks that up
-                    r = self.limit.run(Limit.spec(self.module, self.token, self.pin, own,
-                                                  mode="lookup", label="bench-limit-lookup",
-                                                  iterations=batch, token_objects=1))
-                    hit[LIMIT].append(r["hit_ms"])
-                    miss[LIMIT].append(r["miss_ms"])
+                        if impl in listers:
+                            for _ in range(list_batch):
+                                t0 = clock()
+                                items = impl.list_items(h)
+                                lists[impl.name].append(_ms(clock() - t0))
+                                assert len(items) == n_fill + 1, (impl.name, len(items))
+                    # raw C: the same kc_* calls on the same identity
+                    r = self.limit.run(Driver.spec(self.module, self.token, self.pin,
+                                                   mode="lookup", label=target, missing=missing,
+                                                   iterations=batch))
+                    hit[LIMIT] += r["hit_samples_ms"]
+                    miss[LIMIT] += r["miss_samples_ms"]
+                    r = self.limit.run(Driver.spec(self.module, self.token, self.pin, mode="list",
+                                                   iterations=list_batch))
+                    assert r["count"] == n_fill + 1, r["count"]
+                    lists[LIMIT] += r["samples_ms"]
                 self._row(f"lookup_hit_{n_fill}", f"lookup hit, {n_fill} other objects", "lookup",
                           hit)
                 self._row(f"lookup_miss_{n_fill}", f"lookup miss, {n_fill} other objects",
                           "lookup", miss)
+                self._row(f"list_{n_fill}", f"list, {n_fill} other objects", "lookup", lists,
+                          note="implementations that can list the store")
         finally:
             native.kill_key(target)
 
@@ -638,15 +741,10 @@ class Bench:
                 counts[impl.name] = c
             finally:
                 impl.close(h)
-        r = self.limit.run(Limit.spec(str(shim_path), self.token, self.pin, clear, mode="cycle",
-                                      label="bench-calls", iterations=1))
-        r2 = self.limit.run(Limit.spec(str(shim_path), self.token, self.pin, clear, mode="lookup",
+        # raw C: the same operations through the driver's kc_* calls
+        r = self.limit.run(Driver.spec(str(shim_path), self.token, self.pin, clear, mode="calls",
                                        label="bench-calls", iterations=1))
-        r3 = self.limit.run(Limit.spec(str(shim_path), self.token, self.pin, clear, mode="cycle",
-                                       label="bench-calls", iterations=1, token_objects=1))
-        counts[LIMIT] = {**r["calls"], "cycle": r["calls"]["preauth"] + r["calls"]["kill"],
-                         "cycle_token": r3["calls"]["preauth"] + r3["calls"]["kill"],
-                         **r2["calls"]}
+        counts[LIMIT] = {**r["calls"], "cycle": r["calls"]["preauth"] + r["calls"]["kill"]}
         self.results["calls"] = {"counts": counts, "minimum": MINIMUM_CALLS}
 
     # -- threads -----------------------------------------------------------
@@ -700,16 +798,16 @@ class Bench:
                 rates[impl.name] = {n: self._thread_rate(impl, n, kind, cfg.thread_seconds)
                                     for n in (1, 2)}
             out[kind] = rates
-        # raw C, no Python in the process: the standalone program
+        # raw C, no Python in the process: the standalone program, the same
+        # kc_* cycle on the same files for the same time
         limit: dict[str, dict] = {}
-        for kind, parse in (("enc", 1), ("clear", 0)):
+        for kind in ("enc", "clear"):
             limit[kind] = {}
             for n in (1, 2):
-                p12 = self.ids[("ec", "enc", 0)]
-                iters = max(20, int(cfg.thread_seconds * (300 if parse else 4000)))
-                spec = Limit.spec(self.module, self.token, self.pin, p12, mode="threads",
-                                  label="bench-limit-thread", iterations=iters, threads=n,
-                                  parse=parse, p12_1=self.ids[("ec", "enc", 1)].path)
+                spec = Driver.spec(self.module, self.token, self.pin, self.ids[("ec", kind, 0)],
+                                   mode="threads", label="bench-limit-thread", threads=n,
+                                   seconds=cfg.thread_seconds,
+                                   p12_1=self.ids[("ec", kind, 1)].path)
                 limit[kind][n] = self.limit.run_program(spec)["cycles_per_s"]
             out[kind][LIMIT] = limit[kind]
         # the machine's own parallelism: OpenSSL PBKDF2 (releases the GIL)
@@ -741,8 +839,8 @@ class Bench:
             impl = self.impls[name]
             if not impl.available:
                 continue
-            self.log(f"  memory, {name}, {n} cycles from {'encrypted' if kind == 'enc' else 'cleartext'}"
-                     f" {key_type.upper()} p12")
+            src = "encrypted" if kind == "enc" else "cleartext"
+            self.log(f"  memory, {name}, {n} cycles from {src} {key_type.upper()} p12")
             p12 = self.ids[(key_type, kind, 0)]
             h = self.handles[name]
             for _ in range(min(500, n)):          # warm up caches and pools
@@ -760,15 +858,15 @@ class Bench:
                                        "before_kib": before, "after_kib": after,
                                        "growth_kib": after - before}
         # raw C, in this process, same number of cycles: what SoftHSM2 itself keeps
-        self.log(f"  memory, raw C, {n} cycles (pre-parsed EC)")
+        self.log(f"  memory, raw C, {n} cycles from cleartext EC p12")
         p12 = self.ids[("ec", "clear", 0)]
-        self.limit.run(Limit.spec(self.module, self.token, self.pin, p12, mode="cycle",
-                                  label="bench-mem-limit", iterations=min(500, n)))
+        self.limit.run(Driver.spec(self.module, self.token, self.pin, p12, mode="cycle",
+                                   label="bench-mem-limit", iterations=min(500, n)))
         before = rss_kib()
-        self.limit.run(Limit.spec(self.module, self.token, self.pin, p12, mode="cycle",
-                                  label="bench-mem-limit", iterations=n))
+        self.limit.run(Driver.spec(self.module, self.token, self.pin, p12, mode="cycle",
+                                   label="bench-mem-limit", iterations=n))
         after = rss_kib()
-        out[f"{LIMIT} (ec, pre-parsed)"] = {"impl": LIMIT, "p12": "pre-parsed", "key": "ec",
+        out[f"{LIMIT} (ec, clear)"] = {"impl": LIMIT, "p12": "clear", "key": "ec",
                                            "cycles": n, "before_kib": before, "after_kib": after,
                                            "growth_kib": after - before}
         self.results["memory"] = out

@@ -1,6 +1,7 @@
 """keychain_ext: use a TLS client identity from the OS key store without any
 prompt, for exactly as long as needed, and leave nothing behind."""
 
+from ._backend import DarwinKeychain, Pkcs11Token
 from ._version import __version__
 from .errors import (
     AuthFailedError,
@@ -18,6 +19,7 @@ from .keychain import Identity, Keychain
 
 __all__ = [
     "AuthFailedError",
+    "DarwinKeychain",
     "DecodeError",
     "DuplicateItemError",
     "Identity",
@@ -28,6 +30,7 @@ __all__ = [
     "KeychainError",
     "NoSuchKeychainError",
     "ParamError",
+    "Pkcs11Token",
     "Pkcs12VerifyFailureError",
     "__version__",
 ]

@@ -1,35 +1,39 @@
-"""What every implementation of the store provides (C extension, ctypes port).
+"""The façade's seam: the platform's key store.
 
-The façade (:mod:`keychain_ext.keychain`) talks to a :class:`Backend`; it
-never sees cffi, ctypes or PKCS#11 types.  Backends raise
+keychain.h has one backend per platform, compiled into ``keychain_ext._native``
+(csrc/build_ffi.py picks it by platform): any PKCS#11 token on Linux, the
+Security.framework keychain on macOS.  :func:`platform_backend` hands the
+façade (:mod:`keychain_ext.keychain`) the one this build carries; the façade
+never sees cffi or PKCS#11 types.  Both reach the C layer through the one
+binding, :mod:`keychain_ext._native_backend`, and raise
 :class:`~keychain_ext.errors.KeychainError` subclasses for every failure.
+
+What a TLS client needs to reach an identity differs by store: a
+:class:`Pkcs11Token` (module, token, PIN file: PKCS#11 URIs) or a
+:class:`DarwinKeychain` (a keychain file, or the user's search list).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol, Union
+from urllib.parse import quote
 
-EPHEMERAL = 1  # KC_PREAUTH_EPHEMERAL
-RECLAIM_STALE = 2  # KC_PREAUTH_RECLAIM_STALE
+from . import _native_backend as native
+from ._native_backend import ItemInfo
 
-KEY_TYPES = {0: None, 1: "rsa", 2: "ec"}  # KC_KEY_*
-
-
-@dataclass(frozen=True)
-class ItemInfo:
-    """What the store holds under one label (kc_item_info)."""
-
-    label: str
-    key_id: bytes
-    subject: str
-    common_name: str
-    key_type: Optional[str]
-    ephemeral: bool
-    has_certificate: bool
-    has_private_key: bool
-    owner_pid: int
-    owner_alive: Optional[bool]
+__all__ = [
+    "DarwinBackend",
+    "DarwinKeychain",
+    "ItemInfo",
+    "Pkcs11Backend",
+    "Pkcs11Token",
+    "Store",
+    "StoreLocation",
+    "platform_backend",
+]
 
 
 class Store(Protocol):
@@ -49,11 +53,75 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-class Backend(Protocol):
-    """An implementation of the C API (keychain.h)."""
+def pkcs11_uri(token: str, label: str, kind: str, pin_file: Optional[Path] = None) -> str:
+    """An RFC 7512 URI for the object ``label`` of ``kind`` ("cert" or
+    "private") on ``token``; with ``pin_file``, the PIN source the OpenSSL
+    pkcs11 engine reads (never the PIN itself)."""
+    safe = "-._~!$&'()*+,=:@"  # pchar minus ';' '/' '?' (RFC 7512 pk11-pchar)
+    uri = f"pkcs11:token={quote(token, safe=safe)};object={quote(label, safe=safe)};type={kind}"
+    if pin_file is not None:
+        uri += f"?pin-source=file:{quote(str(pin_file), safe='/' + safe)}"
+    return uri
 
-    name: str
 
-    def open(self, module: str, token: str, pin: str, lock_path: Optional[str]) -> Store: ...
+@dataclass(frozen=True)
+class Pkcs11Token:
+    """A PKCS#11 token, as a TLS client in this or another process reaches it.
 
-    def init_token(self, module: str, token: str, so_pin: str, user_pin: str) -> None: ...
+    Attributes:
+        module: the PKCS#11 module path; token: the token label.
+        pin_file: a 0600 file holding the token PIN, for TLS clients.
+        lock_path: the file keychain_ext flocks around its token
+            operations; another program reading the same SoftHSM2 token
+            while others write it should hold it too (SoftHSM2 readers can
+            miss objects while another process writes): ``flock PATH curl``.
+        env: environment a child process needs to see the token.
+    """
+
+    module: str
+    token: str
+    pin_file: Optional[Path] = None
+    lock_path: Optional[str] = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def uri(self, label: str, kind: str) -> str:
+        """PKCS#11 URI of ``label``'s "cert" or "private" key, with the PIN source."""
+        return pkcs11_uri(self.token, label, kind, self.pin_file)
+
+
+@dataclass(frozen=True)
+class DarwinKeychain:
+    """A macOS keychain: a keychain file, or None for the user's default
+    keychain search list."""
+
+    path: Optional[str] = None
+
+
+StoreLocation = Union[Pkcs11Token, DarwinKeychain]
+
+
+class Pkcs11Backend:
+    """keychain_pkcs11.c: any PKCS#11 token, opened by module and token label."""
+
+    name = "pkcs11"
+
+    def open(self, module: str, token: str, pin: str, lock_path: Optional[str]) -> Store:
+        return native.NativeBackend().open(module, token, pin, lock_path)
+
+    def init_token(self, module: str, token: str, so_pin: str, user_pin: str) -> None:
+        native.NativeBackend().init_token(module, token, so_pin, user_pin)
+
+
+class DarwinBackend:
+    """keychain_darwin.c: the Security.framework keychain (no module, no PIN)."""
+
+    name = "darwin"
+
+    def open(self, keychain: Optional[str]) -> Store:
+        """A keychain file, or None: the user's default keychain search list."""
+        return native.NativeBackend().open(None, keychain, None, None)
+
+
+def platform_backend() -> Union[Pkcs11Backend, DarwinBackend]:
+    """The backend compiled into this build (by platform)."""
+    return DarwinBackend() if DarwinBackend.name == native.BACKEND else Pkcs11Backend()

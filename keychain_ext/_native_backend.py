@@ -1,24 +1,26 @@
-"""The C extension backend: the one module that touches ``_native.ffi/lib``.
+"""The binding to ``keychain_ext._native``: the one module that touches ``ffi/lib``.
 
-One thin wrapper per C function: allocate with ``ffi.new``, call (cffi
-releases the GIL), raise the mapped exception on a non-zero OSStatus.
+One thin wrapper per C function of keychain.h: allocate with ``ffi.new``,
+call (cffi releases the GIL), raise the mapped exception on a non-zero
+OSStatus.  The constants of keychain.h (OSStatus values, flags, key types,
+buffer sizes) reach the rest of the package from here, read off the compiled
+module: they are written once, in the header.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any, Optional
 
-from ._backend import KEY_TYPES, ItemInfo
 from ._version import __version__
-from .errors import raise_status
 
 try:
     from ._native import ffi, lib
 except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(
         "keychain_ext._native is not built: install the package with pip "
-        "(it compiles csrc/ with cffi), or use Keychain(impl='ctypes')"
+        "(it compiles csrc/ with cffi)"
     ) from exc
 
 if ffi.string(lib.kc_version()).decode() != __version__:  # pragma: no cover
@@ -27,12 +29,44 @@ if ffi.string(lib.kc_version()).decode() != __version__:  # pragma: no cover
         f"the package is {__version__}: rebuild it (pip install .)"
     )
 
-BACKEND = ffi.string(lib.kc_backend()).decode()
+BACKEND: str = ffi.string(lib.kc_backend()).decode()  # "pkcs11" or "darwin"
+
+# OSStatus values: {"errSecItemNotFound": -25300, ...} (KC_errSec* of keychain.h)
+STATUS: dict[str, int] = {
+    name[len("KC_") :]: int(getattr(lib, name)) for name in dir(lib) if name.startswith("KC_errSec")
+}
+EPHEMERAL: int = lib.KC_PREAUTH_EPHEMERAL
+RECLAIM_STALE: int = lib.KC_PREAUTH_RECLAIM_STALE
+KEY_TYPES: dict[int, Optional[str]] = {
+    lib.KC_KEY_NONE: None,
+    lib.KC_KEY_RSA: "rsa",
+    lib.KC_KEY_EC: "ec",
+}
+LABEL_MAX: int = lib.KC_LABEL_MAX - 1  # bytes of UTF-8, without the NUL
+
+# errors.py reads STATUS: imported after it, used only at call time.
+from . import errors  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ItemInfo:
+    """What the store holds under one label (kc_item_info)."""
+
+    label: str
+    key_id: bytes
+    subject: str
+    common_name: str
+    key_type: Optional[str]
+    ephemeral: bool
+    has_certificate: bool
+    has_private_key: bool
+    owner_pid: int
+    owner_alive: Optional[bool]
 
 
 def _check(status: int, err: Any, operation: str) -> None:
     if status != 0:
-        raise_status(
+        errors.raise_status(
             status,
             ffi.string(err.message).decode("utf-8", "replace"),
             operation=operation,
@@ -65,7 +99,7 @@ class NativeStore:
 
     def _live(self) -> Any:
         if self._handle is None:
-            raise_status(-50, "the keychain is closed", operation="keychain")
+            errors.raise_status(lib.KC_errSecParam, "the keychain is closed", operation="keychain")
         return self._handle
 
     def preauth_key(self, p12: bytes, password: bytes, label: bytes, flags: int) -> ItemInfo:
@@ -118,27 +152,42 @@ class NativeStore:
                 lib.kc_close(handle)
 
 
+def _cstr(value: Optional[str], keep: list[Any]) -> Any:
+    if value is None:
+        return ffi.NULL
+    buf = ffi.new("char[]", value.encode())
+    keep.append(buf)  # alive until kc_open returns
+    return buf
+
+
 class NativeBackend:
-    """keychain.h through the cffi extension."""
+    """kc_open and kc_init_token: the stores the compiled backend opens."""
 
-    name = "native"
+    name = BACKEND
 
-    def open(self, module: str, token: str, pin: str, lock_path: Optional[str]) -> NativeStore:
+    def open(
+        self,
+        module: Optional[str],
+        token: Optional[str],
+        pin: Optional[str],
+        lock_path: Optional[str],
+    ) -> NativeStore:
+        """kc_open.  PKCS#11: module path, token label, PIN, lock file;
+        Darwin: token is a keychain path or None (the default search list)."""
         err = ffi.new("kc_error *")
         out = ffi.new("kc_keychain **")
         opts = ffi.new("kc_options *")
-        keep = [
-            ffi.new("char[]", module.encode()),
-            ffi.new("char[]", token.encode()),
-            ffi.new("char[]", pin.encode()),
-            ffi.new("char[]", lock_path.encode()) if lock_path else ffi.NULL,
-        ]
-        opts.module, opts.token, opts.pin, opts.lock_path = keep
+        keep: list[Any] = []
+        opts.module = _cstr(module, keep)
+        opts.token = _cstr(token, keep)
+        opts.pin = _cstr(pin, keep)
+        opts.lock_path = _cstr(lock_path or None, keep)
         st = lib.kc_open(opts, out, err)
         _check(st, err, "open")
         return NativeStore(out[0])
 
     def init_token(self, module: str, token: str, so_pin: str, user_pin: str) -> None:
+        """kc_init_token (PKCS#11): initialize the first free token."""
         err = ffi.new("kc_error *")
         st = lib.kc_init_token(
             module.encode(), token.encode(), so_pin.encode(), user_pin.encode(), err

@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any, Callable, Optional
 
 from . import _store
+from ._backend import Pkcs11Token
 from .curl import client_env, curl_args, pycurl_problem
 from .errors import (
     AuthFailedError,
@@ -93,18 +94,24 @@ def _open(args: argparse.Namespace) -> Keychain:
 
 
 def _describe(ident: Identity) -> dict[str, Any]:
-    return {
+    info: dict[str, Any] = {
         "label": ident.label,
         "subject": ident.subject,
         "common_name": ident.common_name,
         "key_type": ident.key_type,
         "key_id": ident.key_id.hex(),
         "ephemeral": ident.ephemeral,
-        "token": ident.token,
-        "module": ident.module,
-        "cert_uri": ident.cert_uri,
-        "key_uri": ident.key_uri,
     }
+    if isinstance(ident.store, Pkcs11Token):
+        info.update(
+            token=ident.store.token,
+            module=ident.store.module,
+            cert_uri=ident.cert_uri,
+            key_uri=ident.key_uri,
+        )
+    else:
+        info["keychain"] = ident.store.path or "(default search list)"
+    return info
 
 
 def _print_identity(ident: Identity, as_json: bool) -> None:
@@ -182,7 +189,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 def _expand(command: Sequence[str], ident: Identity) -> list[str]:
     """{cert}, {key} and {engine} in CMD become the identity's URIs and the
     engine name; `curl` without placeholders gets the engine arguments."""
-    values = {"cert": ident.cert_uri, "key": ident.key_uri, "engine": "pkcs11"}
+    values = {"cert": ident.cert_uri or "", "key": ident.key_uri or "", "engine": "pkcs11"}
     pattern = re.compile(r"\{(cert|key|engine)\}")
     argv = [pattern.sub(lambda m: values[m.group(1)], arg) for arg in command]
     if os.path.basename(command[0]) == "curl" and not any(pattern.search(a) for a in command):

@@ -3,7 +3,8 @@
 Both go through OpenSSL's ``pkcs11`` engine (Debian: libengine-pkcs11-openssl)
 with the certificate and key named by PKCS#11 URIs (RFC 7512).  The PIN never
 travels in argv: the URIs carry ``pin-source=file:`` pointing at a 0600 file,
-and pycurl gets it through KEYPASSWD, in memory.
+and pycurl gets it through KEYPASSWD, in memory.  PKCS#11 tokens only: an
+identity in the macOS keychain is used by Security.framework clients.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from ._backend import Pkcs11Token
 from .errors import InteractionNotAllowedError, UnimplementedError
 from .keychain import Identity
 
@@ -24,7 +26,18 @@ PYCURL_HELP = (
 )
 
 
-def _require_shared(identity: Identity, user: str) -> None:
+def _token(identity: Identity, operation: str) -> Pkcs11Token:
+    if not isinstance(identity.store, Pkcs11Token):
+        raise UnimplementedError(
+            detail=f"identity '{identity.label}' is not on a PKCS#11 token: curl's "
+            "pkcs11 engine cannot reach it",
+            operation=operation,
+        )
+    return identity.store
+
+
+def _require_shared(identity: Identity, user: str) -> Pkcs11Token:
+    token = _token(identity, "curl")
     if identity.ephemeral:
         raise InteractionNotAllowedError(
             detail=f"identity '{identity.label}' is ephemeral: its objects live only in "
@@ -32,6 +45,7 @@ def _require_shared(identity: Identity, user: str) -> None:
             "ephemeral=False, or use pycurl in this process",
             operation="curl",
         )
+    return token
 
 
 def curl_args(identity: Identity) -> list[str]:
@@ -40,12 +54,13 @@ def curl_args(identity: Identity) -> list[str]:
     Raises:
         InteractionNotAllowedError: the identity is ephemeral (another
             process cannot see session objects).
+        UnimplementedError: the identity is not on a PKCS#11 token.
     """
-    _require_shared(identity, "a curl process")
+    token = _require_shared(identity, "a curl process")
     return [
         "--engine", ENGINE,
-        "--cert-type", "ENG", "--cert", identity.cert_uri,
-        "--key-type", "ENG", "--key", identity.key_uri,
+        "--cert-type", "ENG", "--cert", token.uri(identity.label, "cert"),
+        "--key-type", "ENG", "--key", token.uri(identity.label, "private"),
     ]  # fmt: skip
 
 
@@ -54,18 +69,18 @@ def client_env(identity: Identity, base: Optional[Mapping[str, str]] = None) -> 
     (default: this process's) plus the token's variables, the engine's module
     path and KEYCHAIN_EXT_* variables naming the identity (documented in the
     README).  Holds no PIN."""
-    _require_shared(identity, "a child process")
+    token = _require_shared(identity, "a child process")
     env = dict(os.environ if base is None else base)
-    env.update(identity.env)
+    env.update(token.env)
     env.update(
         KEYCHAIN_EXT_LABEL=identity.label,
-        KEYCHAIN_EXT_CERT_URI=identity.cert_uri,
-        KEYCHAIN_EXT_KEY_URI=identity.key_uri,
+        KEYCHAIN_EXT_CERT_URI=token.uri(identity.label, "cert"),
+        KEYCHAIN_EXT_KEY_URI=token.uri(identity.label, "private"),
         KEYCHAIN_EXT_ENGINE=ENGINE,
-        KEYCHAIN_EXT_MODULE=identity.module,
+        KEYCHAIN_EXT_MODULE=token.module,
     )
-    if identity.lock_path:
-        env["KEYCHAIN_EXT_LOCK"] = identity.lock_path
+    if token.lock_path:
+        env["KEYCHAIN_EXT_LOCK"] = token.lock_path
     return env
 
 
@@ -91,24 +106,25 @@ def setup_pycurl(handle: Any, identity: Identity) -> None:
 
     Raises:
         UnimplementedError: pycurl cannot load the engine (PyPI wheel);
-            the message says how to install one that can.
+            the message says how to install one that can; or the identity
+            is not on a PKCS#11 token.
     """
+    token = _token(identity, "setup_pycurl")
     problem = pycurl_problem()
     if problem:
         raise UnimplementedError(detail=problem, operation="setup_pycurl")
     import pycurl
 
     # the engine reads the module path when it first loads
-    os.environ.setdefault("PKCS11_MODULE_PATH", identity.module)
-    for key, value in identity.env.items():
+    for key, value in token.env.items():  # PKCS11_MODULE_PATH among them
         os.environ.setdefault(key, value)
     pin = ""
-    if identity.pin_file is not None:
-        with open(identity.pin_file, encoding="utf-8") as f:
+    if token.pin_file is not None:
+        with open(token.pin_file, encoding="utf-8") as f:
             pin = f.read().rstrip("\r\n")
     handle.setopt(pycurl.SSLENGINE, ENGINE)
     handle.setopt(pycurl.SSLCERTTYPE, "ENG")
-    handle.setopt(pycurl.SSLCERT, identity.cert_uri)
+    handle.setopt(pycurl.SSLCERT, token.uri(identity.label, "cert"))
     handle.setopt(pycurl.SSLKEYTYPE, "ENG")
-    handle.setopt(pycurl.SSLKEY, identity.key_uri)
+    handle.setopt(pycurl.SSLKEY, token.uri(identity.label, "private"))
     handle.setopt(pycurl.KEYPASSWD, pin)

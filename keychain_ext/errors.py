@@ -1,9 +1,10 @@
 """Typed exceptions for OSStatus codes.
 
 Every backend reports failures as an OSStatus (Apple's ``errSec*`` values,
-also on Linux). One table below maps each code to its symbol, a default
-message and an exception class; a code the table does not know raises
-:class:`KeychainError` itself with the code kept in ``.status``.
+also on Linux).  The numbers are keychain.h's ``KC_errSec*`` constants, read
+off the compiled module; the one table below maps each symbol to an
+exception class and a default message.  A code the table does not know
+raises :class:`KeychainError` itself with the code kept in ``.status``.
 
 Each class also inherits the builtin that fits where one exists, so callers
 may catch either: ``ItemNotFoundError`` is a ``LookupError``,
@@ -14,6 +15,8 @@ may catch either: ``ItemNotFoundError`` is a ``LookupError``,
 from __future__ import annotations
 
 from typing import NoReturn, Optional
+
+from ._native_backend import STATUS
 
 
 class KeychainError(OSError):
@@ -28,7 +31,7 @@ class KeychainError(OSError):
         detail: the backend's message (never contains a PIN or password).
     """
 
-    status: int = 0
+    status: int = STATUS["errSecSuccess"]  # each subclass's: set from _TABLE below
 
     def __init__(
         self,
@@ -41,7 +44,9 @@ class KeychainError(OSError):
         if status is None:
             status = type(self).status
         self.status = status
-        self.symbol, default = _SYMBOLS.get(status, ("unknown OSStatus", "unknown error"))
+        self.symbol, _, default = _BY_STATUS.get(
+            status, ("unknown OSStatus", KeychainError, "unknown error")
+        )
         self.detail = detail or default
         self.operation = operation
         self.native_code = native_code
@@ -65,191 +70,150 @@ def _rebuild(
 class UnimplementedError(KeychainError):
     """The store cannot do this (e.g. an unsupported key type)."""
 
-    status = -4
-
 
 class IOFailureError(KeychainError):
     """The store failed with an I/O or device error."""
-
-    status = -36
 
 
 class ParamError(KeychainError, ValueError):
     """An argument was invalid (empty label, NUL byte, too long, ...)."""
 
-    status = -50
-
 
 class WritePermissionError(KeychainError, PermissionError):
     """No write permission on the store."""
-
-    status = -61
 
 
 class AllocateError(KeychainError, MemoryError):
     """Memory or store capacity ran out."""
 
-    status = -108
-
 
 class UserCanceledError(KeychainError):
     """The user canceled the operation."""
-
-    status = -128
 
 
 class NotAvailableError(KeychainError):
     """The store is not available."""
 
-    status = -25291
-
 
 class ReadOnlyError(KeychainError, PermissionError):
     """The store is read-only."""
-
-    status = -25292
 
 
 class AuthFailedError(KeychainError, PermissionError):
     """Authentication failed: wrong PIN (or, on macOS, wrong p12 password)."""
 
-    status = -25293
-
 
 class NoSuchKeychainError(KeychainError, LookupError):
     """The store does not exist: module, token or keychain missing."""
-
-    status = -25294
 
 
 class DuplicateItemError(KeychainError, FileExistsError):
     """An identity with this label (or this key) is already in the store."""
 
-    status = -25299
-
 
 class ItemNotFoundError(KeychainError, LookupError):
     """Nothing in the store carries this label."""
-
-    status = -25300
 
 
 class InvalidItemRefError(KeychainError):
     """An item vanished or its reference is no longer valid."""
 
-    status = -25304
-
 
 class NoDefaultKeychainError(KeychainError, LookupError):
     """There is no default store."""
-
-    status = -25307
 
 
 class InteractionNotAllowedError(KeychainError):
     """The operation would need user interaction, which is never allowed."""
 
-    status = -25308
-
 
 class InteractionRequiredError(KeychainError):
     """The operation needs input that was not given (e.g. a PIN)."""
-
-    status = -25315
 
 
 class UnknownFormatError(KeychainError, ValueError):
     """The data is in a format the store does not know."""
 
-    status = -25257
-
 
 class PassphraseRequiredError(KeychainError, ValueError):
     """The PKCS#12 data needs a password."""
-
-    status = -25260
 
 
 class Pkcs12VerifyFailureError(AuthFailedError):
     """The PKCS#12 password is wrong (its MAC did not verify)."""
 
-    status = -25264
-
 
 class DecodeError(KeychainError, ValueError):
     """The data is not a usable PKCS#12 identity (corrupt, empty, no key...)."""
-
-    status = -26275
 
 
 class MissingEntitlementError(KeychainError, PermissionError):
     """The process lacks an entitlement the keychain requires (macOS)."""
 
-    status = -34018
 
-
-# The one table: OSStatus -> (symbol, default message); classes by status.
-_SYMBOLS: dict[int, tuple[str, str]] = {
-    0: ("errSecSuccess", "no error"),
-    -4: ("errSecUnimplemented", "function or operation not implemented"),
-    -36: ("errSecIO", "I/O error"),
-    -50: ("errSecParam", "one or more parameters passed to a function were not valid"),
-    -61: ("errSecWrPerm", "write permissions error"),
-    -108: ("errSecAllocate", "failed to allocate memory"),
-    -128: ("errSecUserCanceled", "user canceled the operation"),
-    -25291: ("errSecNotAvailable", "no keychain is available"),
-    -25292: ("errSecReadOnly", "this keychain cannot be modified"),
-    -25293: ("errSecAuthFailed", "the user name or passphrase you entered is not correct"),
-    -25294: ("errSecNoSuchKeychain", "the specified keychain could not be found"),
-    -25299: ("errSecDuplicateItem", "the specified item already exists in the keychain"),
-    -25300: ("errSecItemNotFound", "the specified item could not be found in the keychain"),
-    -25304: ("errSecInvalidItemRef", "the specified item is no longer valid"),
-    -25307: ("errSecNoDefaultKeychain", "a default keychain could not be found"),
-    -25308: ("errSecInteractionNotAllowed", "user interaction is not allowed"),
-    -25315: ("errSecInteractionRequired", "user interaction is required"),
-    -25257: ("errSecUnknownFormat", "the item you are trying to import has an unknown format"),
-    -25260: ("errSecPassphraseRequired", "a passphrase is required for import/export"),
-    -25264: ("errSecPkcs12VerifyFailure", "MAC verification failed during PKCS12 import"),
-    -26275: ("errSecDecode", "unable to decode the provided data"),
-    -34018: ("errSecMissingEntitlement", "a required entitlement is missing"),
-}
-
-_CLASSES: dict[int, type[KeychainError]] = {
-    cls.status: cls
-    for cls in (
-        UnimplementedError,
-        IOFailureError,
-        ParamError,
-        WritePermissionError,
-        AllocateError,
-        UserCanceledError,
-        NotAvailableError,
-        ReadOnlyError,
+# The one table: symbol (keychain.h KC_<symbol>) -> class, default message.
+_TABLE: dict[str, tuple[type[KeychainError], str]] = {
+    "errSecSuccess": (KeychainError, "no error"),
+    "errSecUnimplemented": (UnimplementedError, "function or operation not implemented"),
+    "errSecIO": (IOFailureError, "I/O error"),
+    "errSecParam": (ParamError, "one or more parameters passed to a function were not valid"),
+    "errSecWrPerm": (WritePermissionError, "write permissions error"),
+    "errSecAllocate": (AllocateError, "failed to allocate memory"),
+    "errSecUserCanceled": (UserCanceledError, "user canceled the operation"),
+    "errSecNotAvailable": (NotAvailableError, "no keychain is available"),
+    "errSecReadOnly": (ReadOnlyError, "this keychain cannot be modified"),
+    "errSecAuthFailed": (
         AuthFailedError,
-        NoSuchKeychainError,
+        "the user name or passphrase you entered is not correct",
+    ),
+    "errSecNoSuchKeychain": (NoSuchKeychainError, "the specified keychain could not be found"),
+    "errSecDuplicateItem": (
         DuplicateItemError,
+        "the specified item already exists in the keychain",
+    ),
+    "errSecItemNotFound": (
         ItemNotFoundError,
-        InvalidItemRefError,
-        NoDefaultKeychainError,
+        "the specified item could not be found in the keychain",
+    ),
+    "errSecInvalidItemRef": (InvalidItemRefError, "the specified item is no longer valid"),
+    "errSecNoDefaultKeychain": (NoDefaultKeychainError, "a default keychain could not be found"),
+    "errSecInteractionNotAllowed": (
         InteractionNotAllowedError,
-        InteractionRequiredError,
+        "user interaction is not allowed",
+    ),
+    "errSecInteractionRequired": (InteractionRequiredError, "user interaction is required"),
+    "errSecUnknownFormat": (
         UnknownFormatError,
+        "the item you are trying to import has an unknown format",
+    ),
+    "errSecPassphraseRequired": (
         PassphraseRequiredError,
+        "a passphrase is required for import/export",
+    ),
+    "errSecPkcs12VerifyFailure": (
         Pkcs12VerifyFailureError,
-        DecodeError,
-        MissingEntitlementError,
-    )
+        "MAC verification failed during PKCS12 import",
+    ),
+    "errSecDecode": (DecodeError, "unable to decode the provided data"),
+    "errSecMissingEntitlement": (MissingEntitlementError, "a required entitlement is missing"),
 }
+
+# status -> (symbol, class, message); each class learns its status
+_BY_STATUS: dict[int, tuple[str, type[KeychainError], str]] = {}
+for _symbol, (_cls, _message) in _TABLE.items():
+    _BY_STATUS[STATUS[_symbol]] = (_symbol, _cls, _message)
+    if _cls is not KeychainError:
+        _cls.status = STATUS[_symbol]
 
 
 def error_class(status: int) -> type[KeychainError]:
     """The exception class for an OSStatus (KeychainError if unknown)."""
-    return _CLASSES.get(status, KeychainError)
+    return _BY_STATUS.get(status, ("", KeychainError, ""))[1]
 
 
 def symbol(status: int) -> str:
     """The ``errSec*`` name of an OSStatus, or ``"unknown OSStatus"``."""
-    return _SYMBOLS.get(status, ("unknown OSStatus", ""))[0]
+    return _BY_STATUS.get(status, ("unknown OSStatus", KeychainError, ""))[0]
 
 
 def raise_status(
@@ -268,5 +232,5 @@ __all__ = [
     "error_class",
     "raise_status",
     "symbol",
-    *(cls.__name__ for cls in _CLASSES.values()),
+    *(cls.__name__ for cls, _ in _TABLE.values() if cls is not KeychainError),
 ]

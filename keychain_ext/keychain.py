@@ -5,14 +5,23 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional, Union
-from urllib.parse import quote
 
 from . import _store
-from ._backend import EPHEMERAL, RECLAIM_STALE, Backend, ItemInfo, Store
+from ._backend import (
+    DarwinBackend,
+    DarwinKeychain,
+    ItemInfo,
+    Pkcs11Backend,
+    Pkcs11Token,
+    Store,
+    StoreLocation,
+    platform_backend,
+)
+from ._native_backend import EPHEMERAL, LABEL_MAX, RECLAIM_STALE
 from .errors import (
     DuplicateItemError,
     InteractionRequiredError,
@@ -29,8 +38,6 @@ else:
 Secret = Union[str, bytes, None]
 Stale = Literal["refuse", "reclaim"]
 
-LABEL_MAX = 255  # bytes of UTF-8 (KC_LABEL_MAX - 1)
-
 
 class _Hidden:
     """A secret that does not show in repr(), vars() or tracebacks."""
@@ -42,18 +49,6 @@ class _Hidden:
 
     def __repr__(self) -> str:
         return "<hidden>"
-
-
-def _backend(impl: str) -> Backend:
-    if impl == "native":
-        from ._native_backend import NativeBackend
-
-        return NativeBackend()
-    if impl == "ctypes":
-        from .ports.ctypes_pkcs11 import CtypesBackend
-
-        return CtypesBackend()
-    raise ValueError(f"unknown impl {impl!r}: use 'native' or 'ctypes'")
 
 
 def _label(label: str) -> bytes:
@@ -96,83 +91,69 @@ def _p12_bytes(p12: P12Source) -> bytes:
     raise TypeError(f"p12 must be a path or bytes, not {type(p12).__name__}")
 
 
-def pkcs11_uri(token: str, label: str, kind: str, pin_file: Optional[Path] = None) -> str:
-    """An RFC 7512 URI for the object ``label`` of ``kind`` ("cert" or
-    "private") on ``token``; with ``pin_file``, the PIN source the OpenSSL
-    pkcs11 engine reads (never the PIN itself)."""
-    safe = "-._~!$&'()*+,=:@"  # pchar minus ';' '/' '?' (RFC 7512 pk11-pchar)
-    uri = f"pkcs11:token={quote(token, safe=safe)};object={quote(label, safe=safe)};type={kind}"
-    if pin_file is not None:
-        uri += f"?pin-source=file:{quote(str(pin_file), safe='/' + safe)}"
-    return uri
-
-
 @dataclass(frozen=True)
-class Identity:
+class Identity(ItemInfo):
     """A client identity in the store, and what a TLS client needs to use it.
 
-    Attributes:
-        label: the label certificate and key carry.
-        key_id: SHA-1 of the public key (CKA_ID / kSecImportItemKeyID).
-        subject: certificate subject (RFC 2253); common_name its CN.
-        key_type: "rsa" or "ec".
-        ephemeral: session objects, gone when the process ends.
-        module: the PKCS#11 module path; token: the token label.
-        owner_pid, owner_alive: the process that imported it (from its
-            lease) and whether it still runs (None: cannot tell).
-        pin_file: a 0600 file holding the token PIN, for TLS clients.
-        lock_path: the file keychain_ext flocks around its token
-            operations; another program reading the same SoftHSM2 token
-            while others write it should hold it too (SoftHSM2 readers can
-            miss objects while another process writes): ``flock PATH curl``.
-        env: environment a child process needs to see the token.
+    The :class:`ItemInfo` the store reports (label, key_id = SHA-1 of the
+    public key as CKA_ID / kSecImportItemKeyID, subject in RFC 2253 and its
+    common_name, key_type "rsa" or "ec", ephemeral = session objects gone
+    when the process ends, owner_pid / owner_alive from its lease, None:
+    cannot tell), plus the ``store`` that holds it: a
+    :class:`~keychain_ext._backend.Pkcs11Token` (module, token, PIN file,
+    lock file, environment for child processes) or a
+    :class:`~keychain_ext._backend.DarwinKeychain`.
     """
 
-    label: str
-    key_id: bytes
-    subject: str
-    common_name: str
-    key_type: Optional[str]
-    ephemeral: bool
-    module: str
-    token: str
-    owner_pid: int = 0
-    owner_alive: Optional[bool] = None
-    pin_file: Optional[Path] = None
-    lock_path: Optional[str] = None
-    env: Mapping[str, str] = field(default_factory=dict)
+    store: StoreLocation
 
     @property
-    def cert_uri(self) -> str:
-        """PKCS#11 URI of the certificate (with the PIN source)."""
-        return pkcs11_uri(self.token, self.label, "cert", self.pin_file)
+    def cert_uri(self) -> Optional[str]:
+        """PKCS#11 URI of the certificate (with the PIN source); None
+        unless the store is a PKCS#11 token."""
+        if isinstance(self.store, Pkcs11Token):
+            return self.store.uri(self.label, "cert")
+        return None
 
     @property
-    def key_uri(self) -> str:
-        """PKCS#11 URI of the private key (with the PIN source)."""
-        return pkcs11_uri(self.token, self.label, "private", self.pin_file)
+    def key_uri(self) -> Optional[str]:
+        """PKCS#11 URI of the private key (with the PIN source); None
+        unless the store is a PKCS#11 token."""
+        if isinstance(self.store, Pkcs11Token):
+            return self.store.uri(self.label, "private")
+        return None
 
 
 class Keychain:
-    """An open key store: the embedded SoftHSM2 token or any PKCS#11 token.
+    """An open key store: the platform's (see :mod:`keychain_ext._backend`).
 
-    ``Keychain()`` opens the embedded default store, creating it on first
-    use (no configuration needed).  ``Keychain(token=..., pin=...)`` opens
-    any PKCS#11 token by label, through ``module`` (default: SoftHSM2).
-    Environment fallbacks: ``KEYCHAIN_EXT_MODULE``, ``KEYCHAIN_EXT_TOKEN``,
-    ``KEYCHAIN_EXT_PIN_FILE``.  Never prompts.
-
-    Use as a context manager or call :meth:`close`; closing removes the
-    handle's ephemeral identities.  One Keychain may be shared by threads.
+    Linux (PKCS#11): ``Keychain()`` opens the embedded default store, a
+    SoftHSM2 token created on first use (no configuration needed);
+    ``Keychain(token=..., pin=...)`` opens any PKCS#11 token by label,
+    through ``module`` (default: SoftHSM2).  Environment fallbacks:
+    ``KEYCHAIN_EXT_MODULE``, ``KEYCHAIN_EXT_TOKEN``, ``KEYCHAIN_EXT_PIN_FILE``.
     ``lock=False`` skips the per-token lock file that serializes processes
-    (only for a token nothing else uses); ``impl="ctypes"`` selects the
-    pure-Python port.
+    (only for a token nothing else uses).
+
+    macOS (Security.framework): ``Keychain()`` uses the user's default
+    keychain search list, ``Keychain(token=PATH)`` the keychain file PATH;
+    there is no module and no PIN.
+
+    Never prompts.  Use as a context manager or call :meth:`close`; closing
+    removes the handle's ephemeral identities.  One Keychain may be shared
+    by threads.
+
+    Attributes:
+        location: where identities live (what :attr:`Identity.store` holds).
+        module, token: the PKCS#11 module path and token label (on macOS:
+            "" and the keychain path, "" for the search list).
 
     Raises:
-        NoSuchKeychainError: module or token missing.
+        NoSuchKeychainError: module, token or keychain missing.
         AuthFailedError: wrong PIN.
         InteractionRequiredError: no PIN given for an explicit token.
         InteractionNotAllowedError: the token would need a PIN pad.
+        ParamError: a module or PIN given for the macOS keychain.
     """
 
     def __init__(
@@ -182,36 +163,51 @@ class Keychain:
         pin: Secret = None,
         *,
         pin_file: Optional[Union[str, os.PathLike[str]]] = None,
-        impl: str = "native",
         lock: bool = True,
     ) -> None:
-        self._backend = _backend(impl)
         self._lock = threading.Lock()
         self._pin_files: dict[str, Path] = {}  # label -> PIN file we wrote
-        module = module or os.environ.get("KEYCHAIN_EXT_MODULE")
-        token = token or os.environ.get("KEYCHAIN_EXT_TOKEN")
         self.env: dict[str, str] = {}
         self._owned_pin: Optional[_Hidden] = None
+        self.pin_file: Optional[Path] = None
+        self.lock_path: Optional[str] = None
+        backend = platform_backend()
+        if isinstance(backend, DarwinBackend):
+            if module is not None or pin is not None or pin_file is not None:
+                raise ParamError(
+                    detail="the macOS keychain takes no PKCS#11 module and no PIN",
+                    operation="open",
+                )
+            self.module, self.token = "", token or ""
+            self.location: StoreLocation = DarwinKeychain(token or None)
+            self._store = backend.open(token or None)
+            return
+        self._backend: Pkcs11Backend = backend
+        module = module or os.environ.get("KEYCHAIN_EXT_MODULE")
+        token = token or os.environ.get("KEYCHAIN_EXT_TOKEN")
         if token is None:
             self._store = self._open_embedded(module, lock)
-            return
-        self.module = module or _store.softhsm2_module()
-        self.token = token
-        pin_file = pin_file or os.environ.get("KEYCHAIN_EXT_PIN_FILE")
-        self.pin_file: Optional[Path] = None
-        if pin is None and pin_file is not None:
-            pin = _store.read_secret(Path(pin_file))
-            self.pin_file = Path(pin_file)
-        if pin is None:
-            raise InteractionRequiredError(
-                detail=f"token '{token}' needs a PIN: pass pin= or pin_file=, "
-                "or set KEYCHAIN_EXT_PIN_FILE",
-                operation="open",
-            )
-        self._owned_pin = _Hidden(_secret(pin, "PIN"))
-        if "SOFTHSM2_CONF" in os.environ:
-            self.env["SOFTHSM2_CONF"] = os.environ["SOFTHSM2_CONF"]
-        self._store = self._open(self._owned_pin.value.decode("utf-8"), lock)
+        else:
+            self.module = module or _store.softhsm2_module()
+            self.token = token
+            pin_file = pin_file or os.environ.get("KEYCHAIN_EXT_PIN_FILE")
+            if pin is None and pin_file is not None:
+                pin = _store.read_secret(Path(pin_file))
+                self.pin_file = Path(pin_file)
+            if pin is None:
+                raise InteractionRequiredError(
+                    detail=f"token '{token}' needs a PIN: pass pin= or pin_file=, "
+                    "or set KEYCHAIN_EXT_PIN_FILE",
+                    operation="open",
+                )
+            self._owned_pin = _Hidden(_secret(pin, "PIN"))
+            if "SOFTHSM2_CONF" in os.environ:
+                self.env["SOFTHSM2_CONF"] = os.environ["SOFTHSM2_CONF"]
+            self._store = self._open(self._owned_pin.value.decode("utf-8"), lock)
+        self.env["PKCS11_MODULE_PATH"] = self.module
+        self.location = Pkcs11Token(
+            self.module, self.token, self.pin_file, self.lock_path, dict(self.env)
+        )
 
     def _open(self, pin: str, lock: bool) -> Store:
         self.lock_path = _store.lock_path(self.module, self.token) if lock else None
@@ -233,9 +229,7 @@ class Keychain:
                 return self._open(pin, lock)
 
     def __repr__(self) -> str:
-        return (
-            f"Keychain(module={self.module!r}, token={self.token!r}, impl={self._backend.name!r})"
-        )
+        return f"Keychain(module={self.module!r}, token={self.token!r})"
 
     def __enter__(self) -> Keychain:
         return self
@@ -253,21 +247,11 @@ class Keychain:
             self._pin_files.clear()
 
     def _identity(self, info: ItemInfo) -> Identity:
-        return Identity(
-            label=info.label,
-            key_id=info.key_id,
-            subject=info.subject,
-            common_name=info.common_name,
-            key_type=info.key_type,
-            ephemeral=info.ephemeral,
-            module=self.module,
-            token=self.token,
-            owner_pid=info.owner_pid,
-            owner_alive=info.owner_alive,
-            pin_file=self._client_pin_file(info.label),
-            lock_path=self.lock_path,
-            env={**self.env, "PKCS11_MODULE_PATH": self.module},
-        )
+        store = self.location
+        if isinstance(store, Pkcs11Token) and store.pin_file is None:
+            pin_file = self._client_pin_file(info.label)
+            store = Pkcs11Token(store.module, store.token, pin_file, store.lock_path, store.env)
+        return Identity(**vars(info), store=store)
 
     def _client_pin_file(self, label: str) -> Optional[Path]:
         """A 0600 PIN file for TLS clients: the store's own, or one written

@@ -36,7 +36,8 @@ for _var in ("KEYCHAIN_EXT_MODULE", "KEYCHAIN_EXT_TOKEN", "KEYCHAIN_EXT_PIN_FILE
 from keychain_ext import Keychain  # noqa: E402
 from keychain_ext._native_backend import NativeBackend  # noqa: E402
 from keychain_ext._store import softhsm2_module  # noqa: E402
-from keychain_ext.testing.pki import (  # noqa: E402
+
+from .pki import (  # noqa: E402
     PKI,
     ClientIdentity,
     P12Variants,
@@ -46,7 +47,6 @@ from keychain_ext.testing.pki import (  # noqa: E402
 )
 
 TOKEN_VIEW = Path(__file__).resolve().parent / "token_view.py"
-IMPLS = ["native", "ctypes"]  # the C extension and the ctypes port (keychain_ext.ports)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -61,8 +61,8 @@ class Token:
     label: str
     pin: str
 
-    def open(self, impl: str = "native", **kwargs: object) -> Keychain:
-        return Keychain(self.module, self.label, self.pin, impl=impl, **kwargs)  # type: ignore[arg-type]
+    def open(self, **kwargs: object) -> Keychain:
+        return Keychain(self.module, self.label, self.pin, **kwargs)  # type: ignore[arg-type]
 
     def objects(self) -> list[dict[str, object]]:
         """Every object on the token as another process sees it (token
@@ -93,15 +93,9 @@ def token() -> Token:
     return new_token()
 
 
-@pytest.fixture(params=IMPLS)
-def impl(request: pytest.FixtureRequest) -> str:
-    """Each implementation of the C API (native; the ctypes port)."""
-    return request.param  # type: ignore[no-any-return]
-
-
 @pytest.fixture
-def kc(token: Token, impl: str) -> Iterator[Keychain]:
-    with token.open(impl) as keychain:
+def kc(token: Token) -> Iterator[Keychain]:
+    with token.open() as keychain:
         yield keychain
     # a test must leave its token as it found it
     assert token.objects() == [], "test left objects on the token"

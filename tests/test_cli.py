@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from keychain_ext.testing.pki import PKI, ClientIdentity, P12Variants
-from keychain_ext.testing.server import MTLSServer, NginxServer
-
 from .conftest import Token
+from .pki import PKI, ClientIdentity, P12Variants
+from .servers import MTLSServer, NginxServer
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ import pytest
 from keychain_ext import InteractionNotAllowedError, Keychain
 from keychain_ext.curl import client_env, curl_args, pycurl_problem, setup_pycurl
 from keychain_ext.keychain import Identity
-from keychain_ext.testing.pki import PKI, ClientIdentity, P12Variants
-from keychain_ext.testing.server import MTLSServer, NginxServer
 
 from .conftest import Token
+from .pki import PKI, ClientIdentity, P12Variants
+from .servers import MTLSServer, NginxServer
 
 
 @pytest.fixture(scope="module")
@@ -218,10 +218,11 @@ def test_ephemeral_identity_gone_when_its_process_is_killed(
 
 
 def test_demo_runs(tmp_path: Path) -> None:
+    """examples/demo.py (make demo): the whole flow against its own server."""
     env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
     env["KEYCHAIN_EXT_HOME"] = str(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "keychain_ext.demo"],
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "demo.py")],
         env=env,
         capture_output=True,
         text=True,

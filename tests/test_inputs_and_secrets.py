@@ -28,9 +28,9 @@ from cryptography.x509.oid import NameOID
 from keychain_ext import DecodeError, Keychain, ParamError, Pkcs12VerifyFailureError
 from keychain_ext._store import private_dir, write_secret
 from keychain_ext.errors import UnimplementedError
-from keychain_ext.testing.pki import ClientIdentity
 
 from .conftest import Token
+from .pki import ClientIdentity
 
 
 def repack(client: ClientIdentity, password: bytes | None) -> bytes:
@@ -123,20 +123,15 @@ def test_stale_argument_is_checked(kc: Keychain, rsa_client: ClientIdentity) -> 
         kc.preauth_key(rsa_client.p12, rsa_client.password, "x", stale="sometimes")  # type: ignore[arg-type]
 
 
-def test_unknown_impl() -> None:
-    with pytest.raises(ValueError, match="impl"):
-        Keychain(token="t", pin="1", impl="rust")
-
-
 # ---------------------------------------------------------------- secrets
 
 
 def test_secrets_absent_from_logs_errors_and_reprs(
-    token: Token, impl: str, rsa_client: ClientIdentity, caplog: pytest.LogCaptureFixture
+    token: Token, rsa_client: ClientIdentity, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     seen: list[str] = []
-    with token.open(impl) as kc:
+    with token.open() as kc:
         ident = kc.preauth_key(rsa_client.p12, rsa_client.password, "secret")
         seen += [repr(kc), str(kc), repr(ident), str(vars(kc))]
         for bad in ("wrong-password-123", ""):
@@ -146,7 +141,7 @@ def test_secrets_absent_from_logs_errors_and_reprs(
                 seen += [str(exc), repr(exc)]
         kc.kill_key("secret")
     try:
-        Keychain(token.module, token.label, "wrong-pin-456", impl=impl)
+        Keychain(token.module, token.label, "wrong-pin-456")
     except Exception as exc:  # noqa: BLE001
         seen += [str(exc), repr(exc)]
     seen.append(caplog.text)

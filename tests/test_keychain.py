@@ -25,10 +25,11 @@ from keychain_ext import (
     NoSuchKeychainError,
     ParamError,
     Pkcs12VerifyFailureError,
+    errors,
 )
-from keychain_ext.testing.pki import PKI, ClientIdentity, P12Variants, make_client
 
 from .conftest import Token
+from .pki import PKI, ClientIdentity, P12Variants, make_client
 
 
 def public_key_sha1(client: ClientIdentity) -> bytes:
@@ -45,7 +46,7 @@ def public_key_sha1(client: ClientIdentity) -> bytes:
 
 
 def test_binding_smoke() -> None:
-    """Native only: checks the cffi binding itself (the ctypes port has none)."""
+    """The cffi binding itself."""
     from keychain_ext._native import ffi, lib
 
     assert ffi.string(lib.kc_backend()) == b"pkcs11"
@@ -211,26 +212,26 @@ def test_kill_missing(kc: Keychain) -> None:
 
 
 def test_kill_by_another_handle(
-    token: Token, kc: Keychain, impl: str, ec_client: ClientIdentity
+    token: Token, kc: Keychain, ec_client: ClientIdentity
 ) -> None:
     kc.preauth_key(ec_client.p12, ec_client.password, "other-handle")
-    with token.open(impl) as other:
+    with token.open() as other:
         assert other.lookup("other-handle") is not None
         other.kill_key("other-handle")
     assert kc.lookup("other-handle") is None
 
 
 def test_kill_by_another_process(
-    token: Token, kc: Keychain, impl: str, ec_client: ClientIdentity
+    token: Token, kc: Keychain, ec_client: ClientIdentity
 ) -> None:
     kc.preauth_key(ec_client.p12, ec_client.password, "other-process")
     code = (
         "import sys; from keychain_ext import Keychain\n"
-        "m, t, impl = sys.argv[1:4]\n"
-        "with Keychain(m, t, sys.stdin.read(), impl=impl) as kc: kc.kill_key('other-process')\n"
+        "m, t = sys.argv[1:3]\n"
+        "with Keychain(m, t, sys.stdin.read()) as kc: kc.kill_key('other-process')\n"
     )
     subprocess.run(
-        [sys.executable, "-c", code, token.module, token.label, impl],
+        [sys.executable, "-c", code, token.module, token.label],
         input=token.pin,
         text=True,
         check=True,
@@ -247,9 +248,9 @@ def test_preauthorized_kills_when_body_raises(kc: Keychain, rsa_client: ClientId
 
 
 def test_ephemeral_objects_never_reach_the_token(
-    token: Token, kc: Keychain, impl: str, rsa_client: ClientIdentity
+    token: Token, kc: Keychain, rsa_client: ClientIdentity
 ) -> None:
-    with token.open(impl) as eph:
+    with token.open() as eph:
         ident = eph.preauth_key(rsa_client.p12, rsa_client.password, "eph", ephemeral=True)
         assert ident.ephemeral
         assert kc.lookup("eph") is not None  # same process: visible
@@ -265,55 +266,50 @@ def test_ephemeral_kill(kc: Keychain, ec_client: ClientIdentity) -> None:
     assert kc.lookup("eph-kill") is None
 
 
-def test_wrong_pin(token: Token, kc: Keychain, impl: str) -> None:
-    """Also while this process is logged in with the right PIN.
-
-    Login state is the module's, per process, and both implementations
-    share SoftHSM2 here: once one logged the token in, C_Login answers
-    CKR_USER_ALREADY_LOGGED_IN whatever the PIN, and each implementation
-    detects a wrong PIN only against the PIN digest it registered itself.
-    `kc` (this impl, right PIN) registers that digest first; a wrong PIN as
-    an implementation's very first contact is covered in fresh processes by
-    test_ctypes_port.py::test_wrong_pin_in_a_fresh_process."""
+def test_wrong_pin(token: Token, kc: Keychain) -> None:
+    """Also while this process is logged in with the right PIN: login state
+    is the module's, per process, so C_Login answers
+    CKR_USER_ALREADY_LOGGED_IN whatever the PIN, and the C layer checks a
+    later PIN against the digest of the one `kc` logged in with."""
     with pytest.raises(AuthFailedError, match="CKR_PIN_INCORRECT") as info:
-        Keychain(token.module, token.label, "wrong-pin", impl=impl)
+        Keychain(token.module, token.label, "wrong-pin")
     assert "wrong-pin" not in str(info.value)
     assert info.value.native_code == 0xA0
 
 
-def test_missing_token_and_module(token: Token, impl: str, tmp_path: Path) -> None:
+def test_missing_token_and_module(token: Token, tmp_path: Path) -> None:
     with pytest.raises(NoSuchKeychainError, match="no token labelled"):
-        Keychain(token.module, "no-such-token", "1234", impl=impl)
+        Keychain(token.module, "no-such-token", "1234")
     with pytest.raises(NoSuchKeychainError, match="cannot load"):
-        Keychain(str(tmp_path / "missing.so"), token.label, "1234", impl=impl)
+        Keychain(str(tmp_path / "missing.so"), token.label, "1234")
     libc = "/lib/x86_64-linux-gnu/libc.so.6"
     if os.path.exists(libc):
         with pytest.raises(NoSuchKeychainError, match="not a PKCS#11 module"):
-            Keychain(libc, token.label, "1234", impl=impl)
+            Keychain(libc, token.label, "1234")
 
 
-def test_no_pin_is_an_error_not_a_prompt(token: Token, impl: str) -> None:
+def test_no_pin_is_an_error_not_a_prompt(token: Token) -> None:
     with pytest.raises(InteractionRequiredError):
-        Keychain(token.module, token.label, impl=impl)
+        Keychain(token.module, token.label)
 
 
-def test_pin_file(token: Token, impl: str, tmp_path: Path) -> None:
+def test_pin_file(token: Token, tmp_path: Path) -> None:
     pin_file = tmp_path / "pin"
     pin_file.write_text(token.pin + "\n")
-    with Keychain(token.module, token.label, pin_file=pin_file, impl=impl) as kc:
+    with Keychain(token.module, token.label, pin_file=pin_file) as kc:
         assert kc.items() == []
 
 
-def test_closed_keychain(token: Token, impl: str) -> None:
-    kc = token.open(impl)
+def test_closed_keychain(token: Token) -> None:
+    kc = token.open()
     kc.close()
     kc.close()
     with pytest.raises(ParamError, match="closed"):
         kc.lookup("x")
 
 
-def test_repr_has_no_pin(token: Token, impl: str) -> None:
-    with token.open(impl) as kc:
+def test_repr_has_no_pin(token: Token) -> None:
+    with token.open() as kc:
         assert token.pin not in repr(kc) and token.pin not in str(vars(kc))
 
 
@@ -376,7 +372,7 @@ def test_works_in_a_forked_child(kc: Keychain, ec_client: ClientIdentity) -> Non
     kc.kill_key("after-fork")
 
 
-def test_embedded_default_store(tmp_path: Path, impl: str, ec_client: ClientIdentity) -> None:
+def test_embedded_default_store(tmp_path: Path, ec_client: ClientIdentity) -> None:
     """Keychain() needs no configuration: it creates its token on first use,
     with a 0700 directory and a 0600 PIN file, and reuses it after."""
     home = tmp_path / "home"
@@ -384,14 +380,14 @@ def test_embedded_default_store(tmp_path: Path, impl: str, ec_client: ClientIden
     env["KEYCHAIN_EXT_HOME"] = str(home)
     code = (
         "import sys; from keychain_ext import Keychain\n"
-        "with Keychain(impl=sys.argv[2]) as kc:\n"
+        "with Keychain() as kc:\n"
         "    with kc.preauthorized(sys.argv[1], sys.stdin.read(), 'embedded') as i:\n"
         "        assert kc.lookup('embedded') is not None\n"
-        "    print(len(kc.items()), i.env['SOFTHSM2_CONF'])\n"
+        "    print(len(kc.items()), i.store.env['SOFTHSM2_CONF'])\n"
     )
     for _ in range(2):
         out = subprocess.run(
-            [sys.executable, "-c", code, str(ec_client.p12), impl],
+            [sys.executable, "-c", code, str(ec_client.p12)],
             input=ec_client.password,
             env=env,
             capture_output=True,
@@ -403,45 +399,34 @@ def test_embedded_default_store(tmp_path: Path, impl: str, ec_client: ClientIden
     assert (home / "softhsm" / "pin").stat().st_mode & 0o777 == 0o600
 
 
-def test_embedded_refuses_foreign_softhsm_conf(impl: str) -> None:
+def test_embedded_refuses_foreign_softhsm_conf() -> None:
     with pytest.raises(ParamError, match="SOFTHSM2_CONF"):
-        Keychain(impl=impl)
+        Keychain()
 
 
-ALL_CODES = {
-    0: None,
-    -4: "UnimplementedError",
-    -36: "IOFailureError",
-    -50: "ParamError",
-    -61: "WritePermissionError",
-    -108: "AllocateError",
-    -128: "UserCanceledError",
-    -25291: "NotAvailableError",
-    -25292: "ReadOnlyError",
-    -25293: "AuthFailedError",
-    -25294: "NoSuchKeychainError",
-    -25299: "DuplicateItemError",
-    -25300: "ItemNotFoundError",
-    -25304: "InvalidItemRefError",
-    -25307: "NoDefaultKeychainError",
-    -25308: "InteractionNotAllowedError",
-    -25315: "InteractionRequiredError",
-    -25257: "UnknownFormatError",
-    -25260: "PassphraseRequiredError",
-    -25264: "Pkcs12VerifyFailureError",
-    -26275: "DecodeError",
-    -34018: "MissingEntitlementError",
-}
+def test_error_table_is_keychain_h() -> None:
+    """errors.py's one table names every OSStatus of keychain.h (the
+    KC_errSec* constants of the compiled module) and nothing else; each
+    class's status is the header's number."""
+    from keychain_ext._native import lib
+
+    header = {n[len("KC_") :]: getattr(lib, n) for n in dir(lib) if n.startswith("KC_errSec")}
+    assert set(errors._TABLE) == set(header)
+    for symbol, (cls, _message) in errors._TABLE.items():
+        assert errors.symbol(header[symbol]) == symbol
+        assert errors.error_class(header[symbol]) is cls
+        assert cls is errors.KeychainError or cls.status == header[symbol], symbol
+    classes = [cls for cls, _ in errors._TABLE.values()]
+    assert len(set(classes)) == len(classes)  # one class per status
 
 
-@pytest.mark.parametrize("status,name", [(s, n) for s, n in ALL_CODES.items() if n])
-def test_error_table(status: int, name: str) -> None:
-    """Not per impl: errors.py is the one table both implementations raise
-    through (raise_status); no backend is involved."""
-    from keychain_ext import errors
-
-    cls = errors.error_class(status)
-    assert cls.__name__ == name and cls is getattr(errors, name)
+@pytest.mark.parametrize(
+    "name", [cls.__name__ for cls, _ in errors._TABLE.values() if cls is not KeychainError]
+)
+def test_error_table(name: str) -> None:
+    cls = getattr(errors, name)
+    status = cls.status
+    assert errors.error_class(status) is cls
     exc = cls(status, "detail text", operation="op", native_code=7)
     assert isinstance(exc, KeychainError) and isinstance(exc, OSError)
     assert exc.symbol.startswith("errSec") and exc.symbol in str(exc)
@@ -455,7 +440,6 @@ def test_error_table(status: int, name: str) -> None:
 
 
 def test_error_table_builtins_and_unknown_codes() -> None:
-    """Not per impl: the shared errors.py table only (see test_error_table)."""
     from keychain_ext import errors
 
     assert issubclass(errors.ItemNotFoundError, LookupError)

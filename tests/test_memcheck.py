@@ -30,7 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import PrivateFormat, pkcs12
 
-from keychain_ext.testing.pki import PKI, make_client, make_variants
+from tests.pki import PKI, make_client, make_variants
 
 from .conftest import new_token
 from .csources import pkcs11_sources

@@ -22,10 +22,10 @@ import pytest
 from keychain_ext import DuplicateItemError, Keychain
 from keychain_ext.curl import client_env, curl_args
 from keychain_ext.errors import AllocateError
-from keychain_ext.testing.pki import PKI, ClientIdentity, make_client
-from keychain_ext.testing.server import MTLSServer
 
 from .conftest import Token, new_token
+from .pki import PKI, ClientIdentity, make_client
+from .servers import MTLSServer
 
 CKR_DEVICE_MEMORY = 0x31  # not transient: must surface as AllocateError
 CKR_TOKEN_NOT_PRESENT = 0xE0  # transient: must be retried away
@@ -53,9 +53,9 @@ def shim(tmp_path_factory: pytest.TempPathFactory, token: Token) -> Iterator[Any
 
 
 @pytest.fixture
-def plain(token: Token, impl: str) -> Iterator[Keychain]:
+def plain(token: Token) -> Iterator[Keychain]:
     """A handle without the shim: sees this process's session objects too."""
-    with token.open(impl) as kc:
+    with token.open() as kc:
         yield kc
     assert token.objects() == []
 
@@ -71,11 +71,10 @@ def test_every_preauth_call_failing_leaves_the_store_unchanged(
     shim: Any,
     token: Token,
     plain: Keychain,
-    impl: str,
     ec_client: ClientIdentity,
     ephemeral: bool,
 ) -> None:
-    with Keychain(shim.so, token.label, token.pin, impl=impl) as kc:
+    with Keychain(shim.so, token.label, token.pin) as kc:
         shim.reset()
         kc.preauth_key(ec_client.p12, ec_client.password, "walk", ephemeral=ephemeral)
         calls = shim.trace()
@@ -109,11 +108,10 @@ def test_every_kill_call_failing_then_a_retry_completes(
     shim: Any,
     token: Token,
     plain: Keychain,
-    impl: str,
     ec_client: ClientIdentity,
     ephemeral: bool,
 ) -> None:
-    with Keychain(shim.so, token.label, token.pin, impl=impl) as kc:
+    with Keychain(shim.so, token.label, token.pin) as kc:
         kc.preauth_key(ec_client.p12, ec_client.password, "kill-walk", ephemeral=ephemeral)
         shim.reset()
         kc.kill_key("kill-walk")
@@ -418,10 +416,10 @@ def test_concurrent_processes_distinct_labels(pki: PKI) -> None:
     ):
         # Readers outside keychain_ext hold its lock, as documented: without
         # it SoftHSM2 lets them miss objects while another process writes.
-        assert steady.lock_path
+        assert steady.store.lock_path
         argv = [
             "flock",
-            steady.lock_path,
+            steady.store.lock_path,
             "curl",
             "-sS",
             "--fail",
@@ -433,7 +431,7 @@ def test_concurrent_processes_distinct_labels(pki: PKI) -> None:
         curl = Background(
             lambda: subprocess.run(argv, env=client_env(steady), capture_output=True).returncode
         )
-        raw = Background(lambda: len(locked(steady.lock_path, token.objects)))
+        raw = Background(lambda: len(locked(steady.store.lock_path, token.objects)))
         workers = [
             spawn(
                 WORKER, [token.module, token.label, str(c.p12), f"w{i}", cycles], [token.pin, "pw"]

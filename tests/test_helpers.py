@@ -1,4 +1,6 @@
-"""Tests of keychain_ext.testing: the throwaway PKI and the mTLS servers."""
+"""Tests of the test helpers: the PKCS#12 files of tests/pki.py are what the
+tests take them for (legacy RC2, OpenSSL defaults, partial files), and the
+servers of tests/servers.py demand a client certificate from the CA."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from keychain_ext.testing.pki import (
+from .pki import (
     PKI,
     ClientIdentity,
     P12Variants,
@@ -27,7 +29,7 @@ from keychain_ext.testing.pki import (
     make_pki,
     make_variants,
 )
-from keychain_ext.testing.server import MTLSServer, NginxServer, find_nginx
+from .servers import MTLSServer, NginxServer, find_nginx
 
 PASSWORD = "correct horse"
 
@@ -64,7 +66,7 @@ def _cert(path: Path) -> x509.Certificate:
 
 
 def _assert_issued_by(cert: x509.Certificate, ca: x509.Certificate) -> None:
-    """Check the signature (make_pki's CA is EC; works on cryptography < 40)."""
+    """Check the signature (trustme's CA is EC; works on cryptography < 40)."""
     assert cert.issuer == ca.subject
     ca_key = ca.public_key()
     assert isinstance(ca_key, ec.EllipticCurvePublicKey)
@@ -99,17 +101,6 @@ def _openssl_info(p12: Path, *extra: str) -> str:
 
 
 # --- PKI ---------------------------------------------------------------------
-
-
-def test_server_cert_is_signed_by_ca_for_localhost(pki: PKI) -> None:
-    ca, server = _cert(pki.ca_cert), _cert(pki.server_cert)
-    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    _assert_issued_by(server, ca)
-    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    assert san.value.get_values_for_type(x509.DNSName) == ["localhost"]
-    assert [str(ip) for ip in san.value.get_values_for_type(x509.IPAddress)] == [
-        "127.0.0.1"
-    ]
 
 
 @pytest.mark.parametrize(
@@ -148,7 +139,7 @@ def test_client_p12_holds_key_and_ca_signed_cert(
 def test_key_files_are_0600(
     pki: PKI, rsa_client: ClientIdentity, variants: P12Variants
 ) -> None:
-    private = [pki.ca_key, pki.server_key, rsa_client.p12, rsa_client.key]
+    private = [pki.server_key, rsa_client.p12, rsa_client.key]
     private += [variants.legacy, variants.openssl_default, variants.key_only]
     for path in private:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

@@ -1,5 +1,5 @@
 """TLS servers on 127.0.0.1 that demand a client certificate from the CA of a
-:class:`~keychain_ext.testing.pki.PKI`.
+:class:`tests.pki.PKI`.
 
 :class:`MTLSServer` is Python's ``ssl`` in a background thread and answers with
 the verified client's CN; :class:`NginxServer` runs a real ``nginx``. Both are
@@ -28,7 +28,7 @@ from typing import Any, final
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from keychain_ext.testing.pki import PKI
+from .pki import PKI
 
 HOST = "127.0.0.1"
 

@@ -1,10 +1,12 @@
 """keychain.h in pure Python: ``ctypes`` against the PKCS#11 module.
 
-A drop-in for :mod:`keychain_ext._native_backend` (``Keychain(impl="ctypes")``)
-that mirrors ``csrc/keychain_pkcs11.c`` call for call: the same PKCS#11
-functions in the same order with the same templates, the same OSStatus
-mapping and messages, the same all-or-nothing import and the same
-process-wide rules:
+A benchmark rival, never shipped: the C layer's PKCS#11 backend
+(``csrc/keychain_pkcs11.c``) re-written with ``ctypes``, measured against the
+C extension (benchmarks/runner.py) and held to its PKCS#11 calls by
+tests/test_benchmark_ports.py.  It implements the façade's ``Store`` protocol
+(:mod:`keychain_ext._backend`) call for call: the same PKCS#11 functions in
+the same order with the same templates, the same OSStatus mapping and
+messages, the same all-or-nothing import and the same process-wide rules:
 
 - a module is loaded once per path and never ``C_Finalize``'d (libcurl's
   pkcs11 engine may share it); ``C_Initialize`` accepts
@@ -48,14 +50,16 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, TypeVar
 
-from .._backend import EPHEMERAL, KEY_TYPES, RECLAIM_STALE, ItemInfo
-from ..errors import raise_status
-from . import _asn1
+from keychain_ext._backend import ItemInfo
+from keychain_ext._native_backend import EPHEMERAL, KEY_TYPES, RECLAIM_STALE
+from keychain_ext.errors import raise_status
+
+from . import _ctypes_asn1 as _asn1
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-__all__ = ["CtypesBackend", "CtypesStore"]
+__all__ = ["CtypesBackend", "CtypesStore", "open_store"]
 
 T = TypeVar("T")
 
@@ -591,9 +595,8 @@ def _cryptography() -> Any:
         from cryptography.hazmat.primitives.serialization import pkcs12
     except ImportError as exc:
         raise ImportError(
-            "keychain_ext's ctypes port reads PKCS#12 files with the 'cryptography' "
-            "package, which is not installed: pip install cryptography "
-            "(or use the C extension, Keychain(impl='native'))"
+            "the ctypes port reads PKCS#12 files with the 'cryptography' "
+            "package, which is not installed: pip install cryptography"
         ) from exc
     return pkcs12
 
@@ -1663,10 +1666,13 @@ class CtypesBackend:
         _api("init_token", run)
 
 
-if TYPE_CHECKING:
-    from .._backend import Backend, Store
+def open_store(module: str, token: str, pin: str, lock_path: Optional[str] = None) -> CtypesStore:
+    """The benchmark ports' entry point (benchmarks/runner.py PortImpl)."""
+    return CtypesBackend().open(module, token, pin, lock_path)
 
-    # CtypesStore and CtypesBackend must structurally match the protocols
-    # the façade talks to (mypy checks these assignments).
+
+if TYPE_CHECKING:
+    from keychain_ext._backend import Store
+
+    # CtypesStore must structurally match the protocol the façade talks to.
     _store_conforms: type[Store] = CtypesStore
-    _backend_conforms: Backend = CtypesBackend()
