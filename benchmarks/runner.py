@@ -312,7 +312,7 @@ class KeychainImpl(Impl):
 
     def open(self, module: str, token: str, pin: str, pin_file: Path) -> Any:
         from keychain_ext import Keychain
-        return Keychain(module, token, pin_file=pin_file, lock=False)
+        return Keychain(module, token, pin_file=pin_file)
 
     def preauth(self, h: Any, p12: P12, label: str, eph: bool) -> None:
         h.preauth_key(p12.data, p12.password, label, ephemeral=eph)

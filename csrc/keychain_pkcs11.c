@@ -323,11 +323,12 @@ static int32_t refuse_owned(const lease *l, int alive, const char *why,
 {
     if (l->held)
         return fail(err, status, 0,
-                    "the identity labelled '%s' is held until it is killed; %s",
-                    l->label, why);
+                    "an identity labelled '%s' is already in the store, held "
+                    "until it is killed; %s", l->label, why);
     return fail(err, status, 0,
-                "the identity labelled '%s' is owned by process %ld on %s "
-                "(%s); %s", l->label, l->n_owners ? l->owners[0].pid : 0L,
+                "an identity labelled '%s' is already in the store, owned by "
+                "process %ld on %s (%s); %s", l->label,
+                l->n_owners ? l->owners[0].pid : 0L,
                 l->n_owners ? l->owners[0].host : "?", verdict(alive), why);
 }
 
@@ -392,7 +393,7 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     identity id;
     CK_BBOOL token = (flags & KC_PREAUTH_EPHEMERAL) ? CK_FALSE : CK_TRUE;
     CK_OBJECT_HANDLE made[2]; /* certificate, key: undone in reverse */
-    int n_made = 0, join = 0, leased = 0, counted;
+    int n_made = 0, join = 0, leased = 0, counted = 0;
     blanks before;
     lease l;
     CK_RV rv;
@@ -440,7 +441,8 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
         leased = 1;
         if (join)
             goto done;
-        note_blanks(kc, &before);
+        if ((st = note_blanks(kc, &before, err)))
+            goto undo;
     }
     if ((st = create_cert(kc, &id, label, token, token ? &before : NULL,
                           &made[n_made], err)))
@@ -464,10 +466,8 @@ undo:
             snprintf(err->message + strlen(err->message),
                      sizeof err->message - strlen(err->message),
                      "; undoing the import also failed: %s", ckr_name(rv));
-    if (leased) {
-        lease_leave(kc, &l);
-        lease_remove(kc, label, NULL);
-    }
+    if (leased && !lease_remove(kc, label, NULL) && counted)
+        lease_released(kc);
 unlock:
     end(kc);
 out:
@@ -481,7 +481,7 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
     CK_BYTE key_id[KC_KEY_ID_MAX];
     CK_ULONG key_id_len = 0, count = 0, found = 0;
     CK_OBJECT_HANDLE cert;
-    int leased, alive, taken, force = flags & KC_KILL_FORCE;
+    int leased, alive, taken, mine, force = flags & KC_KILL_FORCE;
     lease l;
     query q;
     int32_t st;
@@ -493,15 +493,19 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
     if ((st = begin(kc, err)))
         return st;
     /* An ephemeral identity: session objects, which only this process
-     * sees, so they are ours.  The key goes by the certificate's id. */
-    create_query_dict(&q, CKO_CERTIFICATE, SESSION_OBJECTS, label, NULL, 0);
+     * sees, so they are ours.  Certificate and key go by the id of the
+     * first one found (a kill interrupted earlier may have left the key). */
+    create_query_dict(&q, ANY_CLASS, SESSION_OBJECTS, label, NULL, 0);
     if ((st = lookup_keychain_item(kc, &q, &cert, 1, &count, err)))
         goto out;
     if (count) {
         CK_ATTRIBUTE a = ATTR(CKA_ID, key_id, sizeof key_id);
-        if (kc->mod->f->C_GetAttributeValue(kc->session, cert, &a, 1) == CKR_OK &&
-            a.ulValueLen <= sizeof key_id)
-            key_id_len = a.ulValueLen;
+        CK_RV rv = kc->mod->f->C_GetAttributeValue(kc->session, cert, &a, 1);
+        if (rv != CKR_OK) {
+            st = fail_ck(err, rv, "reading the identity's key id");
+            goto out;
+        }
+        key_id_len = a.ulValueLen <= sizeof key_id ? a.ulValueLen : 0;
         st = remove_identity(kc, label, SESSION_OBJECTS,
                              key_id_len ? key_id : NULL, key_id_len, &found, err);
         goto out;
@@ -524,8 +528,11 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
             st = remove_identity(kc, label, TOKEN_OBJECTS, NULL, 0, &found, err);
         goto out;
     }
-    if (lease_leave(kc, &l) && l.shared && l.n_owners > 0) {
-        st = lease_write(kc, &l, err); /* other owners keep it */
+    mine = lease_leave(kc, &l);
+    if (mine && l.shared && l.n_owners > 0) {
+        /* other owners keep it */
+        if (!(st = lease_write(kc, &l, err)))
+            lease_released(kc);
         goto out;
     }
     alive = lease_alive(kc, &l);
@@ -536,6 +543,8 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
     }
     if ((st = remove_leased(kc, &l, &found, err)))
         goto out;
+    if (mine)
+        lease_released(kc);
     if (!found)
         st = fail(err, KC_errSecItemNotFound, 0,
                   "no identity labelled '%s' in the store (its lease is "
@@ -545,8 +554,30 @@ out:
     return st;
 }
 
+/* Describe a certificate that has no CKA_SUBJECT (some producers omit
+ * it) from its value. */
+static void describe_by_value(kc_keychain *kc, CK_OBJECT_HANDLE h,
+                              kc_item_info *info)
+{
+    CK_ATTRIBUTE a = ATTR(CKA_VALUE, NULL, 0);
+    const unsigned char *p;
+    X509 *cert;
+    if (kc->mod->f->C_GetAttributeValue(kc->session, h, &a, 1) != CKR_OK ||
+        a.ulValueLen == 0 || a.ulValueLen > 1024 * 1024 ||
+        !(a.pValue = malloc(a.ulValueLen)))
+        return;
+    if (kc->mod->f->C_GetAttributeValue(kc->session, h, &a, 1) == CKR_OK) {
+        p = a.pValue;
+        if ((cert = d2i_X509(NULL, &p, (long)a.ulValueLen)))
+            describe_name(X509_get_subject_name(cert), info);
+        X509_free(cert);
+        ERR_clear_error();
+    }
+    free(a.pValue);
+}
+
 /* Fold one object into the description of its label. */
-static void add_object(const object *o, kc_item_info *info)
+static void add_object(kc_keychain *kc, const object *o, kc_item_info *info)
 {
     if (!info->label[0])
         snprintf(info->label, sizeof info->label, "%s", o->label);
@@ -556,6 +587,8 @@ static void add_object(const object *o, kc_item_info *info)
         info->has_certificate = 1;
         if (name)
             describe_name(name, info);
+        else
+            describe_by_value(kc, o->handle, info);
         X509_NAME_free(name);
         ERR_clear_error();
     } else if (o->cls == CKO_PRIVATE_KEY) {
@@ -626,7 +659,7 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
             st = fail_ck(err, rv, "reading an object");
             goto out;
         }
-        add_object(o, &info);
+        add_object(kc, o, &info);
     }
     if (!info.has_certificate && !info.has_private_key)
         st = fail(err, KC_errSecItemNotFound, 0,
@@ -759,7 +792,7 @@ int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
             st = fail(err, KC_errSecAllocate, 0, "out of memory");
             goto out;
         }
-        add_object(o, item);
+        add_object(kc, o, item);
     }
     /* leases whose objects are gone (a crash before the create) */
     if ((st = lease_labels(kc, &labels, &n_labels, err)))

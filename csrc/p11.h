@@ -119,7 +119,7 @@ int32_t create_object(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
                       CK_OBJECT_CLASS cls, const char *label,
                       const blanks *before, CK_OBJECT_HANDLE *out,
                       const char *what, kc_error *err);
-void note_blanks(kc_keychain *kc, blanks *b);
+int32_t note_blanks(kc_keychain *kc, blanks *b, kc_error *err);
 void remove_new_blanks(kc_keychain *kc, const blanks *before);
 int is_blank(kc_keychain *kc, CK_OBJECT_HANDLE h);
 CK_RV destroy(kc_keychain *kc, CK_OBJECT_HANDLE h);
@@ -157,6 +157,7 @@ int32_t lease_join(kc_keychain *kc, lease *l, kc_error *err);
 void lease_joined(kc_keychain *kc);
 void lease_unjoin(kc_keychain *kc);
 int lease_leave(kc_keychain *kc, lease *l);
+void lease_released(kc_keychain *kc);
 void lease_prune(kc_keychain *kc, lease *l);
 int lease_mine(const lease *l);
 int lease_alive(kc_keychain *kc, const lease *l); /* 1, 0, -1 cannot tell */

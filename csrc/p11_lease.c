@@ -272,14 +272,12 @@ static int drop_owners(kc_keychain *kc, lease *l, int leave)
 void lease_prune(kc_keychain *kc, lease *l) { drop_owners(kc, l, 0); }
 
 /* This process gives the identity up (and the dead owners go too); 1 if
- * it was an owner. */
-int lease_leave(kc_keychain *kc, lease *l)
-{
-    int mine = drop_owners(kc, l, 1);
-    if (mine)
-        owner_count(kc, -1);
-    return mine;
-}
+ * it was an owner.  Once the lease is written or removed, the caller calls
+ * lease_released: until then the owner file must stay, or a crash in
+ * between would leave a lease naming an owner no one can judge. */
+int lease_leave(kc_keychain *kc, lease *l) { return drop_owners(kc, l, 1); }
+
+void lease_released(kc_keychain *kc) { owner_count(kc, -1); }
 
 /* Add this process as an owner. */
 int32_t lease_join(kc_keychain *kc, lease *l, kc_error *err)

@@ -153,14 +153,17 @@ static CK_RV find_unlabelled(kc_keychain *kc, CK_OBJECT_HANDLE *h,
     return find(kc, &empty, 1, h, max, n);
 }
 
-void note_blanks(kc_keychain *kc, blanks *b)
+int32_t note_blanks(kc_keychain *kc, blanks *b, kc_error *err)
 {
     CK_OBJECT_HANDLE h[MAX_FOUND + 1];
     CK_ULONG n = 0;
-    b->complete = find_unlabelled(kc, h, MAX_FOUND + 1, &n) == CKR_OK &&
-                  n <= MAX_FOUND;
+    CK_RV rv = find_unlabelled(kc, h, MAX_FOUND + 1, &n);
+    if (rv != CKR_OK)
+        return fail_ck(err, rv, "searching the token");
+    b->complete = n <= MAX_FOUND; /* else: too many to tell new ones */
     b->n = b->complete ? n : 0;
     memcpy(b->h, h, b->n * sizeof *h);
+    return KC_errSecSuccess;
 }
 
 /* Destroy the blank objects that appeared since *before: a failed create

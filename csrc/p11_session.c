@@ -396,7 +396,14 @@ static int32_t ensure_session(kc_keychain *kc, kc_error *err)
 int32_t ensure_login(kc_keychain *kc, kc_error *err)
 {
     CK_SESSION_INFO info;
-    CK_RV rv = kc->mod->f->C_GetSessionInfo(kc->session, &info);
+    CK_RV rv = CKR_OK;
+    int attempt;
+    for (attempt = 0; attempt < TRANSIENT_RETRIES; attempt++) {
+        if (attempt)
+            backoff(attempt);
+        if (!transient(rv = kc->mod->f->C_GetSessionInfo(kc->session, &info)))
+            break;
+    }
     if (rv == CKR_OK && (info.state == CKS_RW_USER_FUNCTIONS ||
                          info.state == CKS_RO_USER_FUNCTIONS))
         return KC_errSecSuccess;

@@ -41,10 +41,11 @@ class Store(Protocol):
 
     def preauth_key(self, p12: bytes, password: bytes, label: bytes, flags: int) -> ItemInfo: ...
 
-    def kill_key(self, label: bytes) -> None: ...
+    def kill_key(self, label: bytes, force: bool = False) -> None: ...
 
     def reclaim_stale(self, label: Optional[bytes]) -> None:
-        """Remove label's identity if its owner is dead; None: crash orphans."""
+        """Remove label's identity if its owners are dead; None: what a
+        crash left on an exclusive store."""
 
     def lookup(self, label: bytes) -> Optional[ItemInfo]: ...
 
@@ -105,8 +106,16 @@ class Pkcs11Backend:
 
     name = "pkcs11"
 
-    def open(self, module: str, token: str, pin: str, lock_path: Optional[str]) -> Store:
-        return native.NativeBackend().open(module, token, pin, lock_path)
+    def open(
+        self,
+        module: str,
+        token: str,
+        pin: str,
+        state_dir: str,
+        init_args: Optional[str] = None,
+        exclusive: bool = False,
+    ) -> Store:
+        return native.NativeBackend().open(module, token, pin, state_dir, init_args, exclusive)
 
     def init_token(self, module: str, token: str, so_pin: str, user_pin: str) -> None:
         native.NativeBackend().init_token(module, token, so_pin, user_pin)

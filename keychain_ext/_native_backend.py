@@ -37,6 +37,9 @@ STATUS: dict[str, int] = {
 }
 EPHEMERAL: int = lib.KC_PREAUTH_EPHEMERAL
 RECLAIM_STALE: int = lib.KC_PREAUTH_RECLAIM_STALE
+HELD: int = lib.KC_PREAUTH_HELD
+SHARED: int = lib.KC_PREAUTH_SHARED
+KILL_FORCE: int = lib.KC_KILL_FORCE
 KEY_TYPES: dict[int, Optional[str]] = {
     lib.KC_KEY_NONE: None,
     lib.KC_KEY_RSA: "rsa",
@@ -50,7 +53,15 @@ from . import errors  # noqa: E402
 
 @dataclass(frozen=True)
 class ItemInfo:
-    """What the store holds under one label (kc_item_info)."""
+    """What the store holds under one label (kc_item_info).
+
+    Ownership (see README, "Ownership"): ``ours`` -- keychain_ext made it
+    (a lease names it, or it is this process's session objects); ``held``
+    -- owned by no process until killed; ``shared`` -- processes may join
+    its ``owners``; ``mine`` -- this process is one of them; ``owner_pid``
+    and ``owner_host`` name an owner (a live one if any), ``owner_alive``
+    says whether one runs (None: cannot tell).
+    """
 
     label: str
     key_id: bytes
@@ -60,7 +71,13 @@ class ItemInfo:
     ephemeral: bool
     has_certificate: bool
     has_private_key: bool
+    ours: bool
+    held: bool
+    shared: bool
+    owners: int
+    mine: bool
     owner_pid: int
+    owner_host: str
     owner_alive: Optional[bool]
 
 
@@ -84,7 +101,13 @@ def _info(c: Any) -> ItemInfo:
         ephemeral=bool(c.ephemeral),
         has_certificate=bool(c.has_certificate),
         has_private_key=bool(c.has_private_key),
+        ours=bool(c.ours),
+        held=bool(c.held),
+        shared=bool(c.shared),
+        owners=int(c.owners),
+        mine=bool(c.mine),
         owner_pid=int(c.owner_pid),
+        owner_host=ffi.string(c.owner_host).decode("utf-8", "replace"),
         owner_alive=None if c.owner_alive < 0 else bool(c.owner_alive),
     )
 
@@ -110,10 +133,10 @@ class NativeStore:
         _check(st, err, "preauth_key")
         return _info(out)
 
-    def kill_key(self, label: bytes) -> None:
+    def kill_key(self, label: bytes, force: bool = False) -> None:
         err = ffi.new("kc_error *")
         with self._lock:
-            st = lib.kc_kill_key(self._live(), label, err)
+            st = lib.kc_kill_key(self._live(), label, KILL_FORCE if force else 0, err)
         _check(st, err, "kill_key")
 
     def reclaim_stale(self, label: Optional[bytes]) -> None:
@@ -170,10 +193,14 @@ class NativeBackend:
         module: Optional[str],
         token: Optional[str],
         pin: Optional[str],
-        lock_path: Optional[str],
+        state_dir: Optional[str],
+        init_args: Optional[str] = None,
+        exclusive: bool = False,
     ) -> NativeStore:
-        """kc_open.  PKCS#11: module path, token label, PIN, lock file;
-        Darwin: token is a keychain path or None (the default search list)."""
+        """kc_open.  PKCS#11: module path, token label, PIN, the token's
+        state directory (lock, leases), C_Initialize's init string, and
+        whether only keychain_ext uses the token; Darwin: token is a
+        keychain path or None (the default search list)."""
         err = ffi.new("kc_error *")
         out = ffi.new("kc_keychain **")
         opts = ffi.new("kc_options *")
@@ -181,7 +208,9 @@ class NativeBackend:
         opts.module = _cstr(module, keep)
         opts.token = _cstr(token, keep)
         opts.pin = _cstr(pin, keep)
-        opts.lock_path = _cstr(lock_path or None, keep)
+        opts.state_dir = _cstr(state_dir or None, keep)
+        opts.init_args = _cstr(init_args or None, keep)
+        opts.exclusive = int(exclusive)
         st = lib.kc_open(opts, out, err)
         _check(st, err, "open")
         return NativeStore(out[0])

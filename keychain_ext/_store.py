@@ -109,10 +109,16 @@ def file_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def lock_path(module: str, token: str) -> str:
-    """The lock file every process using this token flocks (see keychain.h)."""
-    digest = hashlib.sha256(f"{os.path.realpath(module)}\0{token}".encode()).hexdigest()[:16]
-    return str(private_dir(base_dir() / "locks") / f"{digest}.lock")
+def state_dir(token: str, init_args: Optional[str] = None) -> str:
+    """The token's state directory (keychain.h kc_options.state_dir): the
+    lock every process using the token flocks, owner files and leases.
+
+    Named by the token label and the module's init string (NSS: its
+    database), not by the module path: processes reaching one token through
+    different modules (p11-kit's proxy, a shim) must share its lock and its
+    leases."""
+    key = f"{token}\0{init_args or ''}".encode()
+    return str(private_dir(base_dir() / "tokens" / hashlib.sha256(key).hexdigest()[:16]))
 
 
 @dataclass(frozen=True)

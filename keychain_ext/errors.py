@@ -147,6 +147,11 @@ class DecodeError(KeychainError, ValueError):
     """The data is not a usable PKCS#12 identity (corrupt, empty, no key...)."""
 
 
+class InvalidOwnerEditError(KeychainError, PermissionError):
+    """The identity is not this process's to remove: another live process
+    owns it, or keychain_ext did not make it (``force=True`` overrides)."""
+
+
 class MissingEntitlementError(KeychainError, PermissionError):
     """The process lacks an entitlement the keychain requires (macOS)."""
 
@@ -196,6 +201,10 @@ _TABLE: dict[str, tuple[type[KeychainError], str]] = {
     ),
     "errSecDecode": (DecodeError, "unable to decode the provided data"),
     "errSecMissingEntitlement": (MissingEntitlementError, "a required entitlement is missing"),
+    "errSecInvalidOwnerEdit": (
+        InvalidOwnerEditError,
+        "invalid attempt to change the owner of this item",
+    ),
 }
 
 # status -> (symbol, class, message); each class learns its status

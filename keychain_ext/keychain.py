@@ -21,7 +21,7 @@ from ._backend import (
     StoreLocation,
     platform_backend,
 )
-from ._native_backend import EPHEMERAL, LABEL_MAX, RECLAIM_STALE
+from ._native_backend import EPHEMERAL, HELD, LABEL_MAX, RECLAIM_STALE, SHARED
 from .errors import (
     DuplicateItemError,
     InteractionRequiredError,
@@ -132,8 +132,14 @@ class Keychain:
     ``Keychain(token=..., pin=...)`` opens any PKCS#11 token by label,
     through ``module`` (default: SoftHSM2).  Environment fallbacks:
     ``KEYCHAIN_EXT_MODULE``, ``KEYCHAIN_EXT_TOKEN``, ``KEYCHAIN_EXT_PIN_FILE``.
-    ``lock=False`` skips the per-token lock file that serializes processes
-    (only for a token nothing else uses).
+    ``init_args``: the module's C_Initialize init string, for modules that
+    need one (NSS softoken: ``"configdir='sql:DIR'"``).  Processes using
+    one token share its state directory: the lock that serializes them and
+    the leases that say who owns each identity (README, "Ownership").
+    ``exclusive=True`` says that only keychain_ext uses the token (the
+    embedded store always is): then :meth:`purge` may also remove the blank
+    objects a process killed inside C_CreateObject leaves, which no label
+    can prove anyone's.
 
     macOS (Security.framework): ``Keychain()`` uses the user's default
     keychain search list, ``Keychain(token=PATH)`` the keychain file PATH;
@@ -163,7 +169,8 @@ class Keychain:
         pin: Secret = None,
         *,
         pin_file: Optional[Union[str, os.PathLike[str]]] = None,
-        lock: bool = True,
+        init_args: Optional[str] = None,
+        exclusive: bool = False,
     ) -> None:
         self._lock = threading.Lock()
         self._pin_files: dict[str, Path] = {}  # label -> PIN file we wrote
@@ -171,9 +178,11 @@ class Keychain:
         self._owned_pin: Optional[_Hidden] = None
         self.pin_file: Optional[Path] = None
         self.lock_path: Optional[str] = None
+        self._exclusive = exclusive  # only keychain_ext uses the token
+        self._init_args = init_args
         backend = platform_backend()
         if isinstance(backend, DarwinBackend):
-            if module is not None or pin is not None or pin_file is not None:
+            if module is not None or pin is not None or pin_file is not None or init_args:
                 raise ParamError(
                     detail="the macOS keychain takes no PKCS#11 module and no PIN",
                     operation="open",
@@ -186,7 +195,7 @@ class Keychain:
         module = module or os.environ.get("KEYCHAIN_EXT_MODULE")
         token = token or os.environ.get("KEYCHAIN_EXT_TOKEN")
         if token is None:
-            self._store = self._open_embedded(module, lock)
+            self._store = self._open_embedded(module)
         else:
             self.module = module or _store.softhsm2_module()
             self.token = token
@@ -203,30 +212,34 @@ class Keychain:
             self._owned_pin = _Hidden(_secret(pin, "PIN"))
             if "SOFTHSM2_CONF" in os.environ:
                 self.env["SOFTHSM2_CONF"] = os.environ["SOFTHSM2_CONF"]
-            self._store = self._open(self._owned_pin.value.decode("utf-8"), lock)
+            self._store = self._open(self._owned_pin.value.decode("utf-8"))
         self.env["PKCS11_MODULE_PATH"] = self.module
         self.location = Pkcs11Token(
             self.module, self.token, self.pin_file, self.lock_path, dict(self.env)
         )
 
-    def _open(self, pin: str, lock: bool) -> Store:
-        self.lock_path = _store.lock_path(self.module, self.token) if lock else None
-        return self._backend.open(self.module, self.token, pin, self.lock_path)
+    def _open(self, pin: str) -> Store:
+        state = _store.state_dir(self.token, self._init_args)
+        self.lock_path = os.path.join(state, "lock")
+        return self._backend.open(
+            self.module, self.token, pin, state, self._init_args, self._exclusive
+        )
 
-    def _open_embedded(self, module: Optional[str], lock: bool) -> Store:
+    def _open_embedded(self, module: Optional[str]) -> Store:
         store = _store.embedded(module)
         self.module, self.token, self.pin_file = store.module, _store.EMBEDDED_TOKEN, store.pin_file
+        self._exclusive = True  # the embedded token is keychain_ext's alone
         self.env.update(store.env())
         with _store.file_lock(store.lock):
             if not store.pin_file.exists():
                 _store.write_secret(store.pin_file, _store.new_pin())
             pin = _store.read_secret(store.pin_file)
             try:
-                return self._open(pin, lock)
+                return self._open(pin)
             except NoSuchKeychainError:
                 # first use: the SO PIN is not kept; the token is disposable
                 self._backend.init_token(self.module, self.token, _store.new_pin(), pin)
-                return self._open(pin, lock)
+                return self._open(pin)
 
     def __repr__(self) -> str:
         return f"Keychain(module={self.module!r}, token={self.token!r})"
@@ -276,6 +289,8 @@ class Keychain:
         label: str,
         *,
         ephemeral: bool = False,
+        held: bool = False,
+        shared: bool = False,
         stale: Stale = "refuse",
     ) -> Identity:
         """Import the PKCS#12 identity under ``label`` (Crypto.cpp preAuthKey).
@@ -290,19 +305,27 @@ class Keychain:
             label: the name certificate and key get (1-255 UTF-8 bytes).
             ephemeral: session objects instead of token objects: never on
                 disk, gone when this Keychain closes or the process dies;
-                usable only by libcurl inside this process.
+                usable only by TLS clients inside this process.
+            held: owned by no process: it stays until :meth:`kill_key`
+                (from any process), and purge never removes it -- what
+                ``keychain-ext preauth`` makes.
+            shared: several processes (workers of one service) may each
+                pre-authorize the same identity under the same label; each
+                joins its owners, and the identity goes with the last
+                owner's kill_key (or when every owner has died).
             stale: what to do when the label is taken by an identity whose
-                owner process died before removing it (its lease says so):
+                owners all died before removing it (its lease says so):
                 "refuse" (default, DuplicateItemError naming the dead owner)
-                or "reclaim" (remove it, with the partial objects a crash
-                leaves, and import).  A live owner's identity is always
-                refused.
+                or "reclaim" (remove it and import).  A live owner's or a
+                held identity is always refused.  At most one of
+                ephemeral, held and shared.
 
         Raises:
             FileNotFoundError, PermissionError: p12 path unreadable.
             TypeError: an argument of the wrong type.
             ParamError: empty label, NUL byte, label too long.
             DuplicateItemError: the label or the key is already present.
+            ParamError: more than one of ephemeral, held and shared.
             Pkcs12VerifyFailureError: wrong password.
             DecodeError: not a PKCS#12 identity (corrupt, empty, no key).
         """
@@ -311,22 +334,33 @@ class Keychain:
         data = _p12_bytes(p12)
         if stale not in ("refuse", "reclaim"):
             raise ValueError(f"stale must be 'refuse' or 'reclaim', not {stale!r}")
-        flags = (EPHEMERAL if ephemeral else 0) | (RECLAIM_STALE if stale == "reclaim" else 0)
+        flags = (
+            (EPHEMERAL if ephemeral else 0)
+            | (HELD if held else 0)
+            | (SHARED if shared else 0)
+            | (RECLAIM_STALE if stale == "reclaim" else 0)
+        )
         info = self._store.preauth_key(data, password_bytes, raw_label, flags)
         return self._identity(info)
 
-    def kill_key(self, label: str, *, missing_ok: bool = False) -> None:
-        """Remove the certificate, then the private key (Crypto.cpp killKey).
+    def kill_key(self, label: str, *, missing_ok: bool = False, force: bool = False) -> None:
+        """Give the identity up; with no other owner left, remove the
+        certificate, then the private key (Crypto.cpp killKey), by the key
+        id its lease records.
 
-        Works for identities imported by another handle or process (the key
-        is found by the certificate's key id).
+        Removes an identity this process owns (through any handle), a held
+        one, or one whose owners have all died.  Another live process's
+        identity, or one keychain_ext did not make, only with ``force``.
 
         Raises:
             ItemNotFoundError: nothing carries the label (unless missing_ok).
+            InvalidOwnerEditError: another live process owns it, or no lease
+                proves keychain_ext made it (and not ``force``); nothing
+                changed.
         """
         raw = _label(label)
         try:
-            self._store.kill_key(raw)
+            self._store.kill_key(raw, force)
         except ItemNotFoundError:
             if not missing_ok:
                 raise
@@ -348,16 +382,21 @@ class Keychain:
         return self._store.list_items()
 
     def purge(self, *, dry_run: bool = True) -> list[ItemInfo]:
-        """Identities whose owner process died without removing them
-        (complete or left half-made by a crash), removed unless ``dry_run``.
+        """Identities keychain_ext made whose owners all died without
+        removing them (complete or half-made by a crash), removed unless
+        ``dry_run``.  Held identities and anything no lease proves ours
+        stay; on the embedded store, which only keychain_ext uses, so do
+        not the blank objects a crash left (listed under the label "").
 
         Each removal is decided again under the store's lock, so an identity
         that a live process reclaimed meanwhile is left alone.  Returns what
         was (or would be) removed.
         """
-        # the empty label groups the crash orphans: objects with nothing but
-        # defaults, left by a process killed inside C_CreateObject
-        stale = [i for i in self.items() if i.owner_alive is False or not i.label]
+        stale = [
+            i
+            for i in self.items()
+            if i.ours and (not i.label or (not i.held and i.owner_alive is False))
+        ]
         if dry_run:
             return stale
         removed = []
@@ -377,11 +416,14 @@ class Keychain:
         label: str,
         *,
         ephemeral: bool = False,
+        shared: bool = False,
         stale: Stale = "refuse",
     ) -> Iterator[Identity]:
         """``preauth_key`` on entry, ``kill_key`` on exit, also when the body
         raises: the store is left as it was found."""
-        identity = self.preauth_key(p12, password, label, ephemeral=ephemeral, stale=stale)
+        identity = self.preauth_key(
+            p12, password, label, ephemeral=ephemeral, shared=shared, stale=stale
+        )
         try:
             yield identity
         finally:

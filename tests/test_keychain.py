@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 
 import keychain_ext
 from keychain_ext import (
+    InvalidOwnerEditError,
     AuthFailedError,
     DecodeError,
     DuplicateItemError,
@@ -66,8 +67,8 @@ def test_round_trip(kc: Keychain, token: Token, kind: str, request: pytest.Fixtu
     assert {(o["class"], o["label"], o["id"]) for o in seen} == {
         ("certificate", "round-trip", ident.key_id.hex()),
         ("private", "round-trip", ident.key_id.hex()),
-        ("data", "round-trip", None),  # the lease naming the owner process
-    }
+    }  # the lease naming the owner lives in the token's state directory
+    assert (ident.owners, ident.mine, ident.ours, ident.held) == (1, True, True, False)
     found = kc.lookup("round-trip")
     assert found is not None and found.key_id == ident.key_id and found.key_type == kind
     kc.kill_key("round-trip")
@@ -81,7 +82,7 @@ def test_openssl_cli_files_round_trip(
 ) -> None:
     ident = kc.preauth_key(getattr(variants, which), rsa_client.password, which)
     assert ident.key_id == public_key_sha1(rsa_client)
-    assert len(token.objects()) == 3  # certificate, key, lease
+    assert len(token.objects()) == 2  # certificate, key
     kc.kill_key(which)
 
 
@@ -221,22 +222,44 @@ def test_kill_by_another_handle(
     assert kc.lookup("other-handle") is None
 
 
-def test_kill_by_another_process(
+def _kill_in_another_process(token: Token, label: str, force: bool = False) -> str:
+    """kill_key(label) in a child process; its error class name, or ""."""
+    code = (
+        "import sys; from keychain_ext import Keychain, KeychainError\n"
+        "m, t, label, force = sys.argv[1:5]\n"
+        "with Keychain(m, t, sys.stdin.read()) as kc:\n"
+        "    try: kc.kill_key(label, force=force == '1')\n"
+        "    except KeychainError as e: print(type(e).__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, token.module, token.label, label, "1" if force else "0"],
+        input=token.pin,
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_kill_by_another_process_needs_force_while_the_owner_runs(
     token: Token, kc: Keychain, ec_client: ClientIdentity
 ) -> None:
     kc.preauth_key(ec_client.p12, ec_client.password, "other-process")
-    code = (
-        "import sys; from keychain_ext import Keychain\n"
-        "m, t = sys.argv[1:3]\n"
-        "with Keychain(m, t, sys.stdin.read()) as kc: kc.kill_key('other-process')\n"
-    )
-    subprocess.run(
-        [sys.executable, "-c", code, token.module, token.label],
-        input=token.pin,
-        text=True,
-        check=True,
-    )
+    before = token.objects()
+    assert _kill_in_another_process(token, "other-process") == "InvalidOwnerEditError"
+    assert token.objects() == before
+    assert _kill_in_another_process(token, "other-process", force=True) == ""
     assert kc.lookup("other-process") is None
+
+
+def test_held_identity_is_killed_by_any_process(
+    token: Token, kc: Keychain, ec_client: ClientIdentity
+) -> None:
+    ident = kc.preauth_key(ec_client.p12, ec_client.password, "held", held=True)
+    assert (ident.held, ident.owners, ident.mine, ident.owner_alive) == (True, 0, False, True)
+    assert kc.purge(dry_run=False) == []
+    assert _kill_in_another_process(token, "held") == ""
+    assert kc.lookup("held") is None
 
 
 def test_preauthorized_kills_when_body_raises(kc: Keychain, rsa_client: ClientIdentity) -> None:
@@ -472,7 +495,8 @@ def test_certificate_without_subject_attribute(
     kc: Keychain, token: Token, rsa_client: ClientIdentity, tmp_path: Path
 ) -> None:
     """A certificate another tool stored with an empty CKA_SUBJECT is
-    described from its value; kill removes it."""
+    described from its value; it is not keychain_ext's, so kill removes it
+    only when forced."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -486,4 +510,8 @@ def test_certificate_without_subject_attribute(
     found = kc.lookup("foreign")
     assert found is not None
     assert (found.common_name, found.subject) == (rsa_client.cn, f"CN={rsa_client.cn}")
-    kc.kill_key("foreign")
+    assert not found.ours
+    with pytest.raises(InvalidOwnerEditError, match="has no lease"):
+        kc.kill_key("foreign")
+    assert kc.lookup("foreign") is not None
+    kc.kill_key("foreign", force=True)

@@ -98,7 +98,7 @@ def test_every_preauth_call_failing_leaves_the_store_unchanged(
             shim.clear_faults()
             found = plain.lookup("walk")
             assert found is not None and found.ephemeral == ephemeral
-            expected = [] if ephemeral else ["certificate", "data", "private"]
+            expected = [] if ephemeral else ["certificate", "private"]
             assert sorted(o["class"] for o in token.objects()) == expected
             kc.kill_key("walk")
 
@@ -116,7 +116,7 @@ def test_every_kill_call_failing_then_a_retry_completes(
         shim.reset()
         kc.kill_key("kill-walk")
         calls = shim.trace()
-        assert calls.count("C_DestroyObject") == (2 if ephemeral else 3)
+        assert calls.count("C_DestroyObject") == 2
         for n in range(1, len(calls) + 1):
             kc.preauth_key(ec_client.p12, ec_client.password, "kill-walk", ephemeral=ephemeral)
             shim.reset()
@@ -183,7 +183,7 @@ def test_dead_owner_is_refused_by_default_and_reclaimed_on_request(
         kc.preauth_key(ec_client.p12, ec_client.password, "leased")
     ident = kc.preauth_key(ec_client.p12, ec_client.password, "leased", stale="reclaim")
     assert ident.common_name == ec_client.cn and ident.owner_pid == os.getpid()
-    assert len(token.objects()) == 3  # only the new identity: cert, key, lease
+    assert len(token.objects()) == 2  # only the new identity: cert, key
     kc.kill_key("leased")
 
 
@@ -272,7 +272,8 @@ import sys
 from keychain_ext import Keychain
 module, token, p12 = sys.argv[1:4]
 pin, password = sys.stdin.readline().strip(), sys.stdin.readline().strip()
-with Keychain(module, token, pin) as kc:
+with Keychain(module, token, pin, exclusive=True) as kc:
+    kc.purge(dry_run=False)  # blank objects a kill inside C_CreateObject left
     kc.preauth_key(p12, password, "crash", stale="reclaim")
     kc.kill_key("crash")
 print("ok")
@@ -483,7 +484,7 @@ def test_processes_racing_for_one_label(pki: PKI, ec_client: ClientIdentity) -> 
     go(racers)
     outcomes = sorted(p.communicate(timeout=300)[0].strip() for p in racers)
     assert outcomes == ["duplicate"] * 7 + ["won"]
-    assert sorted(o["class"] for o in token.objects()) == ["certificate", "data", "private"]
+    assert sorted(o["class"] for o in token.objects()) == ["certificate", "private"]
     with token.open() as kc:
         kc.purge(dry_run=False)  # the winner has exited: its identity is stale
     assert token.objects() == []

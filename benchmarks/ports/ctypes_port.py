@@ -767,7 +767,15 @@ class _Info:
             ephemeral=self.ephemeral,
             has_certificate=self.has_certificate,
             has_private_key=self.has_private_key,
+            # the port predates leases in the state directory (a benchmark
+            # rival: its ownership fields are not compared)
+            ours=self.ephemeral,
+            held=False,
+            shared=False,
+            owners=1 if self.owner_pid else 0,
+            mine=self.ephemeral,
             owner_pid=self.owner_pid,
+            owner_host="",
             owner_alive=None if self.owner_alive < 0 else bool(self.owner_alive),
         )
 

@@ -453,7 +453,7 @@ static void walk_lookup_open(void)
     kc_keychain *kc;
     kc_item_info info;
     kc_error err;
-    kc_options opts = { NULL, "/k/throwaway.keychain", NULL, NULL };
+    kc_options opts = { .token = "/k/throwaway.keychain" };
     int n, pos;
     int32_t st;
 
@@ -499,8 +499,8 @@ static void scoped_keychain(void)
     kc_keychain *kc, *plain;
     kc_item_info info;
     kc_error err;
-    kc_options opts = { NULL, "/k/throwaway.keychain", NULL, NULL };
-    kc_options missing = { NULL, "/k/missing.keychain", NULL, NULL };
+    kc_options opts = { .token = "/k/throwaway.keychain" };
+    kc_options missing = { .token = "/k/missing.keychain" };
     static const uint8_t other[20] = { 0xcc };
     int idx;
 
