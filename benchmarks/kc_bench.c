@@ -22,7 +22,7 @@
  *     registry: it finds the module initialized and the token logged in,
  *     which the C layer handles; nobody calls C_Finalize.)
  *
- * Settings: module, token, pin, label, mode, iterations (default 100),
+ * Settings: module, token, pin, state_dir, label, mode, iterations (default 100),
  * ephemeral (1 = session objects, the default; 0 = token objects),
  * p12 + password (the identity, a file read once before the loop);
  *   mode=cycle   kc_preauth_key + kc_kill_key per iteration
@@ -63,7 +63,7 @@
 
 typedef struct settings {
     char module[4096], token[64], pin[256], p12[4096], password[256];
-    char label[200], missing[256], mode[16];
+    char label[200], missing[256], mode[16], state_dir[4096];
     char thread_p12[MAX_THREADS][4096]; /* [0] unused: thread 0 has p12 */
     long iterations;
     int ephemeral, import, threads;
@@ -78,7 +78,7 @@ static void set_field(settings *s, const char *key, const char *val)
         return;                                                         \
     }
     STR(module) STR(token) STR(pin) STR(p12) STR(password) STR(label)
-    STR(missing) STR(mode)
+    STR(missing) STR(mode) STR(state_dir)
 #undef STR
     if (!strncmp(key, "p12_", 4) && key[4] >= '1' && key[4] <= '7' && !key[5]) {
         snprintf(s->thread_p12[key[4] - '0'], sizeof s->thread_p12[0], "%s", val);
@@ -262,7 +262,7 @@ static int32_t open_store(const settings *s, kc_keychain **kc, kc_error *err)
     opts.module = s->module;
     opts.token = s->token;
     opts.pin = s->pin;
-    opts.lock_path = NULL; /* the benchmark opens every implementation without the flock */
+    opts.state_dir = s->state_dir[0] ? s->state_dir : NULL; /* as Keychain */
     return kc_open(&opts, kc, err);
 }
 
@@ -305,7 +305,7 @@ static int mode_cycle(const settings *s, const bytes *p12, outbuf *o)
             fail(o, "kc_preauth_key", st, &err);
             goto done;
         }
-        st = kc_kill_key(kc, s->label, &err);
+        st = kc_kill_key(kc, s->label, 0, &err);
         samples[i] = now_ms() - t0;
         c2 = calls(counter);
         if (st) {
@@ -393,7 +393,7 @@ static int mode_lookup(const settings *s, const bytes *p12, outbuf *o)
     out(o, "}");
     rc = 0;
 done:
-    if (imported && (st = kc_kill_key(kc, s->label, &err)) && !rc)
+    if (imported && (st = kc_kill_key(kc, s->label, 0, &err)) && !rc)
         rc = fail(o, "kc_kill_key", st, &err);
     kc_close(kc);
     free(hit);
@@ -472,7 +472,7 @@ static void *work(void *arg)
         if ((w->status = kc_preauth_key(w->kc, w->p12.p, w->p12.n, w->s->password,
                                         w->label, KC_PREAUTH_EPHEMERAL, &info, &w->err)))
             break;
-        if ((w->status = kc_kill_key(w->kc, w->label, &w->err)))
+        if ((w->status = kc_kill_key(w->kc, w->label, 0, &w->err)))
             break;
         w->cycles++;
     }
@@ -569,20 +569,20 @@ static int mode_calls(const settings *s, const bytes *p12, outbuf *o)
     /* warm up */
     STEP(kc_preauth_key(kc, p12->p, p12->n, s->password, s->label, KC_PREAUTH_EPHEMERAL,
                         &info, &err), "kc_preauth_key");
-    STEP(kc_kill_key(kc, s->label, &err), "kc_kill_key");
+    STEP(kc_kill_key(kc, s->label, 0, &err), "kc_kill_key");
     /* ephemeral preauth, kill */
     c0 = calls(counter);
     STEP(kc_preauth_key(kc, p12->p, p12->n, s->password, s->label, KC_PREAUTH_EPHEMERAL,
                         &info, &err), "kc_preauth_key");
     pre = calls(counter) - c0;
     c0 = calls(counter);
-    STEP(kc_kill_key(kc, s->label, &err), "kc_kill_key");
+    STEP(kc_kill_key(kc, s->label, 0, &err), "kc_kill_key");
     kill = calls(counter) - c0;
     /* token-object cycle */
     c0 = calls(counter);
     STEP(kc_preauth_key(kc, p12->p, p12->n, s->password, s->label, 0, &info, &err),
          "kc_preauth_key (token objects)");
-    STEP(kc_kill_key(kc, s->label, &err), "kc_kill_key (token objects)");
+    STEP(kc_kill_key(kc, s->label, 0, &err), "kc_kill_key (token objects)");
     cycle_token = calls(counter) - c0;
     /* lookup hit and miss of an ephemeral identity */
     STEP(kc_preauth_key(kc, p12->p, p12->n, s->password, s->label, KC_PREAUTH_EPHEMERAL,
@@ -598,13 +598,13 @@ static int mode_calls(const settings *s, const bytes *p12, outbuf *o)
              st ? st : -1, &err);
         goto done;
     }
-    STEP(kc_kill_key(kc, s->label, &err), "kc_kill_key");
+    STEP(kc_kill_key(kc, s->label, 0, &err), "kc_kill_key");
     /* kill of a token identity another handle imported */
     STEP(open_store(s, &other, &err), "kc_open (second handle)");
     STEP(kc_preauth_key(other, p12->p, p12->n, s->password, foreign, 0, &info, &err),
          "kc_preauth_key (second handle)");
     c0 = calls(counter);
-    STEP(kc_kill_key(kc, foreign, &err), "kc_kill_key (another handle's identity)");
+    STEP(kc_kill_key(kc, foreign, 0, &err), "kc_kill_key (another handle's identity)");
     kill_foreign = calls(counter) - c0;
 #undef STEP
     out(o, "{\"mode\": \"calls\", \"calls\": {\"preauth\": %lu, \"kill\": %lu, "

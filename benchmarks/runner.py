@@ -384,6 +384,9 @@ class Driver:
         """The settings text (PIN and password included: it goes to the
         library call or the program's stdin, never to argv)."""
         lines: dict[str, Any] = {"module": module, "token": token, "pin": pin}
+        from keychain_ext import _store
+
+        lines["state_dir"] = _store.state_dir(token)  # the lock and leases Keychain uses
         if p12 is not None:
             lines |= {"p12": str(p12.path), "password": p12.password}
         lines |= kw
@@ -731,6 +734,9 @@ class Bench:
                 impl.lookup(h, "bench-calls-missing")
                 c["lookup_miss"] = shim.total()
                 impl.kill(h, "bench-calls")
+                counts[impl.name] = c
+                if impl.name != NATIVE:
+                    continue  # the ports know nothing of the C layer's leases
                 # kill of an identity another handle imported: no remembered id
                 other = self.handles[NATIVE]
                 other.preauth_key(clear.data, "", "bench-calls-other", ephemeral=False)

@@ -475,13 +475,35 @@ out:
     return st;
 }
 
+/* Remove an ephemeral identity: the session objects found under its label
+ * (only this process sees them, so they are ours), certificates first. */
+static int32_t remove_session_objects(kc_keychain *kc, CK_OBJECT_HANDLE *h,
+                                      CK_ULONG n, kc_error *err)
+{
+    CK_OBJECT_CLASS cls[MAX_FOUND];
+    CK_ULONG i;
+    int pass;
+    CK_RV rv;
+    for (i = 0; i < n; i++) {
+        CK_ATTRIBUTE a = ATTR(CKA_CLASS, &cls[i], sizeof cls[i]);
+        if ((rv = kc->mod->f->C_GetAttributeValue(kc->session, h[i], &a, 1)) != CKR_OK)
+            return fail_ck(err, rv, "reading the identity's objects");
+    }
+    for (pass = 0; pass < 2; pass++)
+        for (i = 0; i < n; i++)
+            if ((cls[i] == CKO_CERTIFICATE) == (pass == 0) &&
+                (rv = destroy(kc, h[i])) != CKR_OK)
+                return fail_ck(err, rv, pass ? "removing the private key"
+                                             : "removing the certificate");
+    return KC_errSecSuccess;
+}
+
 int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
                     kc_error *err)
 {
-    CK_BYTE key_id[KC_KEY_ID_MAX];
-    CK_ULONG key_id_len = 0, count = 0, found = 0;
-    CK_OBJECT_HANDLE cert;
-    int leased, alive, taken, mine, force = flags & KC_KILL_FORCE;
+    CK_OBJECT_HANDLE h[MAX_FOUND];
+    CK_ULONG count = 0, found = 0;
+    int leased, alive, taken, mine = 0, force = flags & KC_KILL_FORCE;
     lease l;
     query q;
     int32_t st;
@@ -492,27 +514,19 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
         return fail(err, KC_errSecParam, 0, "unknown flags 0x%x", flags);
     if ((st = begin(kc, err)))
         return st;
-    /* An ephemeral identity: session objects, which only this process
-     * sees, so they are ours.  Certificate and key go by the id of the
-     * first one found (a kill interrupted earlier may have left the key). */
-    create_query_dict(&q, ANY_CLASS, SESSION_OBJECTS, label, NULL, 0);
-    if ((st = lookup_keychain_item(kc, &q, &cert, 1, &count, err)))
-        goto out;
-    if (count) {
-        CK_ATTRIBUTE a = ATTR(CKA_ID, key_id, sizeof key_id);
-        CK_RV rv = kc->mod->f->C_GetAttributeValue(kc->session, cert, &a, 1);
-        if (rv != CKR_OK) {
-            st = fail_ck(err, rv, "reading the identity's key id");
-            goto out;
-        }
-        key_id_len = a.ulValueLen <= sizeof key_id ? a.ulValueLen : 0;
-        st = remove_identity(kc, label, SESSION_OBJECTS,
-                             key_id_len ? key_id : NULL, key_id_len, &found, err);
-        goto out;
-    }
-    /* A token identity: its lease says who owns it. */
+    /* A token identity's lease says who owns it. */
     if ((st = lease_read(kc, label, &l, &leased, err)))
         goto out;
+    if (!leased || !lease_mine(&l)) {
+        /* An ephemeral identity of this process goes first. */
+        create_query_dict(&q, ANY_CLASS, SESSION_OBJECTS, label, NULL, 0);
+        if ((st = lookup_keychain_item(kc, &q, h, MAX_FOUND, &count, err)))
+            goto out;
+        if (count) {
+            st = remove_session_objects(kc, h, count, err);
+            goto out;
+        }
+    }
     if (!leased) {
         if ((st = exists(kc, ANY_CLASS, TOKEN_OBJECTS, label, NULL, 0, &taken, err)))
             goto out;
