@@ -111,17 +111,16 @@ class Identity(ItemInfo):
     def cert_uri(self) -> Optional[str]:
         """PKCS#11 URI of the certificate (with the PIN source); None
         unless the store is a PKCS#11 token."""
-        if isinstance(self.store, Pkcs11Token):
-            return self.store.uri(self.label, "cert")
-        return None
+        return self._uri("cert")
 
     @property
     def key_uri(self) -> Optional[str]:
         """PKCS#11 URI of the private key (with the PIN source); None
         unless the store is a PKCS#11 token."""
-        if isinstance(self.store, Pkcs11Token):
-            return self.store.uri(self.label, "private")
-        return None
+        return self._uri("private")
+
+    def _uri(self, kind: str) -> Optional[str]:
+        return self.store.uri(self.label, kind) if isinstance(self.store, Pkcs11Token) else None
 
 
 class Keychain:

@@ -205,6 +205,68 @@ def test_duplicate_label_refused_and_existing_untouched(
     kc.kill_key("dup")
 
 
+def test_identity_is_the_item_info_and_its_store(kc: Keychain, ec_client: ClientIdentity) -> None:
+    """The seam is the platform: an Identity is the store's ItemInfo plus
+    where it lives; PKCS#11 URIs only for a PKCS#11 token."""
+    import dataclasses
+
+    from keychain_ext import DarwinKeychain, Pkcs11Token
+    from keychain_ext._backend import ItemInfo, Pkcs11Backend, platform_backend
+    from keychain_ext.curl import curl_args
+    from keychain_ext.errors import UnimplementedError
+
+    assert isinstance(platform_backend(), Pkcs11Backend)  # this build: Linux
+    ident = kc.preauth_key(ec_client.p12, ec_client.password, "seam")
+    try:
+        assert isinstance(ident, ItemInfo) and kc.lookup("seam") == ident
+        assert isinstance(ident.store, Pkcs11Token)
+        assert (ident.store.module, ident.store.token) == (kc.module, kc.token)
+        assert ident.cert_uri == ident.store.uri("seam", "cert")
+        assert ident.key_uri is not None and "object=seam;type=private" in ident.key_uri
+        on_mac = dataclasses.replace(ident, store=DarwinKeychain())
+        assert on_mac.cert_uri is None and on_mac.key_uri is None
+        with pytest.raises(UnimplementedError, match="not on a PKCS#11 token"):
+            curl_args(on_mac)
+    finally:
+        kc.kill_key("seam")
+
+
+def test_darwin_facade(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On macOS the same Keychain opens a keychain file (or the search list)
+    through kc_open with no module and no PIN, and its identities name it.
+    The Darwin backend itself is compiled and run on a Mac only: a stand-in
+    store takes its place here."""
+    from keychain_ext import DarwinKeychain
+    from keychain_ext import keychain as facade
+    from keychain_ext._backend import DarwinBackend, ItemInfo
+
+    item = ItemInfo("mac", b"\x01" * 20, "CN=mac", "mac", "ec", False, True, True, 0, None)
+    opened: list[object] = []
+
+    class Store:
+        def lookup(self, label: bytes) -> ItemInfo:
+            return item
+
+        def close(self) -> None:
+            opened.append("closed")
+
+    class Darwin(DarwinBackend):
+        def open(self, keychain: object) -> Store:  # type: ignore[override]
+            opened.append(keychain)
+            return Store()
+
+    monkeypatch.setattr(facade, "platform_backend", Darwin)
+    with pytest.raises(ParamError, match="no PKCS#11 module and no PIN"):
+        Keychain(pin="1234")
+    with Keychain(token="/tmp/x.keychain-db") as kc:
+        found = kc.lookup("mac")
+        assert found is not None and found.store == DarwinKeychain("/tmp/x.keychain-db")
+        assert found.cert_uri is None and found.common_name == "mac"
+    with Keychain() as kc:
+        assert kc.location == DarwinKeychain(None)
+    assert opened == ["/tmp/x.keychain-db", "closed", None, "closed"]
+
+
 def test_kill_missing(kc: Keychain) -> None:
     with pytest.raises(ItemNotFoundError) as info:
         kc.kill_key("never-there")
