@@ -240,7 +240,10 @@ def test_darwin_facade(monkeypatch: pytest.MonkeyPatch) -> None:
     from keychain_ext import keychain as facade
     from keychain_ext._backend import DarwinBackend, ItemInfo
 
-    item = ItemInfo("mac", b"\x01" * 20, "CN=mac", "mac", "ec", False, True, True, 0, None)
+    item = ItemInfo(
+        "mac", b"\x01" * 20, "CN=mac", "mac", "ec", False, True, True,
+        True, False, False, 1, True, 0, "", None,
+    )  # fmt: skip
     opened: list[object] = []
 
     class Store:
