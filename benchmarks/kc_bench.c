@@ -44,7 +44,12 @@
  *                -> cycles, seconds, cycles_per_s
  *   mode=calls   the operations of the runner's call count, once each,
  *                on the module (the p11shim) -> calls {preauth, kill,
- *                cycle_token, lookup_hit, lookup_miss, kill_foreign}
+ *                cycle_token, lookup_hit, lookup_miss, kill_foreign}:
+ *                ephemeral preauth and kill, a token-object cycle (its
+ *                lease a file in state_dir), lookup hit and miss, and the
+ *                kill of a token identity another handle of this process
+ *                imported (the lease names this process: kc_kill_key
+ *                removes it as its own)
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -599,7 +604,8 @@ static int mode_calls(const settings *s, const bytes *p12, outbuf *o)
         goto done;
     }
     STEP(kc_kill_key(kc, s->label, 0, &err), "kc_kill_key");
-    /* kill of a token identity another handle imported */
+    /* kill of a token identity another handle of this process imported:
+     * ownership is per process (the lease names it), so no KC_KILL_FORCE */
     STEP(open_store(s, &other, &err), "kc_open (second handle)");
     STEP(kc_preauth_key(other, p12->p, p12->n, s->password, foreign, 0, &info, &err),
          "kc_preauth_key (second handle)");

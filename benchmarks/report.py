@@ -20,7 +20,17 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
-from .runner import CTYPES, IMPLS, LIMIT, MINIMUM_CALLS, NATIVE, PKCS11, PORTS, PYKCS11
+from .runner import (
+    CTYPES,
+    IMPLS,
+    LIMIT,
+    MINIMUM_CALLS,
+    NATIVE,
+    PKCS11,
+    PORTS,
+    PORTS_OWN_PATH_CALLS,
+    PYKCS11,
+)
 
 NOISE = 0.03  # "never slower": within 3 % counts as a tie (median noise)
 
@@ -33,6 +43,15 @@ CALL_OPS = {
     "lookup_miss": "lookup miss",
     "kill_foreign": "kill of another handle's token identity",
 }
+
+# A port's figure on its own path (token identities: a CKO_DATA lease object
+# where the C layer keeps a lease file): shown, never compared.
+OWN_PATH = "own path"
+
+
+def _compared(row: dict, impl: str) -> bool:
+    """Whether impl's figure in row is compared with the C layer's."""
+    return impl not in PORTS or row.get("ports_compared", True)
 
 
 class ImpossibleValue(ValueError):
@@ -147,6 +166,8 @@ def _cell(row: dict, impl: str, ref: Optional[float]) -> str:
     except ImpossibleValue:
         return f"rejected ({ms!r})"
     text = _fmt(ms) + _iqr(row.get("spread", {}).get(impl), ms)
+    if not _compared(row, impl):
+        return f"{text} ({OWN_PATH})"
     if impl != NATIVE and ref is not None:
         with contextlib.suppress(ImpossibleValue):
             text += f" ({ratio(ms, ref, ''):.2f}×)"
@@ -175,7 +196,8 @@ def table(results: dict) -> str:
                 if results["impls"].get(c):
                     cells.append("not available")
                 elif c in calls and op in calls[c]:
-                    cells.append(str(calls[c][op]))
+                    own = c in PORTS and op in PORTS_OWN_PATH_CALLS
+                    cells.append(f"{calls[c][op]} ({OWN_PATH})" if own else str(calls[c][op]))
                 else:
                     cells.append("—")
             minimum = MINIMUM_CALLS.get(op)
@@ -315,6 +337,9 @@ def targets(results: dict) -> list:
                 out.append((name, NOT_CHECKED, results["impls"][port]))
                 continue
             b = ms(key, port)
+            if not _compared(rows[key], port):
+                out.append((name, NOT_CHECKED, f"{port} takes its own path on this row"))
+                continue
             if a is None or b is None:
                 out.append((name, NOT_CHECKED, "a side was not measured"))
                 continue
@@ -334,6 +359,8 @@ def targets(results: dict) -> list:
                 b = row["ms"].get(port)
                 if a is None or b is None or results["impls"].get(port):
                     continue
+                if not _compared(row, port):
+                    continue  # the port's own path (token identities)
                 checked += 1
                 if ratio(a, b, f"{key} / {port}") > 1 + NOISE:
                     slower.append(f"{row['label']}: {_fmt(a)} vs {port} {_fmt(b)}")
@@ -541,6 +568,11 @@ C extension / raw C ratio is the binding's cost.  One fresh SoftHSM2 token
 process, interleaved round-robin per repetition.
 
 {table(results)}
+
+"({OWN_PATH})": the ports' token-object path is their own — a CKO_DATA lease
+object on the token, what the C layer did before its leases became files in
+the token's state directory — so those figures are reported, not compared
+(no ratio, no target).
 
 {("Not measured:" + chr(10) + avail) if avail else ""}
 

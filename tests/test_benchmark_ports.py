@@ -4,12 +4,15 @@ issues the PKCS#11 calls the C layer issues, in the same order, as the
 counting p11shim records them (function names).
 
 Compared: the ephemeral cycle (preauth with session objects, then kill) and
-lookup (hit and miss).  The token-object path (leases) is the C layer's to
-change and is not pinned here.
+lookup (hit and miss); every operation starts with C_GetSessionInfo (the C
+layer's ensure_login).  The token-object path is not compared: the C layer
+keeps leases as files in the token's state directory, which the ports do
+not model (they keep their own CKO_DATA lease object).
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -147,7 +150,53 @@ def test_port_makes_the_c_layers_calls(
 
     assert name in runner.PORTS
     port = _traces(_port(name), shim, *setting)
+    assert all(calls[0] == "C_GetSessionInfo" for calls in c_layer.values()), c_layer
     assert c_layer["preauth (ephemeral)"].count("C_CreateObject") == 2
     assert c_layer["kill (ephemeral)"].count("C_DestroyObject") == 2
     for operation, calls in c_layer.items():
         assert port[operation] == calls, operation
+
+
+def _log_out(module: str, token: str) -> None:
+    """What another user of the module in this process (libp11 under
+    libcurl's engine, when it unloads) may do: C_Logout, which logs every
+    session of the application out."""
+    from benchmarks.ports import ctypes_port as ck
+
+    m = ck._get_module(module)
+    slot, _ = ck._find_slot(m, token.encode(), want_uninitialized=False)
+    session = ck.CK_ULONG(0)
+    flags = ck.CKF_SERIAL_SESSION | ck.CKF_RW_SESSION
+    assert m.f.C_OpenSession(slot, flags, None, None, ctypes.byref(session)) == ck.CKR_OK
+    try:
+        assert m.f.C_Logout(session) == ck.CKR_OK
+    finally:
+        m.f.C_CloseSession(session)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(*p.values, id=p.id, marks=[m for m in p.marks if m.name == "skipif"])
+        for p in PORTS
+    ],
+)
+def test_port_logs_in_again(name: str, shim: Any, setting: Any) -> None:
+    """What the C_GetSessionInfo at the start of every operation is for: a
+    port whose session was logged out behind its back logs in again, so it
+    still sees (and removes) the private key."""
+    token, pin_file, p12 = setting
+    impl = _port(name)
+    h = impl.open(shim.so, token.label, token.pin, pin_file)
+    try:
+        impl.preauth(h, p12, LABEL, False)  # token objects: they outlive a logout
+        _log_out(shim.so, token.label)
+        found = impl.lookup(h, LABEL)
+        assert found is not None and found.has_certificate and found.has_private_key, found
+        _log_out(shim.so, token.label)
+        impl.kill(h, LABEL)
+        assert impl.lookup(h, LABEL) is None
+    finally:
+        if impl.lookup(h, LABEL) is not None:  # failed: leave the next test a clean token
+            impl.kill(h, LABEL)
+        impl.close(h)

@@ -4,9 +4,10 @@ A benchmark rival, never shipped: the C layer's PKCS#11 backend
 (``csrc/keychain_pkcs11.c``) re-written with ``ctypes``, measured against the
 C extension (benchmarks/runner.py) and held to its PKCS#11 calls by
 tests/test_benchmark_ports.py.  It implements the façade's ``Store`` protocol
-(:mod:`keychain_ext._backend`) call for call: the same PKCS#11 functions in
-the same order with the same templates, the same OSStatus mapping and
-messages, the same all-or-nothing import and the same process-wide rules:
+(:mod:`keychain_ext._backend`): for an ephemeral identity and for lookups
+call for call (the same PKCS#11 functions in the same order with the same
+templates), with the same OSStatus mapping and messages, the same
+all-or-nothing import and the same process-wide rules:
 
 - a module is loaded once per path and never ``C_Finalize``'d (libcurl's
   pkcs11 engine may share it); ``C_Initialize`` accepts
@@ -19,13 +20,26 @@ messages, the same all-or-nothing import and the same process-wide rules:
   ``threading.Lock`` serializing its calls and, with a lock path, an
   ``flock`` around every operation -- and around opening (slot, login,
   session), since SoftHSM2 misreads a token another process writes;
+- every operation starts with ``C_GetSessionInfo`` and logs the session in
+  again (or reopens it) when another user of the module in the process
+  logged out, closed all sessions or finalized the module (the C layer's
+  ``ensure_login``);
 - crash leftovers (objects with nothing but defaults, or unreadable ones)
   are swept on reclaim and listed under the empty label.
 
-A token identity carries a lease (a CKO_DATA object, CKA_APPLICATION
-"keychain_ext", naming the owner process) so that a later run can tell a
-crashed owner's leftovers from an identity in use; the text is the C
-backend's, so either implementation reads the other's leases.
+Held to the C layer's calls (tests/test_benchmark_ports.py): the ephemeral
+cycle and lookup.  An ephemeral kill searches the session objects of any
+class under the label (only this process sees them, so they are its own),
+reads each one's CKA_CLASS and destroys certificates first, then keys, as
+``kc_kill_key`` does.
+
+The token-object path is this port's own and is not compared with the C
+layer's: the C layer keeps a token identity's lease as a file in the
+token's state directory (csrc/p11_lease.c), which this port does not model.
+Here a token identity still carries the lease the C layer used before that
+(a CKO_DATA object, CKA_APPLICATION "keychain_ext", naming the owner
+process), created first and removed last; the benchmark reports its
+token-object figures without comparing them.
 
 The PKCS#12 file is read with the ``cryptography`` package (imported when
 first needed); certificate fields and the key id come from the certificate's
@@ -133,10 +147,13 @@ CKR_ATTRIBUTE_VALUE_INVALID = 0x13
 CKR_DEVICE_ERROR = 0x30
 CKR_OBJECT_HANDLE_INVALID = 0x82
 CKR_OPERATION_ACTIVE = 0x90
+CKR_SESSION_CLOSED = 0xB0
+CKR_SESSION_HANDLE_INVALID = 0xB3
 CKR_PIN_INCORRECT = 0xA0
 CKR_TOKEN_NOT_PRESENT = 0xE0
 CKR_USER_ALREADY_LOGGED_IN = 0x100
 CKR_BUFFER_TOO_SMALL = 0x150
+CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
 CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
 
 # CK_RV -> OSStatus (keychain_pkcs11.c ckr_status); anything else: errSecIO
@@ -171,6 +188,7 @@ CKO_DATA, CKO_CERTIFICATE, CKO_PRIVATE_KEY = 0, 1, 3
 CKK_RSA, CKK_EC = 0, 3
 CKC_X_509 = 0
 CKU_SO, CKU_USER = 0, 1
+CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS = 1, 3
 CKF_RW_SESSION, CKF_SERIAL_SESSION = 0x2, 0x4
 CKF_PROTECTED_AUTHENTICATION_PATH, CKF_TOKEN_INITIALIZED = 0x100, 0x400
 CKF_OS_LOCKING_OK = 0x2
@@ -207,6 +225,15 @@ class CK_TOKEN_INFO(ctypes.Structure):
     ]
 
 
+class CK_SESSION_INFO(ctypes.Structure):
+    _fields_ = [
+        ("slotID", CK_ULONG),
+        ("state", CK_ULONG),
+        ("flags", CK_ULONG),
+        ("ulDeviceError", CK_ULONG),
+    ]
+
+
 class CK_C_INITIALIZE_ARGS(ctypes.Structure):
     _fields_ = [
         ("CreateMutex", ctypes.c_void_p),
@@ -236,6 +263,7 @@ _PROTOTYPES: dict[str, Any] = {
     "C_InitPIN": _fn(_U, _S, _U),
     "C_OpenSession": _fn(_U, _U, _V, _V, _P_ULONG),
     "C_CloseSession": _fn(_U),
+    "C_GetSessionInfo": _fn(_U, ctypes.POINTER(CK_SESSION_INFO)),
     "C_Login": _fn(_U, _U, _S, _U),
     "C_Logout": _fn(_U),
     "C_CreateObject": _fn(_U, _P_ATTR, _U, _P_ULONG),
@@ -983,15 +1011,16 @@ class CtypesStore:
 
     # ---------------------------------------------------- session and lock
 
-    def _ensure_session(self) -> None:
-        """Open (or, after fork(), reopen) the session and the lock file."""
+    def _ensure_session(self, reopen_lock: bool = True) -> None:
+        """Open (or, after fork(), reopen) the session and the lock file
+        (reopen_lock=False: the session only, the lock file is held)."""
         if self._pid == os.getpid():
             return
         with _modules_lock:
             _module_ready(self._mod)
         assert self._pin is not None
         _login(self._mod, self._slot, self._pin.value)
-        if self._lock_path:
+        if self._lock_path and reopen_lock:
             # a forked child gets its own open file: flock is per open file
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
@@ -1013,13 +1042,52 @@ class CtypesStore:
         self._session = session.value
         self._pid = os.getpid()
 
+    def _ensure_login(self) -> None:
+        """The session, logged in (ensure_login): C_GetSessionInfo, and a
+        login again when another user of the module in this process
+        (libp11 under libcurl's engine, when it unloads) logged out, or a
+        new session when it closed all sessions or called C_Finalize -- a
+        key is invisible to a session without a login, and a kill must
+        never miss it."""
+        info = CK_SESSION_INFO()
+        rv = CKR_OK
+        for attempt in range(TRANSIENT_RETRIES):
+            if attempt:
+                _backoff(attempt)
+            rv = self._f.C_GetSessionInfo(self._session, ctypes.byref(info))
+            if not _transient(rv):
+                break
+        if rv == CKR_OK and info.state in (CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS):
+            return
+        if rv == CKR_OK:
+            assert self._pin is not None
+            pin = self._pin.value
+            rv = self._f.C_Login(self._session, CKU_USER, pin, len(pin))
+            if rv not in (CKR_OK, CKR_USER_ALREADY_LOGGED_IN):
+                raise _fail_ck(rv, "C_Login (again)")
+            return
+        if rv not in (CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED,
+                      CKR_CRYPTOKI_NOT_INITIALIZED):  # fmt: skip
+            raise _fail_ck(rv, "C_GetSessionInfo")
+        finalized = rv == CKR_CRYPTOKI_NOT_INITIALIZED
+        with _modules_lock:  # forget the login (and the C_Initialize)
+            if finalized:
+                self._mod.init_pid = 0
+            for login in self._mod.logins:
+                if finalized or login.slot == self._slot:
+                    login.pid = 0
+        self._pid = 0
+        self._ensure_session(reopen_lock=False)  # under the token lock, which stays held
+
     def _live(self) -> None:
         if self._closed:
             raise_status(errSecParam, "the keychain is closed", operation="keychain")
 
     def _begin(self) -> None:
-        """The handle's lock, the session (reopened after fork) and the
-        cross-process token lock; _end() releases them."""
+        """The handle's lock, the session (reopened after fork), the
+        cross-process token lock and the login (every operation starts
+        with C_GetSessionInfo, as the C layer's begin()); _end() releases
+        them."""
         self._lock.acquire()
         try:
             self._live()
@@ -1029,6 +1097,11 @@ class CtypesStore:
             raise
         if self._lock_fd >= 0:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # retried on EINTR
+        try:
+            self._ensure_login()
+        except BaseException:
+            self._end()
+            raise
 
     def _end(self) -> None:
         if self._lock_fd >= 0:
@@ -1412,37 +1485,78 @@ class CtypesStore:
 
     # -------------------------------------------------------------- kill
 
+    def _remove_session_objects(self, handles: list[int]) -> None:
+        """Remove an ephemeral identity: the session objects found under its
+        label (only this process sees them, so they are ours), certificates
+        first -- one C_GetAttributeValue (CKA_CLASS) per object, then the
+        destroys, as kc_kill_key does."""
+        classes = []
+        for h in handles:
+            cls = CK_ULONG(0)
+            attr = CK_ATTRIBUTE(CKA_CLASS, ctypes.addressof(cls), ctypes.sizeof(cls))
+            rv = self._f.C_GetAttributeValue(self._session, h, ctypes.byref(attr), 1)
+            if rv != CKR_OK:
+                raise _fail_ck(rv, "reading the identity's objects")
+            classes.append(int(cls.value))
+        for certificates in (True, False):
+            for h, cls in zip(handles, classes):
+                if (cls == CKO_CERTIFICATE) != certificates:
+                    continue
+                rv = self._destroy(h)
+                if rv != CKR_OK:
+                    raise _fail_ck(
+                        rv,
+                        "removing the certificate" if certificates else "removing the private key",
+                    )
+
     def kill_key(self, label: bytes) -> None:
         """Crypto.cpp killKey (kc_kill_key): the certificate, then the key
-        separately, by the remembered id or else the certificate's."""
+        separately.  An ephemeral identity is found as the C layer finds
+        it (one search of the session objects under the label); a token
+        identity by the remembered id, else by the certificate's (this
+        port's own token path, see the module docstring)."""
         self._live()
         label = _cstr(label)
         _api("kill_key", lambda: _check_label(label))
 
         def body() -> None:
-            # The key id: remembered from our own import, else the
-            # certificate's (another handle or process imported it).
             imported = self._imported
+            ours = imported is not None and imported[0] == label
+            if imported is not None and ours and not imported[2]:
+                # a token identity this handle imported: its lease is ours
+                if not self._remove_identity(label, imported[1], True):
+                    raise _Failure(
+                        errSecItemNotFound, 0, f"no identity labelled '{_name(label)}' in the store"
+                    )
+                self._imported = None
+                return
+            # An ephemeral identity of this process goes first.
+            scope = _Template([(CKA_TOKEN, _FALSE), (CKA_LABEL, label)])
+            rv, found = self._find(scope, MAX_FOUND)
+            if rv != CKR_OK:
+                raise _fail_ck(rv, "searching the token")
+            if found:
+                self._remove_session_objects(found)
+                if ours:
+                    self._imported = None
+                return
+            # A token identity another handle or process imported: the key
+            # id is the certificate's.
             key_id: Optional[bytes] = None
             cert: Optional[int] = None
-            with_lease = True
-            ours = imported is not None and imported[0] == label
-            if imported is not None and ours:
-                key_id, with_lease = imported[1], not imported[2]
-            else:
-                cert_tmpl = _Template([(CKA_CLASS, _ulong(CKO_CERTIFICATE)), (CKA_LABEL, label)])
-                rv, found = self._find(cert_tmpl, 1)
-                if rv != CKR_OK:
-                    raise _fail_ck(rv, "searching the certificate")
-                if found:
-                    cert = found[0]
-                    buf = (ctypes.c_ubyte * KEY_ID_MAX)()
-                    attr = CK_ATTRIBUTE(CKA_ID, ctypes.addressof(buf), KEY_ID_MAX)
-                    rv = self._f.C_GetAttributeValue(self._session, cert,
-                                                     ctypes.byref(attr), 1)  # fmt: skip
-                    if rv == CKR_OK and attr.ulValueLen:
-                        key_id = bytes(buf[: attr.ulValueLen])
-            if not self._remove_identity(label, key_id, with_lease, cert):
+            cert_tmpl = _Template([(CKA_CLASS, _ulong(CKO_CERTIFICATE)), (CKA_LABEL, label)])
+            rv, found = self._find(cert_tmpl, 1)
+            if rv != CKR_OK:
+                raise _fail_ck(rv, "searching the certificate")
+            if found:
+                cert = found[0]
+                buf = (ctypes.c_ubyte * KEY_ID_MAX)()
+                attr = CK_ATTRIBUTE(CKA_ID, ctypes.addressof(buf), KEY_ID_MAX)
+                rv = self._f.C_GetAttributeValue(self._session, cert,
+                                                 ctypes.byref(attr), 1)  # fmt: skip
+                if rv == CKR_OK and attr.ulValueLen:
+                    key_id = bytes(buf[: attr.ulValueLen])
+            if not self._remove_identity(label, key_id, True, cert):
                 raise _Failure(
                     errSecItemNotFound, 0, f"no identity labelled '{_name(label)}' in the store"
                 )

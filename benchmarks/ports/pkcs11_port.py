@@ -1,8 +1,16 @@
 """The keychain_ext flow written with python-pkcs11 (benchmark only, not
 shipped).
 
-Same calls as csrc/keychain_pkcs11.c where python-pkcs11 allows it:
+Same calls as csrc/keychain_pkcs11.c for the ephemeral cycle and lookups,
+where python-pkcs11 allows it:
 
+- every operation starts with ``C_GetSessionInfo`` (the C layer's
+  ``ensure_login``, logging the session in again if another user of the
+  module in the process logged it out).  python-pkcs11 does not wrap that
+  function: the port calls it, and ``C_Login`` when needed, through the
+  module's own function list with ctypes, on python-pkcs11's session handle;
+- an ephemeral kill makes one search of the session objects under the
+  label and destroys certificates first, then keys;
 - searches use ``SearchIter`` with one batch of 64 handles, then stop:
   C_FindObjectsInit + one C_FindObjects + C_FindObjectsFinal.
   (``Session.get_objects`` calls C_FindObjects until it returns nothing: one
@@ -11,8 +19,18 @@ Same calls as csrc/keychain_pkcs11.c where python-pkcs11 allows it:
   created or found — goes through ``make_object``, which reads ten
   attributes (CKA_CLASS and the capability flags) in two
   C_GetAttributeValue calls (sizes, then values) to pick the Python class;
-  and ``get_attributes`` is two calls as well.  So a cycle costs 8 calls
-  more than the C layer's 16, and a lookup hit 6 more than its 5.
+  and ``get_attributes`` is two calls as well.  So a preauth costs 4 calls
+  more than the C layer's 9 (the two created objects), an ephemeral kill 2
+  more than its 8 (4 reads of the two objects found instead of the C
+  layer's two CKA_CLASS reads, which the port takes from them), a cycle 6
+  more than 17, and a lookup hit 6 more than its 6.  The call order differs
+  too: python-pkcs11 reads the found objects before C_FindObjectsFinal.
+
+The token-object path is this port's own, not the C layer's: the C layer
+keeps a token identity's lease as a file in the token's state directory,
+which the port does not model; here a token identity still carries the
+CKO_DATA lease object the C layer used before.  Its figures are reported,
+not compared.
 
 Module handling: the ``pkcs11.lib()`` entry point calls
 ``C_Initialize(NULL)`` and raises when the module is already initialized
@@ -31,6 +49,7 @@ closes a session it logged in with.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from typing import Optional
 
@@ -38,11 +57,12 @@ import pkcs11
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import _pkcs11 as _impl
 
+from . import ctypes_port as _ck
 from ._material import (
-    LEASE_APPLICATION,
     CKK_EC,
     CKK_RSA,
     EPHEMERAL,
+    LEASE_APPLICATION,
     DuplicateItemError,
     ItemNotFoundError,
     LookupResult,
@@ -56,7 +76,7 @@ from ._material import (
 NAME = "python-pkcs11"
 MAX_FOUND = 64
 
-_libs: dict[str, object] = {}   # never unloaded: no C_Finalize
+_libs: dict[str, object] = {}  # never unloaded: no C_Finalize
 _libs_lock = threading.Lock()
 
 
@@ -74,6 +94,30 @@ def _lib(module: str):  # type: ignore[no-untyped-def]
         return lib
 
 
+def _function_list(module: str) -> _ck.CK_FUNCTION_LIST:
+    """The module's CK_FUNCTION_LIST through ctypes (the same loaded
+    library: dlopen counts references), for what python-pkcs11 does not
+    wrap.  C_GetFunctionList is no PKCS#11 call the shim counts."""
+    with _libs_lock:
+        flist = _flists.get(module)
+        if flist is None:
+            dll = ctypes.CDLL(module)
+            get = dll.C_GetFunctionList
+            get.restype = _ck.CK_ULONG
+            get.argtypes = [ctypes.POINTER(ctypes.POINTER(_ck.CK_FUNCTION_LIST))]
+            ptr = ctypes.POINTER(_ck.CK_FUNCTION_LIST)()
+            rv = get(ctypes.byref(ptr))
+            if rv != _ck.CKR_OK or not ptr:
+                raise pkcs11.PKCS11Error(f"C_GetFunctionList of {module} failed: {rv:#x}")
+            flist = _flists[module] = ptr.contents
+            _dlls.append(dll)  # never unloaded
+        return flist
+
+
+_flists: dict[str, _ck.CK_FUNCTION_LIST] = {}
+_dlls: list = []
+
+
 def _dict(template: list) -> dict:
     # python-pkcs11 packs CKA_LABEL from str; everything else from bytes/int/bool
     return {t: (v.decode() if t == Attribute.LABEL else v) for t, v in template}
@@ -86,6 +130,8 @@ class Pkcs11Store:
 
     def __init__(self, module: str, token: str, pin: str) -> None:
         lib = _lib(module)
+        self._f = _function_list(module)
+        self._pin = pin.encode()
         tok = next(iter(lib.get_tokens(token_label=token)), None)
         if tok is None:
             raise LookupError(f"no token labelled {token!r}")
@@ -101,6 +147,20 @@ class Pkcs11Store:
         self._lock = threading.Lock()
         self._imported: Optional[tuple] = None  # (label, key id, token objects)
 
+    def _ensure_login(self) -> None:
+        """C_GetSessionInfo, and C_Login again if the session lost its
+        login (the C layer's ensure_login).  python-pkcs11 cannot reopen a
+        session in place: a closed one raises."""
+        info = _ck.CK_SESSION_INFO()
+        rv = self._f.C_GetSessionInfo(self._session.handle, ctypes.byref(info))
+        if rv != _ck.CKR_OK:
+            raise pkcs11.PKCS11Error(f"C_GetSessionInfo failed: {rv:#x}")
+        if info.state in (_ck.CKS_RO_USER_FUNCTIONS, _ck.CKS_RW_USER_FUNCTIONS):
+            return
+        rv = self._f.C_Login(self._session.handle, _ck.CKU_USER, self._pin, len(self._pin))
+        if rv not in (_ck.CKR_OK, _ck.CKR_USER_ALREADY_LOGGED_IN):
+            raise pkcs11.PKCS11Error(f"C_Login (again) failed: {rv:#x}")
+
     def _find(self, attrs: dict) -> list:
         with _impl.SearchIter(self._session, attrs, MAX_FOUND) as search:
             try:
@@ -114,8 +174,10 @@ class Pkcs11Store:
     def preauth_material(self, m: Material, label: bytes, flags: int) -> Material:
         token = not (flags & EPHEMERAL)
         with self._lock:
+            self._ensure_login()
             if self._find({Attribute.LABEL: label.decode()}) or self._find(
-                    {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: m.key_id}):
+                {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: m.key_id}
+            ):
                 raise DuplicateItemError(detail="already in the store", operation="preauth_key")
             made = []
             try:
@@ -134,7 +196,24 @@ class Pkcs11Store:
         text = label.decode()
         cert_t = {Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.LABEL: text}
         with self._lock:
-            key_id = self._imported[1] if self._imported and self._imported[0] == label else None
+            self._ensure_login()
+            ours = self._imported is not None and self._imported[0] == label
+            if not (ours and self._imported[2]):  # type: ignore[index]
+                # an ephemeral identity of this process goes first; the
+                # class of each object python-pkcs11 has read already
+                found = self._find({Attribute.TOKEN: False, Attribute.LABEL: text})
+                if found:
+                    for obj in found:
+                        if isinstance(obj, pkcs11.Certificate):
+                            obj.destroy()
+                    for obj in found:
+                        if not isinstance(obj, pkcs11.Certificate):
+                            obj.destroy()
+                    if ours:
+                        self._imported = None
+                    return
+            # a token identity: this port's own path (a CKO_DATA lease)
+            key_id = self._imported[1] if ours else None  # type: ignore[index]
             if key_id is None:
                 certs = self._find(cert_t)
                 if certs:
@@ -148,12 +227,15 @@ class Pkcs11Store:
             keys = self._find(key_t)
             for obj in keys:
                 obj.destroy()
-            ours = self._imported and self._imported[0] == label
-            if not ours or self._imported[2]:  # the lease of a token identity, last
-                for obj in self._find({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: text,
-                                       Attribute.APPLICATION: LEASE_APPLICATION}):
-                    obj.destroy()
-            if self._imported and self._imported[0] == label:
+            for obj in self._find(
+                {
+                    Attribute.CLASS: ObjectClass.DATA,
+                    Attribute.LABEL: text,
+                    Attribute.APPLICATION: LEASE_APPLICATION,
+                }
+            ):
+                obj.destroy()  # the lease, last
+            if ours:
                 self._imported = None
         if not certs and not keys:
             raise ItemNotFoundError(detail="nothing carries the label", operation="kill_key")
@@ -161,19 +243,28 @@ class Pkcs11Store:
     def lookup(self, label: bytes) -> Optional[LookupResult]:
         certs, keys = [], []
         with self._lock:
+            self._ensure_login()
             for obj in self._find({Attribute.LABEL: label.decode()}):
                 if isinstance(obj, pkcs11.Certificate):
-                    certs.append(obj.get_attributes(
-                        [Attribute.TOKEN, Attribute.ID, Attribute.LABEL, Attribute.VALUE]))
+                    certs.append(
+                        obj.get_attributes(
+                            [Attribute.TOKEN, Attribute.ID, Attribute.LABEL, Attribute.VALUE]
+                        )
+                    )
                 elif isinstance(obj, pkcs11.PrivateKey):
-                    keys.append(obj.get_attributes(
-                        [Attribute.TOKEN, Attribute.KEY_TYPE, Attribute.ID, Attribute.LABEL]))
+                    keys.append(
+                        obj.get_attributes(
+                            [Attribute.TOKEN, Attribute.KEY_TYPE, Attribute.ID, Attribute.LABEL]
+                        )
+                    )
         if not certs and not keys:
             return None
         first = (certs or keys)[0]
         kt = int(keys[0][Attribute.KEY_TYPE]) if keys else None
         return LookupResult(
-            label=label.decode(), has_certificate=bool(certs), has_private_key=bool(keys),
+            label=label.decode(),
+            has_certificate=bool(certs),
+            has_private_key=bool(keys),
             ephemeral=not first[Attribute.TOKEN],
             key_type={CKK_RSA: "rsa", CKK_EC: "ec"}.get(kt),  # type: ignore[arg-type]
             key_id=first[Attribute.ID],

@@ -1,7 +1,14 @@
 """The keychain_ext flow written with PyKCS11 (benchmark only, not shipped).
 
-Same calls as csrc/keychain_pkcs11.c where PyKCS11 allows it:
+Same calls as csrc/keychain_pkcs11.c for the ephemeral cycle and lookups
+(tests/test_benchmark_ports.py holds it to them):
 
+- every operation starts with ``C_GetSessionInfo`` (the C layer's
+  ``ensure_login``): logged out by another user of the module in the
+  process, the session logs in again; closed, it is opened again;
+- an ephemeral kill makes one search of the session objects under the
+  label, reads each one's CKA_CLASS (one ``C_GetAttributeValue``) and
+  destroys certificates first, then keys;
 - searches go through the low-level ``C_FindObjectsInit`` /
   ``C_FindObjects`` (one call, room for 64 handles) / ``C_FindObjectsFinal``:
   the high-level ``Session.findObjects`` calls ``C_FindObjects`` until it
@@ -12,6 +19,12 @@ Same calls as csrc/keychain_pkcs11.c where PyKCS11 allows it:
   when one is sensitive (a private key's CKA_VALUE);
 - objects are created and destroyed with the public ``createObject`` /
   ``destroyObject``.
+
+The token-object path is this port's own, not the C layer's: the C layer
+keeps a token identity's lease as a file in the token's state directory,
+which the port does not model; here a token identity still carries the
+CKO_DATA lease object the C layer used before.  Its figures are reported,
+not compared.
 
 The library object is kept alive for the life of the process and never
 unloaded: ``PyKCS11Lib.unload``/``__del__`` would call ``C_Finalize`` when
@@ -42,8 +55,8 @@ from ._material import (
     CKO_CERTIFICATE,
     CKO_DATA,
     CKO_PRIVATE_KEY,
-    LEASE_APPLICATION,
     EPHEMERAL,
+    LEASE_APPLICATION,
     DuplicateItemError,
     ItemNotFoundError,
     LookupResult,
@@ -56,10 +69,14 @@ from ._material import (
 
 NAME = "PyKCS11"
 MAX_FOUND = 64
-_OK_PARTIAL = (PyKCS11.CKR_OK, PyKCS11.CKR_ATTRIBUTE_SENSITIVE,
-               PyKCS11.CKR_ATTRIBUTE_TYPE_INVALID, PyKCS11.CKR_BUFFER_TOO_SMALL)
+_OK_PARTIAL = (
+    PyKCS11.CKR_OK,
+    PyKCS11.CKR_ATTRIBUTE_SENSITIVE,
+    PyKCS11.CKR_ATTRIBUTE_TYPE_INVALID,
+    PyKCS11.CKR_BUFFER_TOO_SMALL,
+)
 
-_libs: dict[str, PyKCS11.PyKCS11Lib] = {}   # never unloaded: no C_Finalize
+_libs: dict[str, PyKCS11.PyKCS11Lib] = {}  # never unloaded: no C_Finalize
 _libs_lock = threading.Lock()
 
 
@@ -94,16 +111,36 @@ class PyKCS11Store:
                 break
         else:
             raise LookupError(f"no token labelled {token!r}")
+        self._slot, self._pin = slot, pin
         self._session = lib.openSession(slot, PyKCS11.CKF_RW_SESSION)
+        self._login()
+        self._ll = self._session.lib  # LowLevel.CPKCS11Lib
+        self._h = self._session.session  # CK_SESSION_HANDLE
+        self._lock = threading.Lock()
+        self._imported: Optional[tuple] = None  # (label, key id, token objects)
+
+    def _login(self) -> None:
         try:
-            self._session.login(pin)
+            self._session.login(self._pin)
         except PyKCS11.PyKCS11Error as exc:
             if exc.value != PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
                 raise
-        self._ll = self._session.lib          # LowLevel.CPKCS11Lib
-        self._h = self._session.session       # CK_SESSION_HANDLE
-        self._lock = threading.Lock()
-        self._imported: Optional[tuple] = None  # (label, key id, token objects)
+
+    def _ensure_login(self) -> None:
+        """The session, logged in (the C layer's ensure_login): another
+        user of the module in the process may have logged out or closed
+        every session, and a key is invisible without a login."""
+        info = LowLevel.CK_SESSION_INFO()
+        rv = self._ll.C_GetSessionInfo(self._h, info)
+        if rv == PyKCS11.CKR_OK:
+            if info.state not in (PyKCS11.CKS_RO_USER_FUNCTIONS, PyKCS11.CKS_RW_USER_FUNCTIONS):
+                self._login()
+            return
+        if rv not in (PyKCS11.CKR_SESSION_HANDLE_INVALID, PyKCS11.CKR_SESSION_CLOSED):
+            _check(rv, "C_GetSessionInfo")
+        self._session = self._pkcs11.openSession(self._slot, PyKCS11.CKF_RW_SESSION)
+        self._login()
+        self._h = self._session.session
 
     # -- the three PKCS#11 building blocks -------------------------------
 
@@ -122,10 +159,26 @@ class PyKCS11Store:
             handles.append(h)
         return handles
 
+    def _class(self, handle: int) -> int:
+        """CKA_CLASS of one object, one C_GetAttributeValue."""
+        t = LowLevel.ckattrlist(1)
+        t[0].SetType(CKA_CLASS)
+        t[0].Reserve(8)
+        _check(self._ll.C_GetAttributeValue(self._h, handle, t), "C_GetAttributeValue")
+        return int(t[0].GetNum())
+
     def _read(self, handle: int) -> Optional[dict]:
         t = LowLevel.ckattrlist(6)
-        for i, (typ, size) in enumerate(((CKA_CLASS, 8), (CKA_TOKEN, 1), (CKA_KEY_TYPE, 8),
-                                         (CKA_ID, 64), (CKA_LABEL, 255), (CKA_VALUE, 8192))):
+        for i, (typ, size) in enumerate(
+            (
+                (CKA_CLASS, 8),
+                (CKA_TOKEN, 1),
+                (CKA_KEY_TYPE, 8),
+                (CKA_ID, 64),
+                (CKA_LABEL, 255),
+                (CKA_VALUE, 8192),
+            )
+        ):
             t[i].SetType(typ)
             t[i].Reserve(size)
         rv = self._ll.C_GetAttributeValue(self._h, handle, t)
@@ -151,14 +204,18 @@ class PyKCS11Store:
     def preauth_material(self, m: Material, label: bytes, flags: int) -> Material:
         token = not (flags & EPHEMERAL)
         with self._lock:
-            if self._find([(CKA_LABEL, label.decode())]) or \
-                    self._find([(CKA_CLASS, CKO_PRIVATE_KEY), (CKA_ID, m.key_id)]):
+            self._ensure_login()
+            if self._find([(CKA_LABEL, label.decode())]) or self._find(
+                [(CKA_CLASS, CKO_PRIVATE_KEY), (CKA_ID, m.key_id)]
+            ):
                 raise DuplicateItemError(detail="already in the store", operation="preauth_key")
             made = []
             try:
                 if token:
                     made.append(self._session.createObject(_pairs(lease_template(m, label), label)))
-                made.append(self._session.createObject(_pairs(cert_template(m, label, token), label)))
+                made.append(
+                    self._session.createObject(_pairs(cert_template(m, label, token), label))
+                )
                 self._session.createObject(_pairs(key_template(m, label, token), label))
             except Exception:
                 for h in reversed(made):  # all or nothing
@@ -170,7 +227,22 @@ class PyKCS11Store:
     def kill_key(self, label: bytes) -> None:
         text = label.decode()
         with self._lock:
-            key_id = self._imported[1] if self._imported and self._imported[0] == label else None
+            self._ensure_login()
+            ours = self._imported is not None and self._imported[0] == label
+            if not (ours and self._imported[2]):  # type: ignore[index]
+                # an ephemeral identity of this process goes first
+                found = self._find([(CKA_TOKEN, False), (CKA_LABEL, text)])
+                if found:
+                    classes = [self._class(h) for h in found]
+                    for certificates in (True, False):
+                        for h, cls in zip(found, classes):
+                            if (cls == CKO_CERTIFICATE) == certificates:
+                                self._session.destroyObject(h)
+                    if ours:
+                        self._imported = None
+                    return
+            # a token identity: this port's own path (a CKO_DATA lease)
+            key_id = self._imported[1] if ours else None  # type: ignore[index]
             if key_id is None:
                 certs = self._find([(CKA_CLASS, CKO_CERTIFICATE), (CKA_LABEL, text)])
                 if certs:
@@ -184,18 +256,18 @@ class PyKCS11Store:
             keys = self._find(key_t)
             for h in keys:
                 self._session.destroyObject(h)
-            ours = self._imported and self._imported[0] == label
-            if not ours or self._imported[2]:  # the lease of a token identity, last
-                for h in self._find([(CKA_CLASS, CKO_DATA), (CKA_LABEL, text),
-                                     (CKA_APPLICATION, LEASE_APPLICATION)]):
-                    self._session.destroyObject(h)
-            if self._imported and self._imported[0] == label:
+            for h in self._find(
+                [(CKA_CLASS, CKO_DATA), (CKA_LABEL, text), (CKA_APPLICATION, LEASE_APPLICATION)]
+            ):
+                self._session.destroyObject(h)  # the lease, last
+            if ours:
                 self._imported = None
         if not certs and not keys:
             raise ItemNotFoundError(detail="nothing carries the label", operation="kill_key")
 
     def lookup(self, label: bytes) -> Optional[LookupResult]:
         with self._lock:
+            self._ensure_login()
             objects = [o for o in map(self._read, self._find([(CKA_LABEL, label.decode())])) if o]
         certs = [o for o in objects if o["class"] == CKO_CERTIFICATE]
         keys = [o for o in objects if o["class"] == CKO_PRIVATE_KEY]
@@ -204,9 +276,12 @@ class PyKCS11Store:
         first = (certs or keys)[0]
         kt = keys[0]["key_type"] if keys else None
         return LookupResult(
-            label=label.decode(), has_certificate=bool(certs), has_private_key=bool(keys),
+            label=label.decode(),
+            has_certificate=bool(certs),
+            has_private_key=bool(keys),
             ephemeral=not first["token"],
-            key_type={CKK_RSA: "rsa", CKK_EC: "ec"}.get(kt), key_id=first["id"],
+            key_type={CKK_RSA: "rsa", CKK_EC: "ec"}.get(kt),
+            key_id=first["id"],
         )
 
     def close(self) -> None:
