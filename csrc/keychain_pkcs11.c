@@ -394,6 +394,7 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     CK_BBOOL token = (flags & KC_PREAUTH_EPHEMERAL) ? CK_FALSE : CK_TRUE;
     CK_OBJECT_HANDLE made[2]; /* certificate, key: undone in reverse */
     int n_made = 0, join = 0, leased = 0, counted = 0;
+    CK_ULONG swept;
     blanks before;
     lease l;
     CK_RV rv;
@@ -452,6 +453,8 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
                          &made[n_made], err)))
         goto undo;
     n_made++;
+    if (token && kc->exclusive)
+        remove_blanks(kc, &swept, NULL); /* see remove_blanks: best effort */
 done:
     if (out) {
         identity_info(&id, label, !token, out);
@@ -502,7 +505,7 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
                     kc_error *err)
 {
     CK_OBJECT_HANDLE h[MAX_FOUND];
-    CK_ULONG count = 0, found = 0;
+    CK_ULONG count = 0, found = 0, swept;
     int leased, alive, taken, mine = 0, force = flags & KC_KILL_FORCE;
     lease l;
     query q;
@@ -559,6 +562,8 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
         goto out;
     if (mine)
         lease_released(kc);
+    if (kc->exclusive)
+        remove_blanks(kc, &swept, NULL); /* see remove_blanks: best effort */
     if (!found)
         st = fail(err, KC_errSecItemNotFound, 0,
                   "no identity labelled '%s' in the store (its lease is "
@@ -691,32 +696,15 @@ out:
 static int32_t sweep_crash_leftovers(kc_keychain *kc, CK_ULONG *removed,
                                      kc_error *err)
 {
-    CK_OBJECT_HANDLE *h = NULL;
-    CK_ULONG n = 0, i, files = 0;
-    CK_ATTRIBUTE label;
-    char text[2];
-    int32_t st = KC_errSecSuccess;
-    CK_RV rv;
-
+    CK_ULONG files = 0;
+    int32_t st;
     *removed = 0;
     if (!kc->exclusive)
         return fail(err, KC_errSecInvalidOwnerEdit, 0,
                     "objects without a label on this token cannot be proven "
                     "keychain_ext's: left alone");
-    if ((rv = all_objects(kc, &h, &n)) != CKR_OK)
-        return fail_ck(err, rv, "searching for objects left by a crash");
-    for (i = 0; i < n && !st; i++) {
-        label = (CK_ATTRIBUTE)ATTR(CKA_LABEL, text, sizeof text);
-        rv = kc->mod->f->C_GetAttributeValue(kc->session, h[i], &label, 1);
-        if ((rv == CKR_OK && label.ulValueLen != 0) || !is_blank(kc, h[i]))
-            continue;
-        if ((rv = destroy(kc, h[i])) != CKR_OK)
-            st = fail_ck(err, rv, "removing an object left by a crash");
-        else
-            ++*removed;
-    }
-    free(h);
-    if (!st && !(st = sweep_owner_files(kc, &files, err)))
+    if (!(st = remove_all_blanks(kc, removed, err)) &&
+        !(st = sweep_owner_files(kc, &files, err)))
         *removed += files;
     return st;
 }

@@ -121,6 +121,8 @@ int32_t create_object(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
                       const char *what, kc_error *err);
 int32_t note_blanks(kc_keychain *kc, blanks *b, kc_error *err);
 void remove_new_blanks(kc_keychain *kc, const blanks *before);
+int32_t remove_blanks(kc_keychain *kc, CK_ULONG *removed, kc_error *err);
+int32_t remove_all_blanks(kc_keychain *kc, CK_ULONG *removed, kc_error *err);
 int is_blank(kc_keychain *kc, CK_OBJECT_HANDLE h);
 CK_RV destroy(kc_keychain *kc, CK_OBJECT_HANDLE h);
 int32_t destroy_all(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,

@@ -122,28 +122,39 @@ CK_RV read_object(kc_keychain *kc, CK_OBJECT_HANDLE h, object *o)
     return CKR_OK;
 }
 
-/* An object that holds nothing but PKCS#11 defaults: no label, no id, no
- * value, no key material -- or that the module cannot read at all
- * (SoftHSM2's half-written object file).  SoftHSM2 leaves these when a
- * C_CreateObject fails or its process dies inside one.  Only lengths are
- * read, never a value. */
+/* An object that holds nothing but PKCS#11 defaults: a class, and no
+ * label, id, subject, application, value or key material -- or that the
+ * module cannot read at all (SoftHSM2's half-written object file).
+ * SoftHSM2 leaves these when a C_CreateObject fails, when its process dies
+ * inside one, or when an unlocked reader races its writes.  Only lengths
+ * are read, never a value.  A private key's CKA_VALUE is sensitive even
+ * when blank, so its material is judged by its public parts; a secret key
+ * is all value, so it never counts as blank. */
 int is_blank(kc_keychain *kc, CK_OBJECT_HANDLE h)
 {
-    CK_ATTRIBUTE t[] = {ATTR(CKA_LABEL, NULL, 0), ATTR(CKA_ID, NULL, 0),
-                        ATTR(CKA_VALUE, NULL, 0), ATTR(CKA_MODULUS, NULL, 0),
-                        ATTR(CKA_EC_PARAMS, NULL, 0),
-                        ATTR(CKA_APPLICATION, NULL, 0)};
+    CK_OBJECT_CLASS cls = (CK_OBJECT_CLASS)-1;
+    CK_ATTRIBUTE t[] = {ATTR(CKA_CLASS, &cls, sizeof cls),
+                        ATTR(CKA_LABEL, NULL, 0), ATTR(CKA_ID, NULL, 0),
+                        ATTR(CKA_SUBJECT, NULL, 0), ATTR(CKA_APPLICATION, NULL, 0),
+                        ATTR(CKA_MODULUS, NULL, 0), ATTR(CKA_EC_PARAMS, NULL, 0),
+                        ATTR(CKA_PRIME, NULL, 0)};
+    CK_ATTRIBUTE value = ATTR(CKA_VALUE, NULL, 0);
+    enum { N = sizeof t / sizeof t[0] };
     CK_ULONG i;
-    CK_RV rv = kc->mod->f->C_GetAttributeValue(kc->session, h, t, 6);
+    CK_RV rv = kc->mod->f->C_GetAttributeValue(kc->session, h, t, N);
     if (rv == CKR_ATTRIBUTE_VALUE_INVALID)
         return 1;
-    if (rv != CKR_OK && rv != CKR_ATTRIBUTE_SENSITIVE &&
-        rv != CKR_ATTRIBUTE_TYPE_INVALID)
+    if (rv != CKR_OK && rv != CKR_ATTRIBUTE_TYPE_INVALID)
         return 0;
-    for (i = 0; i < 6; i++)
+    for (i = 1; i < N; i++)
         if (t[i].ulValueLen != 0 && t[i].ulValueLen != CK_UNAVAILABLE_INFORMATION)
             return 0;
-    return 1;
+    if (cls == CKO_PRIVATE_KEY)
+        return 1;
+    if (cls == CKO_SECRET_KEY)
+        return 0;
+    rv = kc->mod->f->C_GetAttributeValue(kc->session, h, &value, 1);
+    return (rv == CKR_OK && value.ulValueLen == 0) || rv == CKR_ATTRIBUTE_TYPE_INVALID;
 }
 
 static CK_RV find_unlabelled(kc_keychain *kc, CK_OBJECT_HANDLE *h,
@@ -164,6 +175,53 @@ int32_t note_blanks(kc_keychain *kc, blanks *b, kc_error *err)
     b->n = b->complete ? n : 0;
     memcpy(b->h, h, b->n * sizeof *h);
     return KC_errSecSuccess;
+}
+
+/* On a store only keychain_ext uses, every blank object is ours: what a
+ * failed or interrupted C_CreateObject left, or what SoftHSM2 leaves when a
+ * reader that does not take the token lock races its writes.  Destroy the
+ * blank ones among h[0..n); *removed counts them. */
+static int32_t destroy_blanks(kc_keychain *kc, const CK_OBJECT_HANDLE *h,
+                              CK_ULONG n, CK_ULONG *removed, kc_error *err)
+{
+    CK_ULONG i;
+    CK_RV rv;
+    for (i = 0; i < n; i++) {
+        if (!is_blank(kc, h[i]))
+            continue;
+        if ((rv = destroy(kc, h[i])) != CKR_OK)
+            return fail_ck(err, rv, "removing an object left by a crash");
+        ++*removed;
+    }
+    return KC_errSecSuccess;
+}
+
+/* The blank objects a label search finds (cheap: after each operation). */
+int32_t remove_blanks(kc_keychain *kc, CK_ULONG *removed, kc_error *err)
+{
+    CK_OBJECT_HANDLE h[MAX_FOUND];
+    CK_ULONG n = 0;
+    CK_RV rv;
+    *removed = 0;
+    if ((rv = find_unlabelled(kc, h, MAX_FOUND, &n)) != CKR_OK)
+        return fail_ck(err, rv, "searching for objects left by a crash");
+    return destroy_blanks(kc, h, n, removed, err);
+}
+
+/* Every blank object, also those SoftHSM2 cannot read at all (a process
+ * killed while writing one), which no search template matches. */
+int32_t remove_all_blanks(kc_keychain *kc, CK_ULONG *removed, kc_error *err)
+{
+    CK_OBJECT_HANDLE *h = NULL;
+    CK_ULONG n = 0;
+    int32_t st;
+    CK_RV rv;
+    *removed = 0;
+    if ((rv = all_objects(kc, &h, &n)) != CKR_OK)
+        return fail_ck(err, rv, "searching for objects left by a crash");
+    st = destroy_blanks(kc, h, n, removed, err);
+    free(h);
+    return st;
 }
 
 /* Destroy the blank objects that appeared since *before: a failed create

@@ -24,7 +24,7 @@ from types import FrameType
 from typing import Any, Callable, Optional
 
 from . import _store
-from ._backend import Pkcs11Token
+from ._backend import ItemInfo, Pkcs11Token
 from .curl import client_env, curl_args, pycurl_problem
 from .errors import (
     AuthFailedError,
@@ -32,6 +32,7 @@ from .errors import (
     DuplicateItemError,
     InteractionNotAllowedError,
     InteractionRequiredError,
+    InvalidOwnerEditError,
     ItemNotFoundError,
     KeychainError,
     NoSuchKeychainError,
@@ -53,6 +54,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (InteractionNotAllowedError, 9),
     (InteractionRequiredError, 9),
     (ParamError, 10),
+    (InvalidOwnerEditError, 13),
     (KeychainError, 11),
     (OSError, 12),
 ]
@@ -90,7 +92,8 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def _open(args: argparse.Namespace) -> Keychain:
-    return Keychain(args.module, args.token, pin_file=args.pin_file)
+    init_args = args.init_args or os.environ.get("KEYCHAIN_EXT_INIT_ARGS")
+    return Keychain(args.module, args.token, pin_file=args.pin_file, init_args=init_args)
 
 
 def _describe(ident: Identity) -> dict[str, Any]:
@@ -125,16 +128,18 @@ def _print_identity(ident: Identity, as_json: bool) -> None:
 
 
 def cmd_preauth(args: argparse.Namespace) -> int:
+    """The identity outlives this command: held by no process until
+    `keychain-ext kill` removes it; purge never does."""
     password = _password(args)
     with _open(args) as kc:
-        ident = kc.preauth_key(args.p12, password, args.label, stale=args.stale)
+        ident = kc.preauth_key(args.p12, password, args.label, held=True, stale=args.stale)
         _print_identity(ident, args.json)
     return 0
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
     with _open(args) as kc:
-        kc.kill_key(args.label, missing_ok=args.missing_ok)
+        kc.kill_key(args.label, missing_ok=args.missing_ok, force=args.force)
     return 0
 
 
@@ -160,14 +165,28 @@ def cmd_list(args: argparse.Namespace) -> int:
                 (False, True): "key only",
                 (False, False): "lease only",
             }
-            owner = {True: "owner running", False: "owner dead", None: "owner unknown"}
             what = parts[i.has_certificate, i.has_private_key]
             print(
-                f"{i.label}\t{i.common_name or '-'}\t{i.key_type or '-'}\t{what}"
-                f"\t{'ephemeral' if i.ephemeral else owner[i.owner_alive]}"
+                f"{i.label or '(no label)'}\t{i.common_name or '-'}\t{i.key_type or '-'}"
+                f"\t{what}\t{_ownership(i)}"
             )
         print(f"{len(items)} identities")
     return 0
+
+
+def _ownership(i: ItemInfo) -> str:
+    """Who owns an identity, for people (README, "Ownership")."""
+    if not i.ours:
+        return "not keychain_ext's (left alone)"
+    if i.ephemeral:
+        return "ephemeral (this process)"
+    if not i.label:
+        return "left by a crash"
+    if i.held:
+        return "held until killed"
+    alive = {True: "running", False: "dead", None: "cannot tell"}[i.owner_alive]
+    owners = f"{i.owners} owners, " if i.shared else ""
+    return f"{owners}owner pid {i.owner_pid} on {i.owner_host or '?'} ({alive})"
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -284,6 +303,11 @@ def _parser() -> argparse.ArgumentParser:
         "--token", help="token label (default: the embedded store; env KEYCHAIN_EXT_TOKEN)"
     )
     p.add_argument("--pin-file", help="file holding the token PIN (env KEYCHAIN_EXT_PIN_FILE)")
+    p.add_argument(
+        "--init-args",
+        help="the module's C_Initialize init string, for modules that need one "
+        "(NSS softoken: \"configdir='sql:DIR'\"; env KEYCHAIN_EXT_INIT_ARGS)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show error details")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -303,7 +327,9 @@ def _parser() -> argparse.ArgumentParser:
             help="remove a dead owner's identity under the label first",
         )
 
-    sp = sub.add_parser("preauth", help="import an identity (token objects)")
+    sp = sub.add_parser(
+        "preauth", help="import an identity, held until `kill` removes it (token objects)"
+    )
     with_p12(sp)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_preauth)
@@ -311,6 +337,11 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("kill", help="remove an identity: certificate, then key")
     sp.add_argument("--label", required=True)
     sp.add_argument("--missing-ok", action="store_true", help="no error when nothing is there")
+    sp.add_argument(
+        "--force",
+        action="store_true",
+        help="remove it even if another running process owns it or keychain_ext did not make it",
+    )
     sp.set_defaults(func=cmd_kill)
 
     sp = sub.add_parser("lookup", help="show an identity")
@@ -322,7 +353,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_list)
 
-    sp = sub.add_parser("purge", help="remove identities whose owner process died (dry run)")
+    sp = sub.add_parser(
+        "purge",
+        help="remove keychain_ext's identities whose owners all died (dry run); "
+        "held ones and anything not keychain_ext's stay",
+    )
     sp.add_argument("--yes", action="store_true", help="really remove them")
     sp.set_defaults(func=cmd_purge)
 

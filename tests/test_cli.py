@@ -15,7 +15,7 @@ import pytest
 
 from .conftest import Token
 from .pki import PKI, ClientIdentity, P12Variants
-from .servers import MTLSServer, NginxServer
+from .servers import NginxServer
 
 
 @pytest.fixture(scope="module")

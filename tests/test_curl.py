@@ -20,7 +20,7 @@ from keychain_ext.curl import client_env, curl_args, pycurl_problem, setup_pycur
 from keychain_ext.keychain import Identity
 
 from .conftest import Token
-from .pki import PKI, ClientIdentity, P12Variants
+from .pki import PKI, ClientIdentity
 from .servers import MTLSServer, NginxServer
 
 

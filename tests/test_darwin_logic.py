@@ -29,25 +29,33 @@ SOURCES = [
     os.path.join(DOUBLE, "driver.c"),
 ]
 CFLAGS = [
-    "-std=c99", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", "-g",
+    "-std=c99",
+    "-D_GNU_SOURCE",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-g",
     '-DKC_VERSION="9.8.7-test"',
-    "-I", os.path.join(DOUBLE, "include"),
-    "-I", DOUBLE,
-    "-I", os.path.join(ROOT, "csrc"),
+    "-I",
+    os.path.join(DOUBLE, "include"),
+    "-I",
+    DOUBLE,
+    "-I",
+    os.path.join(ROOT, "csrc"),
 ]
 
 SCENARIOS = [
-    "roundtrip",            # preauth -> lookup -> kill, flag restored
-    "duplicate",            # refused with errSecDuplicateItem, nothing touched
-    "kill_separately",      # certificate, then key by the recorded id
-    "missing_key_id",       # no kSecImportItemKeyID: no crash, key's own id
-    "bad_imports",          # zero items, CN mismatch, wrong password, ...
-    "walk_preauth",         # every call of preauth failed in turn
-    "walk_kill",            # every call of kill failed in turn
-    "walk_lookup_open",     # every call of lookup and open failed in turn
-    "scoped_keychain",      # opts->token opens (never creates) and scopes
-    "misc_api",             # backend/version strings, unimplemented calls
-    "threads",              # one handle shared by four threads
+    "roundtrip",  # preauth -> lookup -> kill, flag restored
+    "duplicate",  # refused with errSecDuplicateItem, nothing touched
+    "kill_separately",  # certificate, then key by the recorded id
+    "missing_key_id",  # no kSecImportItemKeyID: no crash, key's own id
+    "bad_imports",  # zero items, CN mismatch, wrong password, ...
+    "walk_preauth",  # every call of preauth failed in turn
+    "walk_kill",  # every call of kill failed in turn
+    "walk_lookup_open",  # every call of lookup and open failed in turn
+    "scoped_keychain",  # opts->token opens (never creates) and scopes
+    "misc_api",  # backend/version strings, unimplemented calls
+    "threads",  # one handle shared by four threads
     "selftest_leak_detected",
 ]
 
@@ -75,17 +83,17 @@ def driver(tmp_path_factory):
 
 
 def _run(cmd, env=None):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
 def _assert_passed(proc, names):
-    assert proc.returncode == 0, (
-        "rc=%d\nstdout:\n%s\nstderr:\n%s"
-        % (proc.returncode, proc.stdout, proc.stderr))
+    assert proc.returncode == 0, "rc=%d\nstdout:\n%s\nstderr:\n%s" % (
+        proc.returncode,
+        proc.stdout,
+        proc.stderr,
+    )
     for name in names:
-        m = re.search(r"^PASS %s \((\d+) checks\)$" % re.escape(name),
-                      proc.stdout, re.M)
+        m = re.search(r"^PASS %s \((\d+) checks\)$" % re.escape(name), proc.stdout, re.M)
         assert m, "%s did not report PASS:\n%s" % (name, proc.stdout)
         assert int(m.group(1)) > 0, "%s ran no checks" % name
 
@@ -111,18 +119,32 @@ def test_no_leak_under_valgrind(driver):
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         pytest.fail("valgrind is required (apt install valgrind)")
-    proc = _run([valgrind, "-q", "--leak-check=full",
-                 "--errors-for-leak-kinds=definite,indirect,possible",
-                 "--show-leak-kinds=definite,indirect,possible",
-                 "--error-exitcode=99", driver, "all"])
+    proc = _run(
+        [
+            valgrind,
+            "-q",
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite,indirect,possible",
+            "--show-leak-kinds=definite,indirect,possible",
+            "--error-exitcode=99",
+            driver,
+            "all",
+        ]
+    )
     _assert_passed(proc, SCENARIOS)
 
 
 def test_no_leak_or_memory_error_under_asan(tmp_path_factory):
-    exe = _build(tmp_path_factory, "driver-asan",
-                 ["-O1", "-fsanitize=address,undefined",
-                  "-fno-sanitize-recover=undefined",
-                  "-fno-omit-frame-pointer"])
+    exe = _build(
+        tmp_path_factory,
+        "driver-asan",
+        [
+            "-O1",
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=undefined",
+            "-fno-omit-frame-pointer",
+        ],
+    )
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0")
     _assert_passed(_run([exe, "all"], env=env), SCENARIOS)
 
@@ -130,32 +152,32 @@ def test_no_leak_or_memory_error_under_asan(tmp_path_factory):
 def test_threads_race_free_under_tsan(tmp_path_factory):
     """The double keeps global state without locks, so any call the
     backend fails to serialize shows up as a data race."""
-    exe = _build(tmp_path_factory, "driver-tsan",
-                 ["-O1", "-fsanitize=thread"])
+    exe = _build(tmp_path_factory, "driver-tsan", ["-O1", "-fsanitize=thread"])
     env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1:exitcode=66")
     proc = _run([exe, "threads"], env=env)
     if "unexpected memory mapping" in proc.stderr:
         # Kernels with high mmap randomization: the usual workaround.
         setarch = shutil.which("setarch")
         assert setarch, "TSan needs setarch -R on this kernel:\n" + proc.stderr
-        proc = _run([setarch, platform.machine(), "-R", exe, "threads"],
-                    env=env)
+        proc = _run([setarch, platform.machine(), "-R", exe, "threads"], env=env)
     assert "ThreadSanitizer" not in proc.stderr, proc.stderr
     _assert_passed(proc, ["threads"])
 
 
 def test_check_darwin_skips_without_sdk():
     env = {k: v for k, v in os.environ.items() if k != "MACOS_SDK"}
-    proc = _run(["bash", os.path.join(ROOT, "scripts", "check-darwin")],
-                env=env)
+    proc = _run(["bash", os.path.join(ROOT, "scripts", "check-darwin")], env=env)
     assert proc.returncode == 0, proc.stderr
     assert "skipped" in proc.stdout
 
 
 def test_double_says_it_is_a_double():
-    for rel in ("include/Security/Security.h",
-                "include/CoreFoundation/CoreFoundation.h",
-                "double_control.h", "double.c"):
+    for rel in (
+        "include/Security/Security.h",
+        "include/CoreFoundation/CoreFoundation.h",
+        "double_control.h",
+        "double.c",
+    ):
         with open(os.path.join(DOUBLE, rel)) as f:
             assert "TEST DOUBLE" in f.read(2000), rel
 

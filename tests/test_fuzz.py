@@ -11,6 +11,7 @@ nothing left on the token; any crash, sanitizer report or leak fails.
 Needs clang and its libFuzzer runtime (Debian: clang, libclang-rt-14-dev).
 In CI (env CI set) a missing tool fails; elsewhere the test skips, saying why.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,7 +69,9 @@ def test_fuzz_p12_import() -> None:
     try:
         summary = json.loads(out[-1])
     except json.JSONDecodeError:
-        pytest.fail(f"no summary from tests/fuzz/run:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        pytest.fail(
+            f"no summary from tests/fuzz/run:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     report = f"{summary}\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
     assert proc.returncode == 0, report
     assert summary["exit_status"] == 0, report

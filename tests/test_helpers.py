@@ -136,9 +136,7 @@ def test_client_p12_holds_key_and_ca_signed_cert(
     )
 
 
-def test_key_files_are_0600(
-    pki: PKI, rsa_client: ClientIdentity, variants: P12Variants
-) -> None:
+def test_key_files_are_0600(pki: PKI, rsa_client: ClientIdentity, variants: P12Variants) -> None:
     private = [pki.server_key, rsa_client.p12, rsa_client.key]
     private += [variants.legacy, variants.openssl_default, variants.key_only]
     for path in private:
@@ -232,9 +230,7 @@ def test_mtls_server_answers_with_client_cn_and_echo(
         )
 
 
-def test_mtls_server_refuses_client_without_cert(
-    pki: PKI, rsa_client: ClientIdentity
-) -> None:
+def test_mtls_server_refuses_client_without_cert(pki: PKI, rsa_client: ClientIdentity) -> None:
     with MTLSServer(pki) as server:
         with pytest.raises((ssl.SSLError, ConnectionError)):
             _request(server, pki, None, body={})
@@ -242,9 +238,7 @@ def test_mtls_server_refuses_client_without_cert(
         assert _request(server, pki, rsa_client, body={})[0] == 200
 
 
-def test_mtls_server_refuses_cert_from_other_ca(
-    pki: PKI, foreign_client: ClientIdentity
-) -> None:
+def test_mtls_server_refuses_cert_from_other_ca(pki: PKI, foreign_client: ClientIdentity) -> None:
     with MTLSServer(pki) as server, pytest.raises((ssl.SSLError, ConnectionError)):
         _request(server, pki, foreign_client, body={})
 
@@ -271,9 +265,7 @@ def _have_nginx() -> bool:
 needs_nginx = pytest.mark.skipif(not _have_nginx(), reason="nginx not installed")
 
 
-def _curl(
-    server: NginxServer, pki: PKI, client: ClientIdentity | None
-) -> tuple[int, str]:
+def _curl(server: NginxServer, pki: PKI, client: ClientIdentity | None) -> tuple[int, str]:
     args = ["curl", "-sS", "--cacert", str(pki.ca_cert)]
     if client is not None:
         args += ["--cert", str(client.cert), "--key", str(client.key)]

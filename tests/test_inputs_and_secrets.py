@@ -43,7 +43,7 @@ def repack(client: ClientIdentity, password: bytes | None) -> bytes:
 
 @pytest.mark.parametrize(
     "password",
-    [b"", "pässwörd-ünïcode".encode(), b"x" * 4096, " leading and trailing ".encode()],
+    [b"", "pässwörd-ünïcode".encode(), b"x" * 4096, b" leading and trailing "],
     ids=["empty", "non-ascii", "huge", "spaces"],
 )
 def test_passwords_round_trip(kc: Keychain, ec_client: ClientIdentity, password: bytes) -> None:

@@ -15,11 +15,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 
 import keychain_ext
 from keychain_ext import (
-    InvalidOwnerEditError,
     AuthFailedError,
     DecodeError,
     DuplicateItemError,
     InteractionRequiredError,
+    InvalidOwnerEditError,
     ItemNotFoundError,
     Keychain,
     KeychainError,
@@ -277,9 +277,7 @@ def test_kill_missing(kc: Keychain) -> None:
     kc.kill_key("never-there", missing_ok=True)
 
 
-def test_kill_by_another_handle(
-    token: Token, kc: Keychain, ec_client: ClientIdentity
-) -> None:
+def test_kill_by_another_handle(token: Token, kc: Keychain, ec_client: ClientIdentity) -> None:
     kc.preauth_key(ec_client.p12, ec_client.password, "other-handle")
     with token.open() as other:
         assert other.lookup("other-handle") is not None

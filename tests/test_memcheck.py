@@ -16,6 +16,7 @@ KEYCHAIN_EXT_MEMCHECK_CYCLES sets the cycle count (default 40: the full-size
 run is 20,000).  In CI (env CI set) a missing gcc or valgrind fails;
 elsewhere the test skips, saying why.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,17 +54,28 @@ def cycles_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for tool, pkg in (("gcc", "gcc"), ("valgrind", "valgrind"), ("pkg-config", "pkg-config")):
         if shutil.which(tool) is None:
             _missing(f"{tool} not found: apt-get install {pkg}")
-    cflags = subprocess.run(
-        ["pkg-config", "--cflags", "p11-kit-1"], capture_output=True, text=True
-    )
+    cflags = subprocess.run(["pkg-config", "--cflags", "p11-kit-1"], capture_output=True, text=True)
     if cflags.returncode != 0:
         _missing("pkg-config p11-kit-1 failed: apt-get install libp11-kit-dev")
     exe = tmp_path_factory.mktemp("memcheck") / "cycles"
     cmd = [
-        "gcc", "-g", "-O0", "-Wall", "-Wextra", "-pthread", '-DKC_VERSION="memcheck"',
-        "-I", str(ROOT / "csrc"), *shlex.split(cflags.stdout), "-o", str(exe),
-        str(HERE / "cycles.c"), *map(str, pkcs11_sources()),
-        "-lcrypto", "-ldl", "-lpthread",
+        "gcc",
+        "-g",
+        "-O0",
+        "-Wall",
+        "-Wextra",
+        "-pthread",
+        '-DKC_VERSION="memcheck"',
+        "-I",
+        str(ROOT / "csrc"),
+        *shlex.split(cflags.stdout),
+        "-o",
+        str(exe),
+        str(HERE / "cycles.c"),
+        *map(str, pkcs11_sources()),
+        "-lcrypto",
+        "-ldl",
+        "-lpthread",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
@@ -106,8 +118,12 @@ def _valgrind(exe: Path, args: list[str], p12: Path, log: Path) -> tuple[int, st
         "KEYCHAIN_EXT_TEST_P12_PASSWORD": PASSWORD,
     }
     cmd = [
-        "valgrind", "--leak-check=full", "--errors-for-leak-kinds=definite",
-        "--error-exitcode=99", "--track-origins=no", f"--log-file={log}",
+        "valgrind",
+        "--leak-check=full",
+        "--errors-for-leak-kinds=definite",
+        "--error-exitcode=99",
+        "--track-origins=no",
+        f"--log-file={log}",
     ]
     if SUPP.exists():
         cmd.append(f"--suppressions={SUPP}")
@@ -130,18 +146,22 @@ def _check(rc: int, out: str, vg: str, cycles: int) -> None:
 
 
 def test_cycles_under_valgrind(cycles_exe: Path, pki: PKI, tmp_path: Path) -> None:
-    client = make_client(pki, cn="memcheck-rsa", password=PASSWORD, key_type="rsa",
-                         name="memcheck-rsa")
+    client = make_client(
+        pki, cn="memcheck-rsa", password=PASSWORD, key_type="rsa", name="memcheck-rsa"
+    )
     p12 = _one_iteration(client.p12, client.cert, client.key, tmp_path / "rsa-iter1.p12")
-    rc, out, vg = _valgrind(cycles_exe, ["-n", str(CYCLES), "-m", "mixed"], p12,
-                            tmp_path / "valgrind.log")
+    rc, out, vg = _valgrind(
+        cycles_exe, ["-n", str(CYCLES), "-m", "mixed"], p12, tmp_path / "valgrind.log"
+    )
     _check(rc, out, vg, CYCLES)
 
 
 def test_legacy_file_under_valgrind(cycles_exe: Path, pki: PKI, tmp_path: Path) -> None:
-    client = make_client(pki, cn="memcheck-ec", password=PASSWORD, key_type="ec",
-                         name="memcheck-ec")
+    client = make_client(
+        pki, cn="memcheck-ec", password=PASSWORD, key_type="ec", name="memcheck-ec"
+    )
     legacy = make_variants(client).legacy
-    rc, out, vg = _valgrind(cycles_exe, ["-n", "3", "-m", "ephemeral"], legacy,
-                            tmp_path / "valgrind.log")
+    rc, out, vg = _valgrind(
+        cycles_exe, ["-n", "3", "-m", "ephemeral"], legacy, tmp_path / "valgrind.log"
+    )
     _check(rc, out, vg, 3)

@@ -2,6 +2,7 @@
 forwarding to SoftHSM2, in process (ctypes control API) and in child
 processes (environment).  Needs SoftHSM2, a C compiler, libp11-kit-dev and
 PyKCS11; outside CI a missing one skips, in CI it fails."""
+
 from __future__ import annotations
 
 import ctypes
@@ -22,7 +23,7 @@ SOFTHSM_PATHS = (
     "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
 )
 LABEL = "p11shim-t"
-N_OBJECTS = 12          # PyKCS11 fetches 10 per C_FindObjects: 10, 2, 0
+N_OBJECTS = 12  # PyKCS11 fetches 10 per C_FindObjects: 10, 2, 0
 CKR_GENERAL_ERROR = 0x05
 CKR_DEVICE_ERROR = 0x30
 CKR_TOKEN_NOT_PRESENT = 0xE0
@@ -77,8 +78,11 @@ def env(tmp_path_factory):
         shim.clear_faults()
         lib = PyKCS11.PyKCS11Lib().load(str(so))
         # C_InitToken wants the label blank-padded to 32 bytes; PyKCS11 does not pad.
-        free = [sl for sl in lib.getSlotList(tokenPresent=True)
-                if not lib.getTokenInfo(sl).flags & PyKCS11.CKF_TOKEN_INITIALIZED]
+        free = [
+            sl
+            for sl in lib.getSlotList(tokenPresent=True)
+            if not lib.getTokenInfo(sl).flags & PyKCS11.CKF_TOKEN_INITIALIZED
+        ]
         lib.initToken(free[0], so_pin, LABEL.ljust(32))
         slot = _slot(lib)
         s = lib.openSession(slot, PyKCS11.CKF_RW_SESSION)
@@ -87,9 +91,15 @@ def env(tmp_path_factory):
         s.logout()
         s.login(pin)
         for i in range(N_OBJECTS):
-            s.createObject([(PyKCS11.CKA_CLASS, PyKCS11.CKO_DATA),
-                            (PyKCS11.CKA_TOKEN, True), (PyKCS11.CKA_PRIVATE, False),
-                            (PyKCS11.CKA_LABEL, "obj"), (PyKCS11.CKA_VALUE, bytes([i]))])
+            s.createObject(
+                [
+                    (PyKCS11.CKA_CLASS, PyKCS11.CKO_DATA),
+                    (PyKCS11.CKA_TOKEN, True),
+                    (PyKCS11.CKA_PRIVATE, False),
+                    (PyKCS11.CKA_LABEL, "obj"),
+                    (PyKCS11.CKA_VALUE, bytes([i])),
+                ]
+            )
         s.logout()
         s.closeSession()
         yield {"lib": lib, "shim": shim, "so": so, "slot": slot, "build": build}
@@ -121,32 +131,48 @@ def shim(env):
 def find_op(env):
     """Open session + find objects + close: the operation under test."""
     s = env["lib"].openSession(env["slot"])
-    found = s.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_DATA),
-                           (PyKCS11.CKA_LABEL, "obj")])
+    found = s.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_DATA), (PyKCS11.CKA_LABEL, "obj")])
     s.closeSession()
     return len(found)
 
 
-EXPECTED_TRACE = (["C_OpenSession", "C_FindObjectsInit"] + ["C_FindObjects"] * 3
-                  + ["C_FindObjectsFinal", "C_CloseSession"])
+EXPECTED_TRACE = (
+    ["C_OpenSession", "C_FindObjectsInit"]
+    + ["C_FindObjects"] * 3
+    + ["C_FindObjectsFinal", "C_CloseSession"]
+)
 
 
 def test_build_is_cached_and_exports_the_module_api(env, tmp_path):
     so = env["so"]
     assert env["build"].build_shim(so.parent) == so
     lib = ctypes.CDLL(str(so))
-    for name in ("C_GetFunctionList", "C_Initialize", "C_FindObjects",
-                 "C_WaitForSlotEvent", "p11shim_reset", "p11shim_count",
-                 "p11shim_total", "p11shim_dump", "p11shim_trace",
-                 "p11shim_fail_at", "p11shim_fail_function"):
+    for name in (
+        "C_GetFunctionList",
+        "C_Initialize",
+        "C_FindObjects",
+        "C_WaitForSlotEvent",
+        "p11shim_reset",
+        "p11shim_count",
+        "p11shim_total",
+        "p11shim_dump",
+        "p11shim_trace",
+        "p11shim_fail_at",
+        "p11shim_fail_function",
+    ):
         assert hasattr(lib, name), name
     assert (tmp_path / "x" / "libp11shim.so") == env["build"].build_shim(tmp_path / "x")
 
 
 def test_counts_open_session_and_find(env, shim):
     assert find_op(env) == N_OBJECTS
-    expected = {"C_OpenSession": 1, "C_FindObjectsInit": 1, "C_FindObjects": 3,
-                "C_FindObjectsFinal": 1, "C_CloseSession": 1}
+    expected = {
+        "C_OpenSession": 1,
+        "C_FindObjectsInit": 1,
+        "C_FindObjects": 3,
+        "C_FindObjectsFinal": 1,
+        "C_CloseSession": 1,
+    }
     assert shim.counts() == expected
     for name, n in expected.items():
         assert shim.count(name) == n
@@ -180,9 +206,8 @@ def test_trace_and_dump_follow_snprintf_rules(env, shim):
     assert lib.p11shim_trace(None, 0) == len(text)
     buf = ctypes.create_string_buffer(b"\xff" * 9, 9)
     assert lib.p11shim_trace(buf, 8) == len(text)
-    assert buf.raw == text[:7].encode() + b"\0\xff"   # nothing past n bytes
-    assert lib.p11shim_dump(None, 0) == len("".join(
-        f"{k}={v}\n" for k, v in shim.counts().items()))
+    assert buf.raw == text[:7].encode() + b"\0\xff"  # nothing past n bytes
+    assert lib.p11shim_dump(None, 0) == len("".join(f"{k}={v}\n" for k, v in shim.counts().items()))
 
 
 def test_nth_call_fails_and_next_succeeds(env, shim):
@@ -207,9 +232,9 @@ def test_every_call_position_fails(env, shim, n):
         find_op(env)
     assert e.value.value == CKR_DEVICE_ERROR
     assert shim.fired() == 1
-    assert shim.trace() == EXPECTED_TRACE[:n]   # the op stopped at the fault
+    assert shim.trace() == EXPECTED_TRACE[:n]  # the op stopped at the fault
     env["lib"].closeAllSessions(env["slot"])
-    shim.reset()                                # position n is in the past now
+    shim.reset()  # position n is in the past now
     shim.fail_at(0, 0)
     assert find_op(env) == N_OBJECTS and shim.fired() == 0
 
@@ -221,16 +246,15 @@ def test_fail_named_function_kth_call(env, shim):
     assert e.value.value == CKR_TOKEN_NOT_PRESENT
     assert shim.trace() == EXPECTED_TRACE[:4]
     env["lib"].closeAllSessions(env["slot"])
-    assert find_op(env) == N_OBJECTS            # 4th and 5th C_FindObjects pass
+    assert find_op(env) == N_OBJECTS  # 4th and 5th C_FindObjects pass
     shim.reset()
     shim.fail_function("C_FindObjects", 0, 0)
     assert find_op(env) == N_OBJECTS and shim.fired() == 0
 
 
 def test_counters_are_exact_under_threads(env, shim):
-    lib = shim._lib   # the exported C_* symbols forward like the list does
-    lib.C_GetSlotList.argtypes = [ctypes.c_ubyte, ctypes.c_void_p,
-                                  ctypes.POINTER(ctypes.c_ulong)]
+    lib = shim._lib  # the exported C_* symbols forward like the list does
+    lib.C_GetSlotList.argtypes = [ctypes.c_ubyte, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong)]
     lib.C_GetSlotList.restype = ctypes.c_ulong
     threads, per_thread, fail_pos = 8, 500, 1234
     shim.fail_at(fail_pos, CKR_DEVICE_ERROR)
@@ -251,7 +275,6 @@ def test_counters_are_exact_under_threads(env, shim):
     assert results.count(CKR_DEVICE_ERROR) == 1 and shim.fired() == 1
     assert shim.count("C_GetSlotList") == shim.total() == threads * per_thread
     assert shim.trace() == ["C_GetSlotList"] * (threads * per_thread)
-
 
 
 # Python threads mostly take turns under the GIL; this C driver makes the
@@ -305,10 +328,16 @@ def test_counters_are_exact_under_native_threads(env, tmp_path):
     subprocess.run([*cc, "-O2", "-pthread", "-o", str(exe), str(src), "-ldl"], check=True)
     threads, per_thread = 8, 100_000
     e = {k: v for k, v in os.environ.items() if not k.startswith("P11SHIM_FAIL")}
-    res = subprocess.run([str(exe), str(env["so"]), str(threads), str(per_thread)],
-                         env=e, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [str(exe), str(env["so"]), str(threads), str(per_thread)],
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == [str(threads * per_thread)] * 2
+
 
 CHILD = r"""
 import importlib.util, json, sys
@@ -337,9 +366,13 @@ def run_child(env, **extra):
     e["P11SHIM_TARGET"] = os.environ["P11SHIM_TARGET"]
     e.update(extra)
     e = {k: v for k, v in e.items() if v is not None}
-    res = subprocess.run([sys.executable, "-c", CHILD, str(SHIM_DIR / "build.py"),
-                          str(env["so"])], env=e, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, str(SHIM_DIR / "build.py"), str(env["so"])],
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout), res.stderr
 

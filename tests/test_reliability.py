@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
-import json
 import os
 import random
 import signal
@@ -403,7 +402,8 @@ class Background(threading.Thread):
 def test_concurrent_processes_distinct_labels(pki: PKI) -> None:
     """8 processes x N cycles on one token while two processes list it
     through the library, a PKCS#11 reader outside it lists it too, and curl
-    keeps POSTing with another identity: no failed cycle, nothing left.  KEYCHAIN_EXT_CONCURRENT_CYCLES sets N (10; the full run is 50)."""
+    keeps POSTing with another identity: no failed cycle, nothing left.
+    KEYCHAIN_EXT_CONCURRENT_CYCLES sets N (10; the full run is 50)."""
     token = new_token()
     cycles = os.environ.get("KEYCHAIN_EXT_CONCURRENT_CYCLES", "10")
     clients = [

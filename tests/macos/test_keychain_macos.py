@@ -9,7 +9,6 @@ the login keychain are never written.  The label is the certificate's CN
 
 import datetime
 import hashlib
-import os
 import secrets
 import subprocess
 import sys
@@ -121,13 +120,12 @@ def test_preauth_lookup_kill_leaves_nothing(keychain):
     try:
         flag_before = interaction_allowed()
         info = ffi.new("kc_item_info *")
-        st = lib.kc_preauth_key(kc, p12, len(p12), password.encode(),
-                                label.encode(), 0, info, err)
+        st = lib.kc_preauth_key(kc, p12, len(p12), password.encode(), label.encode(), 0, info, err)
         assert st == 0, (st, ffi.string(err.message))
         assert interaction_allowed() == flag_before, "interaction flag not restored"
         assert info.has_certificate and info.has_private_key
         assert ffi.string(info.common_name).decode() == label
-        assert bytes(info.key_id[0:info.key_id_len]) == key_id
+        assert bytes(info.key_id[0 : info.key_id_len]) == key_id
 
         found = security("find-certificate", "-c", label, keychain, check=False)
         assert found.returncode == 0, "certificate not in the throwaway keychain"
@@ -135,11 +133,12 @@ def test_preauth_lookup_kill_leaves_nothing(keychain):
         info2 = ffi.new("kc_item_info *")
         assert lib.kc_lookup_keychain_item(kc, label.encode(), info2, err) == 0
         assert info2.has_private_key
-        assert bytes(info2.key_id[0:info2.key_id_len]) == key_id
+        assert bytes(info2.key_id[0 : info2.key_id_len]) == key_id
 
         # already there: refused, nothing touched
-        st = lib.kc_preauth_key(kc, p12, len(p12), password.encode(),
-                                label.encode(), 0, ffi.NULL, err)
+        st = lib.kc_preauth_key(
+            kc, p12, len(p12), password.encode(), label.encode(), 0, ffi.NULL, err
+        )
         assert st == ERR_DUPLICATE, ffi.string(err.message)
 
         assert lib.kc_kill_key(kc, label.encode(), 0, err) == 0, ffi.string(err.message)
@@ -153,8 +152,7 @@ def test_preauth_lookup_kill_leaves_nothing(keychain):
         assert "0x80001000" not in dump, "certificate left behind:\n" + dump
 
         # wrong password: reported as a PKCS#12 verify failure, nothing left
-        st = lib.kc_preauth_key(kc, p12, len(p12), b"wrong", label.encode(),
-                                0, ffi.NULL, err)
+        st = lib.kc_preauth_key(kc, p12, len(p12), b"wrong", label.encode(), 0, ffi.NULL, err)
         assert st == ERR_PKCS12_VERIFY, (st, ffi.string(err.message))
         assert ffi.string(err.message)  # SecCopyErrorMessageString's text
         assert lib.kc_lookup_keychain_item(kc, label.encode(), info2, err) == ERR_NOT_FOUND

@@ -10,6 +10,7 @@
 Needs a C compiler ($CC or cc) and the PKCS#11 header of Debian's
 libp11-kit-dev (found through pkg-config p11-kit-1).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -30,11 +31,11 @@ def _p11kit_cflags() -> list[str]:
     pkg_config = shutil.which("pkg-config")
     if pkg_config is None:
         raise RuntimeError("pkg-config not found (apt-get install pkg-config libp11-kit-dev)")
-    res = subprocess.run([pkg_config, "--cflags", "p11-kit-1"],
-                         capture_output=True, text=True)
+    res = subprocess.run([pkg_config, "--cflags", "p11-kit-1"], capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError("pkg-config p11-kit-1 failed (apt-get install libp11-kit-dev): "
-                           + res.stderr.strip())
+        raise RuntimeError(
+            "pkg-config p11-kit-1 failed (apt-get install libp11-kit-dev): " + res.stderr.strip()
+        )
     return shlex.split(res.stdout)
 
 
@@ -54,8 +55,17 @@ def build_shim(outdir) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".p11shim-", suffix=".so", dir=outdir)
     os.close(fd)
     try:
-        cmd = [*cc, *CFLAGS, *_p11kit_cflags(), "-I", str(HERE),
-               "-o", tmp, str(HERE / "p11shim.c"), "-ldl"]
+        cmd = [
+            *cc,
+            *CFLAGS,
+            *_p11kit_cflags(),
+            "-I",
+            str(HERE),
+            "-o",
+            tmp,
+            str(HERE / "p11shim.c"),
+            "-ldl",
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"building p11shim failed:\n{shlex.join(cmd)}\n{res.stderr}")
