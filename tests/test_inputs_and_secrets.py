@@ -30,7 +30,7 @@ from keychain_ext._store import private_dir, write_secret
 from keychain_ext.errors import UnimplementedError
 
 from .conftest import Token
-from .pki import ClientIdentity
+from .pki import ClientIdentity, P12Variants
 
 
 def repack(client: ClientIdentity, password: bytes | None) -> bytes:
@@ -222,6 +222,116 @@ def test_mac_iteration_count_is_capped(
          "-iter", "2000001", "-maciter"],
         env={**os.environ, "P12_PW": "pw"}, check=True, capture_output=True,
     )  # fmt: skip
-    with pytest.raises(DecodeError, match="iteration count 2000001"):
+    with pytest.raises(DecodeError, match="2000001 key derivation iterations"):
         kc.preauth_key(out, "pw", "mac")
     assert token.objects() == []
+
+
+def _openssl_p12(client: ClientIdentity, out: Path, *extra: str) -> Path:
+    subprocess.run(
+        ["openssl", "pkcs12", "-export", "-inkey", str(client.key), "-in", str(client.cert),
+         "-out", str(out), "-passout", "env:P12_PW", *extra],
+        env={**os.environ, "P12_PW": "pw"}, check=True, capture_output=True,
+    )  # fmt: skip
+    return out
+
+
+def test_key_derivation_of_every_part_is_capped(
+    kc: Keychain, token: Token, ec_client: ClientIdentity, tmp_path: Path
+) -> None:
+    """3,000,000 PBKDF2 iterations per encrypted part (the MAC stays at
+    OpenSSL's 2,048): refused before any of them is derived."""
+    out = _openssl_p12(ec_client, tmp_path / "bags.p12", "-iter", "3000000")
+    with pytest.raises(DecodeError, match="3000000 key derivation iterations"):
+        kc.preauth_key(out, "pw", "bags")
+    assert token.objects() == []
+
+
+def test_p12_without_mac(
+    kc: Keychain, token: Token, ec_client: ClientIdentity, tmp_path: Path
+) -> None:
+    """A file without a MAC is accepted with the right password; a wrong one
+    is reported as a wrong password that says the file has no MAC."""
+    out = _openssl_p12(ec_client, tmp_path / "nomac.p12", "-nomac")
+    with pytest.raises(Pkcs12VerifyFailureError, match="no MAC"):
+        kc.preauth_key(out, "wrong", "nomac")
+    assert token.objects() == []
+    with kc.preauthorized(out, "pw", "nomac") as ident:
+        assert ident.common_name == ec_client.cn
+
+
+def test_p12_with_two_private_keys_is_refused(
+    kc: Keychain,
+    token: Token,
+    ec_client: ClientIdentity,
+    rsa_client: ClientIdentity,
+    tmp_path: Path,
+) -> None:
+    """Built with OpenSSL's own PKCS12_add_key (ctypes on the libcrypto this
+    process uses): two keys, one certificate."""
+    import ctypes
+    import ctypes.util
+
+    crypto = ctypes.CDLL(ctypes.util.find_library("crypto"))
+    vp, cp, ci = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+    for name, res, args in (
+        ("BIO_new_file", vp, [cp, cp]), ("BIO_free", ci, [vp]),
+        ("PEM_read_bio_PrivateKey", vp, [vp, vp, vp, vp]),
+        ("PEM_read_bio_X509", vp, [vp, vp, vp, vp]),
+        ("PKCS12_add_key", vp, [vp, vp, ci, ci, ci, cp]),
+        ("PKCS12_add_cert", vp, [vp, vp]),
+        ("PKCS12_add_safe", ci, [vp, vp, ci, ci, cp]),
+        ("PKCS12_add_safes", vp, [vp, ci]),
+        ("PKCS12_set_mac", ci, [vp, cp, ci, vp, ci, ci, vp]),
+        ("i2d_PKCS12_bio", ci, [vp, vp]),
+    ):  # fmt: skip
+        getattr(crypto, name).restype, getattr(crypto, name).argtypes = res, args
+
+    def read(path: Path, what: str) -> int:
+        bio = crypto.BIO_new_file(str(path).encode(), b"r")
+        obj = getattr(crypto, what)(bio, None, None, None)
+        crypto.BIO_free(bio)
+        assert obj
+        return int(obj)
+
+    bags = ctypes.c_void_p()
+    for client in (ec_client, rsa_client):
+        key = read(client.key, "PEM_read_bio_PrivateKey")
+        assert crypto.PKCS12_add_key(ctypes.byref(bags), key, 0, 2048, -1, b"pw")
+    assert crypto.PKCS12_add_cert(ctypes.byref(bags), read(ec_client.cert, "PEM_read_bio_X509"))
+    safes = ctypes.c_void_p()
+    assert crypto.PKCS12_add_safe(ctypes.byref(safes), bags, -1, 2048, b"pw")
+    p12 = crypto.PKCS12_add_safes(safes, 0)
+    assert p12 and crypto.PKCS12_set_mac(p12, b"pw", -1, None, 0, 2048, None)
+    out = tmp_path / "two-keys.p12"
+    bio = crypto.BIO_new_file(str(out).encode(), b"wb")
+    assert crypto.i2d_PKCS12_bio(bio, p12)
+    crypto.BIO_free(bio)
+    with pytest.raises(DecodeError, match="2 private keys"):
+        kc.preauth_key(out, "pw", "two-keys")
+    assert token.objects() == []
+
+
+def test_legacy_p12_leaves_the_process_default_context_alone(
+    variants: P12Variants, rsa_client: ClientIdentity, token: Token
+) -> None:
+    """Importing an RC2 (legacy) file loads OpenSSL's legacy provider only
+    into keychain_ext's own library context: MD4 stays unavailable to the
+    rest of the process."""
+    code = (
+        "import hashlib, sys\n"
+        "from keychain_ext import Keychain\n"
+        "m, t, p12, pw = sys.argv[1:5]\n"
+        "with Keychain(m, t, sys.stdin.read()) as kc:\n"
+        "    with kc.preauthorized(p12, pw, 'legacy', ephemeral=True): pass\n"
+        "try:\n"
+        "    hashlib.new('md4'); print('md4 available')\n"
+        "except ValueError:\n"
+        "    print('md4 unavailable')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, token.module, token.label, str(variants.legacy),
+         rsa_client.password],
+        input=token.pin, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert done.stdout.strip() == "md4 unavailable", done.stderr
