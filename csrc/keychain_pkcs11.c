@@ -411,8 +411,12 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     if (token && (!kc || !kc->state_dir))
         return fail(err, KC_errSecParam, 0,
                     "token identities need a state directory for their leases");
-    /* Parse before touching the store: a bad file changes nothing. */
-    if ((st = copy_identity_from_pkcs12(p12, p12_len, password, &id, err)))
+    /* Parse before touching the store: a bad file changes nothing (and no
+     * token lock is held during the key derivations). */
+    library_enter();
+    st = copy_identity_from_pkcs12(p12, p12_len, password, &id, err);
+    library_leave();
+    if (st)
         return st;
     if ((st = begin(kc, err)))
         goto out;

@@ -68,7 +68,6 @@ typedef struct module {
 } module;
 
 struct kc_keychain {
-    struct kc_keychain *next;       /* every open handle (fork safety) */
     pthread_mutex_t lock;           /* serializes this handle's calls */
     module *mod;
     CK_SLOT_ID slot;
@@ -80,8 +79,12 @@ struct kc_keychain {
     int exclusive;                  /* only keychain_ext uses the token */
 };
 
-/* Every operation runs between begin() and end(): the handle's mutex, the
- * session (reopened after fork) and the cross-process token lock. */
+void library_enter(void);
+void library_leave(void);
+
+/* Every operation runs between begin() and end(): the library (see fork
+ * safety in p11_session.c), the handle's mutex, the session (reopened
+ * after fork) and the cross-process token lock. */
 int32_t begin(kc_keychain *kc, kc_error *err);
 int32_t ensure_login(kc_keychain *kc, kc_error *err);
 void end(kc_keychain *kc);

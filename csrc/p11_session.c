@@ -37,47 +37,59 @@ static module *modules;
 /* ------------------------------------------------------------------ fork */
 
 /* fork() copies every mutex as it is: one held by another thread would
- * stay locked forever in the child.  So fork waits until no thread is
- * inside the library, and the child starts with every lock free (and, in
+ * stay locked forever in the child.  So every call into the library holds
+ * in_library for reading, fork takes it for writing -- it waits until no
+ * thread is inside the library (OpenSSL's locks included: the p12 parse
+ * runs under it too) -- and the child starts with every lock free (and, in
  * p11_lease.c, as a new owner). */
-static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
-static pthread_mutex_t handles_lock = PTHREAD_MUTEX_INITIALIZER;
-static kc_keychain *handles;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static pthread_rwlock_t in_library;
+
+static void init_in_library(void)
+{
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    /* a steady stream of calls must not starve a fork */
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&in_library, &attr);
+    pthread_rwlockattr_destroy(&attr);
+}
 
 static void atfork_prepare(void)
 {
-    kc_keychain *kc;
-    pthread_mutex_lock(&handles_lock);
-    for (kc = handles; kc; kc = kc->next)
-        pthread_mutex_lock(&kc->lock);
+    pthread_rwlock_wrlock(&in_library);
     pthread_mutex_lock(&modules_lock);
     owner_atfork_prepare();
 }
 
 static void atfork_parent(void)
 {
-    kc_keychain *kc;
     owner_atfork_parent();
     pthread_mutex_unlock(&modules_lock);
-    for (kc = handles; kc; kc = kc->next)
-        pthread_mutex_unlock(&kc->lock);
-    pthread_mutex_unlock(&handles_lock);
+    pthread_rwlock_unlock(&in_library);
 }
 
 static void atfork_child(void)
 {
-    kc_keychain *kc;
     owner_atfork_child();
     pthread_mutex_init(&modules_lock, NULL);
-    for (kc = handles; kc; kc = kc->next)
-        pthread_mutex_init(&kc->lock, NULL);
-    pthread_mutex_init(&handles_lock, NULL);
+    init_in_library();
 }
 
-static void register_atfork(void)
+static void setup_fork(void)
 {
+    init_in_library();
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
+
+/* Every public entry point runs between these two, once (not nested). */
+void library_enter(void)
+{
+    pthread_once(&fork_once, setup_fork);
+    pthread_rwlock_rdlock(&in_library);
+}
+
+void library_leave(void) { pthread_rwlock_unlock(&in_library); }
 
 /* After fork() the child must initialize the module again (and it has none
  * of the parent's logins). */
@@ -421,7 +433,10 @@ int32_t ensure_login(kc_keychain *kc, kc_error *err)
     return ensure_session(kc, err);
 }
 
-int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
+static void close_keychain(kc_keychain *kc);
+
+static int32_t open_keychain(const kc_options *opts, kc_keychain **out,
+                             kc_error *err)
 {
     kc_keychain *kc = NULL;
     module *m;
@@ -443,7 +458,6 @@ int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
     /* Reading the token while another process writes it is what SoftHSM2
      * gets wrong, and it reads its tokens in C_Initialize: opening takes
      * the token lock too, from before the module loads (closing drops it). */
-    pthread_once(&atfork_once, register_atfork);
     if (opts->state_dir) {
         if ((lock_fd = open_lock_file(opts->state_dir)) < 0)
             return fail(err, KC_errSecIO, errno,
@@ -485,13 +499,9 @@ int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
     else if (!(st = open_lock(kc, err)))
         st = ensure_session(kc, err);
     if (st) {
-        kc_close(kc);
+        close_keychain(kc);
         goto out;
     }
-    pthread_mutex_lock(&handles_lock);
-    kc->next = handles;
-    handles = kc;
-    pthread_mutex_unlock(&handles_lock);
     *out = kc;
 out:
     if (lock_fd >= 0)
@@ -499,18 +509,10 @@ out:
     return st;
 }
 
-void kc_close(kc_keychain *kc)
+static void close_keychain(kc_keychain *kc)
 {
-    kc_keychain **link;
     if (!kc)
         return;
-    pthread_mutex_lock(&handles_lock);
-    for (link = &handles; *link; link = &(*link)->next)
-        if (*link == kc) {
-            *link = kc->next;
-            break;
-        }
-    pthread_mutex_unlock(&handles_lock);
     /* Only the process that opened the session may close it: a forked
      * child's copy must not close its parent's session on a real device. */
     if (kc->pid == getpid() && kc->session != CK_INVALID_HANDLE)
@@ -528,6 +530,7 @@ void end(kc_keychain *kc)
     if (kc->lock_fd >= 0)
         flock(kc->lock_fd, LOCK_UN);
     pthread_mutex_unlock(&kc->lock);
+    library_leave();
 }
 
 int32_t begin(kc_keychain *kc, kc_error *err)
@@ -535,13 +538,12 @@ int32_t begin(kc_keychain *kc, kc_error *err)
     int32_t st;
     if (!kc)
         return fail(err, KC_errSecParam, 0, "no keychain handle");
+    library_enter();
     pthread_mutex_lock(&kc->lock);
-    if ((st = open_lock(kc, err))) {
+    if ((st = open_lock(kc, err)) ||
+        (kc->lock_fd >= 0 && (st = take_lock(kc->lock_fd, err)))) {
         pthread_mutex_unlock(&kc->lock);
-        return st;
-    }
-    if (kc->lock_fd >= 0 && (st = take_lock(kc->lock_fd, err))) {
-        pthread_mutex_unlock(&kc->lock);
+        library_leave();
         return st;
     }
     /* after fork(), the child's session opens under the lock */
@@ -565,8 +567,9 @@ int32_t check_label(const char *label, kc_error *err)
     return KC_errSecSuccess;
 }
 
-int32_t kc_init_token(const char *module_path, const char *token,
-                      const char *so_pin, const char *user_pin, kc_error *err)
+static int32_t init_token(const char *module_path, const char *token,
+                          const char *so_pin, const char *user_pin,
+                          kc_error *err)
 {
     CK_UTF8CHAR label[TOKEN_LABEL_LEN];
     CK_SESSION_HANDLE s;
@@ -605,5 +608,33 @@ int32_t kc_init_token(const char *module_path, const char *token,
         st = fail_ck(err, rv, "C_Login (SO)");
     }
     m->f->C_CloseSession(s);
+    return st;
+}
+
+/* ------------------------------------------------------- entry points */
+
+int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
+{
+    int32_t st;
+    library_enter();
+    st = open_keychain(opts, out, err);
+    library_leave();
+    return st;
+}
+
+void kc_close(kc_keychain *kc)
+{
+    library_enter();
+    close_keychain(kc);
+    library_leave();
+}
+
+int32_t kc_init_token(const char *module, const char *token,
+                      const char *so_pin, const char *user_pin, kc_error *err)
+{
+    int32_t st;
+    library_enter();
+    st = init_token(module, token, so_pin, user_pin, err);
+    library_leave();
     return st;
 }

@@ -9,7 +9,9 @@ module: they are written once, in the header.
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -81,6 +83,20 @@ class ItemInfo:
     owner_alive: Optional[bool]
 
 
+# Every open store, so that a forked child gets free locks: a lock another
+# thread held at fork() would stay held in the child forever.  (The C layer
+# does the same for its own locks with pthread_atfork.)
+_STORES: weakref.WeakSet[NativeStore] = weakref.WeakSet()
+
+
+def _fresh_locks_after_fork() -> None:
+    for store in _STORES:
+        store._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_after_fork)
+
+
 def _check(status: int, err: Any, operation: str) -> None:
     if status != 0:
         errors.raise_status(
@@ -119,6 +135,7 @@ class NativeStore:
         self._handle = handle
         # close() must not free the handle under a call in another thread
         self._lock = threading.Lock()
+        _STORES.add(self)
 
     def _live(self) -> Any:
         if self._handle is None:
@@ -128,10 +145,20 @@ class NativeStore:
     def preauth_key(self, p12: bytes, password: bytes, label: bytes, flags: int) -> ItemInfo:
         err = ffi.new("kc_error *")
         out = ffi.new("kc_item_info *")
-        with self._lock:
-            st = lib.kc_preauth_key(self._live(), p12, len(p12), password, label, flags, out, err)
-        _check(st, err, "preauth_key")
-        return _info(out)
+        try:
+            with self._lock:
+                st = lib.kc_preauth_key(
+                    self._live(), p12, len(p12), password, label, flags, out, err
+                )
+            _check(st, err, "preauth_key")
+            return _info(out)
+        except BaseException:
+            # A KeyboardInterrupt can be raised as the C call returns (cffi
+            # runs signal handlers then): the caller never gets the identity,
+            # so it must not stay.  *out is filled only by a success.
+            if out.has_certificate:
+                self.kill_key(label)
+            raise
 
     def kill_key(self, label: bytes, force: bool = False) -> None:
         err = ffi.new("kc_error *")

@@ -8,6 +8,7 @@ from files, environment variables or a TTY prompt, never from argv.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
@@ -216,14 +217,25 @@ def _expand(command: Sequence[str], ident: Identity) -> list[str]:
     return argv
 
 
-class _Signalled(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+def _child_env(ident: Identity, args: argparse.Namespace, password: str) -> dict[str, str]:
+    """The identity's environment for CMD, without the secrets this command
+    was given: the password's variable, and any variable holding the
+    password or the PIN, however they came."""
+    secrets = {password}
+    if isinstance(ident.store, Pkcs11Token) and ident.store.pin_file is not None:
+        with contextlib.suppress(OSError):
+            secrets.add(_store.read_secret(ident.store.pin_file))
+    drop = {PASSWORD_ENV, args.password_env}
+    base = {k: v for k, v in os.environ.items() if k not in drop and v not in secrets}
+    return client_env(ident, base)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Pre-authorize, run CMD with the identity, and always remove it."""
+    """Pre-authorize, run CMD with the identity, and always remove it.
+
+    A signal while the identity is being made waits until it is made (then
+    it is removed and nothing runs); during CMD it goes to CMD, and the
+    identity is removed when CMD ends."""
     command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
@@ -231,30 +243,38 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("run needs a command after --")
     password = _password(args)
     child: Optional[subprocess.Popen[bytes]] = None
+    pending: list[int] = []
 
     def on_signal(signum: int, frame: Optional[FrameType]) -> None:
         if child is not None and child.poll() is None:
             child.send_signal(signum)  # let CMD end; we clean up after it
         else:
-            raise _Signalled(signum)
+            pending.append(signum)  # acted on once the store is consistent
 
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous: dict[int, Callable[[int, Optional[FrameType]], Any] | int | None] = {
         s: signal.signal(s, on_signal) for s in signals
     }
+    status = 0
     try:
         with _open(args) as kc:
-            ident = kc.preauth_key(args.p12, password, args.label, stale=args.stale)
+            ident: Optional[Identity] = None
             try:
-                child = subprocess.Popen(_expand(command, ident), env=client_env(ident))
-                status = child.wait()
+                if not pending:
+                    ident = kc.preauth_key(args.p12, password, args.label, stale=args.stale)
+                if ident is not None and not pending:
+                    child = subprocess.Popen(
+                        _expand(command, ident), env=_child_env(ident, args, password)
+                    )
+                    status = child.wait()
             finally:
-                kc.kill_key(args.label, missing_ok=True)
-    except _Signalled as sig:
-        return 128 + sig.signum
+                if ident is not None:
+                    kc.kill_key(args.label, missing_ok=True)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if pending and child is None:
+        return 128 + pending[0]
     return 128 - status if status < 0 else status
 
 

@@ -340,7 +340,11 @@ class Keychain:
             | (RECLAIM_STALE if stale == "reclaim" else 0)
         )
         info = self._store.preauth_key(data, password_bytes, raw_label, flags)
-        return self._identity(info)
+        try:
+            return self._identity(info)
+        except BaseException:  # KeyboardInterrupt included: nothing may stay
+            self.kill_key(label, missing_ok=True)
+            raise
 
     def kill_key(self, label: str, *, missing_ok: bool = False, force: bool = False) -> None:
         """Give the identity up; with no other owner left, remove the
@@ -420,6 +424,8 @@ class Keychain:
     ) -> Iterator[Identity]:
         """``preauth_key`` on entry, ``kill_key`` on exit, also when the body
         raises: the store is left as it was found."""
+        # preauth_key removes what it made if interrupted before returning;
+        # from its return to the try below no interrupt can be raised
         identity = self.preauth_key(
             p12, password, label, ephemeral=ephemeral, shared=shared, stale=stale
         )

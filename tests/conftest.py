@@ -61,7 +61,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def _token_view() -> Path:
-    """tests/token_view.c, built once per test session."""
+    """tests/token_view.c, built once per test session (or prebuilt:
+    KEYCHAIN_EXT_TEST_TOKEN_VIEW, for runs without a compiler)."""
+    prebuilt = os.environ.get("KEYCHAIN_EXT_TEST_TOKEN_VIEW")
+    if prebuilt:
+        return Path(prebuilt)
     exe = _ROOT / "token_view"
     if not exe.exists():
         cflags = subprocess.run(

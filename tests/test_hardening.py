@@ -1,0 +1,254 @@
+"""Hardening: secrets in child processes, signals, PIN and session state
+shared with other PKCS#11 users in the process, fork -- real processes on a
+real SoftHSM2 token."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from keychain_ext import AuthFailedError, Keychain
+from keychain_ext._store import write_secret
+
+from .conftest import Token
+from .pki import ClientIdentity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def slow_p12(ec_client: ClientIdentity, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600,000 PBKDF2 iterations per part (what NSS writes): an import takes
+    about a second, a window for signals to land in."""
+    out = tmp_path_factory.mktemp("slow") / "slow.p12"
+    subprocess.run(
+        ["openssl", "pkcs12", "-export", "-inkey", str(ec_client.key), "-in", str(ec_client.cert),
+         "-out", str(out), "-passout", "env:P12_PW", "-iter", "600000", "-maciter"],
+        env={**os.environ, "P12_PW": "pw"}, check=True, capture_output=True,
+    )  # fmt: skip
+    return out
+
+
+def _cli_env(token: Token, tmp_path: Path) -> dict[str, str]:
+    pin_file = tmp_path / "pin"
+    write_secret(pin_file, token.pin)
+    return {**os.environ, "KEYCHAIN_EXT_TOKEN": token.label, "KEYCHAIN_EXT_PIN_FILE": str(pin_file)}
+
+
+# ------------------------------------------------------------------ secrets
+
+
+def test_run_hands_no_secret_to_the_child(
+    token: Token, ec_client: ClientIdentity, tmp_path: Path
+) -> None:
+    """--password-env VAR: neither VAR nor any variable holding the password
+    or the PIN reaches CMD's environment."""
+    env = {**_cli_env(token, tmp_path), "MY_P12_PW": ec_client.password,
+           "ALSO_THE_PIN": token.pin, "KEYCHAIN_EXT_P12_PASSWORD": ec_client.password}  # fmt: skip
+    dump = "import json, os; print(json.dumps(dict(os.environ)))"
+    done = subprocess.run(
+        [sys.executable, "-m", "keychain_ext", "run", "--p12", str(ec_client.p12), "--label",
+         "no-secret", "--password-env", "MY_P12_PW", "--", sys.executable, "-c", dump],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    child = json.loads(done.stdout)
+    assert "KEYCHAIN_EXT_LABEL" in child  # it is the child's environment
+    for name in ("MY_P12_PW", "ALSO_THE_PIN", "KEYCHAIN_EXT_P12_PASSWORD"):
+        assert name not in child
+    assert not [k for k, v in child.items() if v in (ec_client.password, token.pin)]
+    assert token.objects() == []
+
+
+# ------------------------------------------------------------------ signals
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_run_interrupted_at_any_moment_leaves_nothing(
+    token: Token, slow_p12: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """The signal lands before, during and after the slow import and while
+    CMD runs: every time, nothing stays in the store."""
+    env = _cli_env(token, tmp_path)
+    env["KEYCHAIN_EXT_P12_PASSWORD"] = "pw"
+    wait = "import sys; sys.stdin.read()"
+    for delay in (0.0, 0.3, 0.6, 0.9, 1.2, 1.8):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "keychain_ext", "run", "--p12", str(slow_p12), "--label",
+             "sig", "--", sys.executable, "-c", wait],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        time.sleep(0.5 + delay)  # the moment the signal lands, not synchronisation
+        proc.send_signal(sig)
+        assert proc.stdin
+        proc.stdin.close()
+        proc.wait(120)
+        assert token.objects() == [], f"signal after {0.5 + delay:.1f} s left objects"
+
+
+INTERRUPTED = """
+import signal, sys
+from keychain_ext import Keychain
+module, token, p12, delay = sys.argv[1:5]
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGALRM, interrupt)
+with Keychain(module, token, sys.stdin.read()) as kc:
+    signal.setitimer(signal.ITIMER_REAL, float(delay))
+    try:
+        with kc.preauthorized(p12, "pw", "interrupted"):
+            signal.pause()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+"""
+
+
+def test_preauthorized_interrupted_at_any_moment_leaves_nothing(
+    token: Token, slow_p12: Path
+) -> None:
+    """A KeyboardInterrupt raised as soon as the import returns (Python runs
+    signal handlers right after a C call), or at any later moment."""
+    for delay in ("0.05", "0.4", "0.8", "1.1", "1.4", "2.0"):
+        done = subprocess.run(
+            [sys.executable, "-c", INTERRUPTED, token.module, token.label, str(slow_p12), delay],
+            input=token.pin, capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
+        assert done.stdout.strip() == "interrupted", done.stderr
+        assert token.objects() == [], f"interrupt after {delay} s left objects"
+
+
+# ----------------------------------------------------- PIN and session state
+
+SHARED_LOGIN = """
+import ctypes, sys
+from keychain_ext import Keychain, AuthFailedError
+module, token, mode = sys.argv[1:4]
+right = sys.stdin.readline().strip()
+if mode == "other-library-first":
+    # another PKCS#11 user in the process logs in first
+    import PyKCS11
+    lib = PyKCS11.PyKCS11Lib(); lib.load(module)
+    slot = [s for s in lib.getSlotList(tokenPresent=True)
+            if lib.getTokenInfo(s).label.strip() == token][0]
+    session = lib.openSession(slot); session.login(right)
+try:
+    Keychain(module, token, "wrong-pin").close()
+    print("wrong accepted")
+except AuthFailedError:
+    print("wrong refused")
+Keychain(module, token, right).close()
+print("right accepted")
+"""
+
+
+@pytest.mark.parametrize("mode", ["alone", "other-library-first"])
+def test_a_wrong_pin_never_locks_out_the_right_one(token: Token, mode: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SHARED_LOGIN, token.module, token.label, mode],
+        input=token.pin, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    lines = done.stdout.split()
+    assert done.returncode == 0, done.stderr
+    assert lines[-2:] == ["accepted", "right"] or done.stdout.strip().endswith("right accepted")
+    if mode == "alone":
+        assert done.stdout.startswith("wrong refused")
+
+
+def test_symlink_and_real_path_are_one_module(token: Token, tmp_path: Path) -> None:
+    link = tmp_path / "libsofthsm2-link.so"
+    link.symlink_to(os.path.realpath(token.module))
+    with Keychain(str(link), token.label, token.pin):
+        with pytest.raises(AuthFailedError):
+            Keychain(os.path.realpath(token.module), token.label, "wrong-pin")
+        with Keychain(os.path.realpath(token.module), token.label, token.pin):
+            pass
+
+
+TAKEN_AWAY = """
+import ctypes, sys
+from keychain_ext import Keychain
+module, token, p12, what = sys.argv[1:5]
+pin, password = sys.stdin.readline().strip(), sys.stdin.readline().strip()
+so = ctypes.CDLL(module)  # the same module: another PKCS#11 user in the process
+with Keychain(module, token, pin) as kc:
+    kc.preauth_key(p12, password, "taken")
+    if what == "logout":
+        slots = (ctypes.c_ulong * 16)(); n = ctypes.c_ulong(16)
+        so.C_GetSlotList(1, slots, ctypes.byref(n))
+        for i in range(n.value):
+            so.C_CloseAllSessions(ctypes.c_ulong(slots[i]))
+    else:
+        so.C_Finalize(None)
+    kc.kill_key("taken")
+    print(kc.lookup("taken"))
+"""
+
+
+@pytest.mark.parametrize("what", ["close-all-sessions", "finalize"])
+def test_kill_after_another_user_closed_sessions_or_finalized(
+    token: Token, ec_client: ClientIdentity, what: str
+) -> None:
+    """libp11 under libcurl's engine calls C_CloseAllSessions or C_Finalize
+    when it unloads; the next kill_key must still see and remove the key."""
+    done = subprocess.run(
+        [sys.executable, "-c", TAKEN_AWAY, token.module, token.label, str(ec_client.p12),
+         "logout" if what == "close-all-sessions" else "finalize"],
+        input=f"{token.pin}\n{ec_client.password}\n",
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"
+    assert token.objects() == []
+
+
+# --------------------------------------------------------------------- fork
+
+FORKS = """
+import os, sys, threading
+from keychain_ext import Keychain
+module, token, p12, child_p12 = sys.argv[1:5]
+pin, pw, child_pw = (sys.stdin.readline().strip() for _ in range(3))
+kc = Keychain(module, token, pin)
+stop = threading.Event()
+def busy():
+    while not stop.is_set():
+        kc.preauth_key(p12, pw, "busy", ephemeral=True)
+        kc.kill_key("busy")
+worker = threading.Thread(target=busy)
+worker.start()
+children = []
+for i in range(20):
+    pid = os.fork()
+    if pid == 0:  # the child: its first call must not hang on a lock
+        kc.lookup("anything")
+        kc.preauth_key(child_p12, child_pw, f"child-{i}", ephemeral=True)
+        kc.kill_key(f"child-{i}")
+        os._exit(0)
+    children.append(pid)
+codes = [os.waitpid(pid, 0)[1] for pid in children]
+stop.set(); worker.join(); kc.close()
+print(sum(c == 0 for c in codes))
+"""
+
+
+def test_fork_while_a_thread_is_inside_the_library(
+    token: Token, ec_client: ClientIdentity, rsa_client: ClientIdentity
+) -> None:
+    """20 forks while a thread cycles through the library: no child hangs
+    on a lock it inherited held, and each can import and kill."""
+    done = subprocess.run(
+        [sys.executable, "-c", FORKS, token.module, token.label, str(ec_client.p12),
+         str(rsa_client.p12)],
+        input=f"{token.pin}\n{ec_client.password}\n{rsa_client.password}\n",
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "20", done.stderr[-3000:]
+    assert token.objects() == []
