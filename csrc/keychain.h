@@ -215,9 +215,10 @@ int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err);
 int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
                       size_t *count, kc_error *err);
 
-/* PKCS#11 only: initialize the first uninitialized token of the module with
- * the label and PINs (used to create the embedded default store without
- * putting PINs in any argv).  errSecUnimplemented on Darwin. */
+/* PKCS#11 only: initialize the first uninitialized token of a SoftHSM2
+ * module with the label and PINs (used to create the embedded default store
+ * without putting PINs in any argv); any other module is refused with
+ * errSecParam.  errSecUnimplemented on Darwin. */
 int32_t kc_init_token(const char *module, const char *token,
                       const char *so_pin, const char *user_pin, kc_error *err);
 

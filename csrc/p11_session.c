@@ -571,6 +571,7 @@ static int32_t init_token(const char *module_path, const char *token,
                           const char *so_pin, const char *user_pin,
                           kc_error *err)
 {
+    CK_INFO info;
     CK_UTF8CHAR label[TOKEN_LABEL_LEN];
     CK_SESSION_HANDLE s;
     CK_SLOT_ID slot;
@@ -588,6 +589,14 @@ static int32_t init_token(const char *module_path, const char *token,
                     "token label longer than %d bytes", TOKEN_LABEL_LEN);
     if ((st = get_module(module_path, NULL, &m, err)))
         return st;
+    /* Only a SoftHSM2 token, the embedded store, is ever initialized: on a
+     * real device a blank card would be initialized with an SO PIN nobody
+     * keeps. */
+    rv = m->f->C_GetInfo(&info);
+    if (rv != CKR_OK || memcmp(info.manufacturerID, "SoftHSM", 7) != 0)
+        return fail(err, KC_errSecParam, (int64_t)rv,
+                    "%s is not SoftHSM2: keychain_ext initializes only its "
+                    "own embedded SoftHSM2 store", module_path);
     if ((st = find_slot(m, token, 1, &slot, &flags, err)))
         return st;
     pad_label(token, label);

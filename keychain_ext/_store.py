@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,18 +80,55 @@ def base_dir() -> Path:
     return private_dir(Path(data) / "keychain_ext")
 
 
-def write_secret(path: Path, secret: str) -> None:
-    """Write a secret file atomically, 0600 from its first byte."""
+def write_secret(path: Path, secret: str, *, hold: bool = False) -> Optional[int]:
+    """Write a secret file atomically, 0600 from its first byte.
+
+    With ``hold``, return an open descriptor holding a shared flock on the
+    file (taken before the file appears under its name): the file is needed
+    as long as someone holds it, and :func:`sweep_unheld` removes it once
+    its process has ended.  Release with :func:`release_secret`.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(secret)
+        if hold:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        os.write(fd, secret.encode("utf-8"))
         os.replace(tmp, path)
     except BaseException:
+        os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if hold:
+        return fd
+    os.close(fd)
+    return None
+
+
+def release_secret(path: Path, fd: int) -> None:
+    """Remove a held secret file (see write_secret) and let it go."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.close(fd)
+
+
+def sweep_unheld(directory: Path) -> None:
+    """Remove the secret files in directory that no process holds any more
+    (their writer ended without removing them)."""
+    for path in directory.iterdir():
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: still needed
+        else:
+            path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 def read_secret(path: Path) -> str:
@@ -133,6 +171,16 @@ class Embedded:
         return self.home / "softhsm2.conf"
 
     @property
+    def tokens(self) -> Path:
+        return self.home / "tokens"
+
+    def discard_tokens(self) -> None:
+        """Remove the store's token files (a first initialization failed
+        half-way; the store is keychain_ext's alone and held nothing)."""
+        for token in self.tokens.iterdir():
+            shutil.rmtree(token, ignore_errors=True)
+
+    @property
     def pin_file(self) -> Path:
         return self.home / "pin"
 
@@ -157,7 +205,7 @@ def embedded(module: Optional[str] = None) -> Embedded:
     """
     home = base_dir() / "softhsm"
     store = Embedded(private_dir(home), module or softhsm2_module())
-    tokens = private_dir(home / "tokens")
+    tokens = private_dir(store.tokens)
     current = os.environ.get("SOFTHSM2_CONF")
     if current and os.path.realpath(current) != os.path.realpath(store.conf):
         raise ParamError(

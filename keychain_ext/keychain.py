@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,14 @@ else:
 
 Secret = Union[str, bytes, None]
 Stale = Literal["refuse", "reclaim"]
+
+
+def _release_pin_files(files: dict[str, tuple[Path, int]]) -> None:
+    """Remove the PIN files a Keychain wrote (at close, or when it is
+    collected or the interpreter exits without close)."""
+    for path, fd in files.values():
+        _store.release_secret(path, fd)
+    files.clear()
 
 
 class _Hidden:
@@ -172,7 +181,9 @@ class Keychain:
         exclusive: bool = False,
     ) -> None:
         self._lock = threading.Lock()
-        self._pin_files: dict[str, Path] = {}  # label -> PIN file we wrote
+        # label -> PIN file written for TLS clients, and the fd holding it
+        self._pin_files: dict[str, tuple[Path, int]] = {}
+        weakref.finalize(self, _release_pin_files, self._pin_files)
         self.env: dict[str, str] = {}
         self._owned_pin: Optional[_Hidden] = None
         self.pin_file: Optional[Path] = None
@@ -236,8 +247,14 @@ class Keychain:
             try:
                 return self._open(pin)
             except NoSuchKeychainError:
+                if any(store.tokens.iterdir()):
+                    raise  # not a first use: never initialize over a token
                 # first use: the SO PIN is not kept; the token is disposable
-                self._backend.init_token(self.module, self.token, _store.new_pin(), pin)
+                try:
+                    self._backend.init_token(self.module, self.token, _store.new_pin(), pin)
+                except BaseException:
+                    store.discard_tokens()  # no half-initialized token stays
+                    raise
                 return self._open(pin)
 
     def __repr__(self) -> str:
@@ -253,10 +270,7 @@ class Keychain:
         """Close the store; its ephemeral identities vanish.  Idempotent."""
         self._store.close()
         with self._lock:
-            for path in self._pin_files.values():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            self._pin_files.clear()
+            _release_pin_files(self._pin_files)
 
     def _identity(self, info: ItemInfo) -> Identity:
         store = self.location
@@ -273,13 +287,15 @@ class Keychain:
         if self._owned_pin is None:
             return None
         with self._lock:
-            path = self._pin_files.get(label)
-            if path is None:
+            held = self._pin_files.get(label)
+            if held is None:
                 pins = _store.private_dir(_store.base_dir() / "pins")
+                _store.sweep_unheld(pins)  # what ended processes left
                 path = pins / f"{os.getpid()}-{_store.new_pin()}"
-                _store.write_secret(path, self._owned_pin.value.decode("utf-8"))
-                self._pin_files[label] = path
-            return path
+                fd = _store.write_secret(path, self._owned_pin.value.decode("utf-8"), hold=True)
+                assert fd is not None
+                held = self._pin_files[label] = (path, fd)
+            return held[0]
 
     def preauth_key(
         self,
@@ -369,10 +385,9 @@ class Keychain:
                 raise
         finally:
             with self._lock:
-                path = self._pin_files.pop(label, None)
-            if path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                held = self._pin_files.pop(label, None)
+            if held is not None:
+                _store.release_secret(*held)
 
     def lookup(self, label: str) -> Optional[Identity]:
         """The identity under ``label``, or None.  Changes nothing."""

@@ -252,3 +252,97 @@ def test_fork_while_a_thread_is_inside_the_library(
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "20", done.stderr[-3000:]
     assert token.objects() == []
+
+
+# ------------------------------------------------------ the embedded store
+
+EMBEDDED = """
+from keychain_ext import Keychain
+with Keychain() as kc:
+    print(kc.token, len(kc.items()))
+"""
+
+
+def _embedded(
+    home: Path, module: str, extra_env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    env.update(KEYCHAIN_EXT_HOME=str(home), KEYCHAIN_EXT_MODULE=module, **extra_env)
+    return subprocess.run([sys.executable, "-c", EMBEDDED], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)  # fmt: skip
+
+
+def test_only_softhsm2_is_ever_initialized(token: Token) -> None:
+    """A module that is not SoftHSM2 (p11-kit's proxy here; a blank smart
+    card in life) is never initialized."""
+    proxy = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so"
+    if not os.path.exists(proxy):
+        pytest.skip("p11-kit-proxy.so not installed")
+    from keychain_ext import ParamError
+    from keychain_ext._native_backend import NativeBackend
+
+    with pytest.raises(ParamError, match="not SoftHSM2"):
+        NativeBackend().init_token(proxy, "blank", "so-pin-1234", "user-pin-1234")
+
+
+def test_a_failed_first_initialization_leaves_no_half_token(tmp_path: Path) -> None:
+    """C_InitPIN fails after C_InitToken: the embedded store keeps no token
+    without a user PIN, and the next use starts afresh; an existing token is
+    never initialized again."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "p11shim_build", Path(__file__).parent / "p11shim" / "build.py"
+    )
+    assert spec and spec.loader
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    shim = str(build.build_shim(tmp_path / "shim"))
+    from keychain_ext._store import softhsm2_module
+
+    home = tmp_path / "home"
+    target = {"P11SHIM_TARGET": softhsm2_module()}
+    failed = _embedded(home, shim, {**target, "P11SHIM_FAIL_FUNCTION": "C_InitPIN:1"})
+    assert failed.returncode != 0 and "C_InitPIN" in failed.stderr
+    assert list((home / "softhsm" / "tokens").iterdir()) == []
+    first = _embedded(home, shim, target)
+    assert first.returncode == 0 and first.stdout.split() == ["keychain_ext", "0"], first.stderr
+    again = _embedded(home, shim, target)
+    assert again.returncode == 0, again.stderr
+    assert len(list((home / "softhsm" / "tokens").iterdir())) == 1
+
+
+PIN_FILE_OWNER = """
+import os, sys
+from keychain_ext import Keychain
+module, token, p12, how = sys.argv[1:5]
+pin, password = sys.stdin.readline().strip(), sys.stdin.readline().strip()
+kc = Keychain(module, token, pin)
+ident = kc.preauth_key(p12, password, "pin-file", ephemeral=True)
+print(ident.store.pin_file, flush=True)
+if how == "crash":
+    os._exit(0)  # no close, no atexit
+"""
+
+
+def test_pin_files_go_with_their_process(token: Token, ec_client: ClientIdentity) -> None:
+    """The 0600 PIN file written for TLS clients of an explicit token goes at
+    exit even without close(); after a crash, the next process that writes
+    one removes it (its writer no longer holds it)."""
+
+    def run(how: str) -> Path:
+        done = subprocess.run(
+            [sys.executable, "-c", PIN_FILE_OWNER, token.module, token.label,
+             str(ec_client.p12), how],
+            input=f"{token.pin}\n{ec_client.password}\n", capture_output=True, text=True,
+            timeout=120, cwd=ROOT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return Path(done.stdout.strip())
+
+    exited = run("exit")
+    assert not exited.exists()
+    crashed = run("crash")
+    assert crashed.exists() and crashed.stat().st_mode & 0o077 == 0
+    run("exit")  # writes its own PIN file: sweeps the crashed one first
+    assert not crashed.exists()
