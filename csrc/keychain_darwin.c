@@ -502,7 +502,9 @@ static void fill_info(CFTypeRef found, int is_identity, const char *label,
             != errSecSuccess)
             cert = NULL;
         if (copy_key_info((SecIdentityRef)found, &id, &out->key_type)
-            == errSecSuccess) {
+            == errSecSuccess && CFDataGetLength(id) >= 0 &&
+            (size_t)CFDataGetLength(id) <= sizeof out->key_id) {
+            /* any item of the user's may carry the label: bound its id */
             out->key_id_len = (size_t)CFDataGetLength(id);
             memcpy(out->key_id, CFDataGetBytePtr(id), out->key_id_len);
         }
@@ -783,6 +785,15 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
 
     /* The key id: the one remembered at import, else the identity's own. */
     known = find_id(kc, label);
+    /* A certificate alone under the label was not imported here (an import
+     * brings certificate and key): someone else's, unless forced. */
+    if (known == NULL && found != NULL && !is_identity &&
+        !(flags & KC_KILL_FORCE)) {
+        status = fail(err, errSecInvalidOwnerEdit,
+                      "the certificate labeled '%s' was not imported by "
+                      "keychain_ext; not deleted (force to override)", label);
+        goto cleanup;
+    }
     if (known != NULL) {
         id = CFDataCreate(kCFAllocatorDefault, known->id, (CFIndex)known->len);
         if (id == NULL) {

@@ -110,7 +110,7 @@ def _check(status: int, err: Any, operation: str) -> None:
 def _info(c: Any) -> ItemInfo:
     return ItemInfo(
         label=ffi.string(c.label).decode("utf-8", "replace"),
-        key_id=bytes(ffi.buffer(c.key_id, c.key_id_len)),
+        key_id=bytes(ffi.buffer(c.key_id, min(c.key_id_len, lib.KC_KEY_ID_MAX))),
         subject=ffi.string(c.subject).decode("utf-8", "replace"),
         common_name=ffi.string(c.common_name).decode("utf-8", "replace"),
         key_type=KEY_TYPES.get(c.key_type),

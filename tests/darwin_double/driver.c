@@ -236,6 +236,33 @@ static void kill_separately(void)
         CHECK(dbl_has_cert("alice", 0) && dbl_has_key(foreign, 20),
               "foreign items touched");
     }
+    /* A certificate alone under a name, not imported here, is someone
+     * else's: only a forced kill deletes it. */
+    {
+        static const uint8_t lone[20] = { 0xc0, 0x01 };
+
+        dbl_put("bob", lone, 20, 0, 1, 0);
+        CHECK(kc_kill_key(kc, "bob", 0, &err) == -25244,
+              "a foreign certificate was killed: %s", err.message);
+        CHECK(dbl_has_cert("bob", 0), "foreign certificate touched");
+        CHECK(kc_kill_key(kc, "bob", KC_KILL_FORCE, &err) == 0,
+              "forced kill: %s", err.message);
+        CHECK(!dbl_has_cert("bob", 0), "forced kill left the certificate");
+    }
+    /* An identity of the user's with a key label longer than any key id:
+     * lookup reports no id rather than overflowing (ASan runs this). */
+    {
+        static uint8_t longer[80];
+        kc_item_info info;
+
+        memset(longer, 0xab, sizeof longer);
+        dbl_put("carol", longer, sizeof longer, 0, 1, 1);
+        CHECK(kc_lookup_keychain_item(kc, "carol", &info, &err) == 0,
+              "lookup: %s", err.message);
+        CHECK(info.key_id_len == 0, "an oversized key id was copied");
+        CHECK(kc_kill_key(kc, "carol", KC_KILL_FORCE, &err) == 0, "kill: %s",
+              err.message);
+    }
     kc_close(kc);
     check_balanced("kill_separately");
 }

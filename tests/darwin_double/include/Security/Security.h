@@ -29,6 +29,7 @@ enum {
     errSecDuplicateItem = -25299,
     errSecItemNotFound = -25300,
     errSecInvalidItemRef = -25304,
+    errSecInvalidOwnerEdit = -25244,
     errSecInteractionNotAllowed = -25308,
     errSecDecode = -26275,
     errSecPkcs12VerifyFailure = -25264
