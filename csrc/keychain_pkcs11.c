@@ -308,8 +308,20 @@ static int32_t remove_identity(kc_keychain *kc, const char *label,
 static int32_t remove_leased(kc_keychain *kc, const lease *l, CK_ULONG *found,
                              kc_error *err)
 {
-    int32_t st = remove_identity(kc, l->label, TOKEN_OBJECTS, l->key_id,
-                                 sizeof l->key_id, found, err);
+    int32_t st = KC_errSecSuccess;
+    int attempt;
+    /* SoftHSM2 can hide fresh objects from their own writer while another
+     * process reads the token without the lock: a lease whose objects are
+     * not seen is looked at again before it goes (else they would stay,
+     * unprovable) */
+    for (attempt = 0; attempt < TRANSIENT_RETRIES && !st; attempt++) {
+        if (attempt)
+            backoff(attempt);
+        st = remove_identity(kc, l->label, TOKEN_OBJECTS, l->key_id,
+                             sizeof l->key_id, found, err);
+        if (*found)
+            break;
+    }
     return st ? st : lease_remove(kc, l->label, err);
 }
 
@@ -659,6 +671,8 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
     kc_item_info info;
     object *o = NULL;
     query q;
+    lease l;
+    int leased;
     CK_RV rv;
     int32_t st;
 
@@ -669,6 +683,16 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
     if ((st = begin(kc, err)))
         return st;
     if ((st = lookup_keychain_item(kc, &q, h, MAX_FOUND, &count, err)))
+        goto out;
+    /* a miss despite a lease: look again (see remove_leased) */
+    for (i = 1; !count && i < TRANSIENT_RETRIES; i++) {
+        if ((st = lease_read(kc, label, &l, &leased, err)) || !leased)
+            break;
+        backoff((int)i);
+        if ((st = lookup_keychain_item(kc, &q, h, MAX_FOUND, &count, err)))
+            break;
+    }
+    if (st)
         goto out;
     if (count && !(o = malloc(sizeof *o))) {
         st = fail(err, KC_errSecAllocate, 0, "out of memory");

@@ -21,6 +21,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
@@ -350,13 +351,27 @@ static int open_lock_file(const char *state_dir)
     return open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
 }
 
-/* Wait for the token lock. */
+#define LOCK_WAIT_SECONDS 120 /* a holder stuck longer is an error, not a wait */
+
+/* Wait for the token lock, a bounded time: polled, from 0.2 ms up to 10 ms
+ * between tries (a blocking flock cannot time out). */
 static int32_t take_lock(int fd, kc_error *err)
 {
-    while (flock(fd, LOCK_EX) != 0)
-        if (errno != EINTR)
+    struct timespec pause = {0, 200000L}, start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    while (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno != EWOULDBLOCK && errno != EINTR)
             return fail(err, KC_errSecIO, errno, "cannot lock the token: %s",
                         strerror(errno));
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec - start.tv_sec >= LOCK_WAIT_SECONDS)
+            return fail(err, KC_errSecIO, EWOULDBLOCK,
+                        "another process has held the token lock for %d s",
+                        LOCK_WAIT_SECONDS);
+        nanosleep(&pause, NULL);
+        if (pause.tv_nsec < 10000000L)
+            pause.tv_nsec *= 2;
+    }
     return KC_errSecSuccess;
 }
 
