@@ -109,6 +109,8 @@ typedef struct kc_options {
     int exclusive;           /* PKCS#11: only keychain_ext uses this token (the
                                 embedded store), so objects a crash left
                                 without a label are provably ours */
+    long lock_wait_ms;       /* PKCS#11: how long to wait for the token lock
+                                before failing with errSecIO; 0 = 120 s */
 } kc_options;
 
 /* What a store holds under one label. */

@@ -32,6 +32,7 @@
 #define MAX_SLOTS 16         /* tokens per module we remember logins for */
 #define MAX_FOUND 64         /* objects one label may carry that we handle */
 #define TRANSIENT_RETRIES 5  /* tries for CKR_TOKEN_NOT_PRESENT and kin */
+#define DEFAULT_LOCK_WAIT_MS 120000 /* a lock held longer: an error, not a wait */
 
 #define ATTR(type, ptr, len) {(type), (void *)(ptr), (CK_ULONG)(len)}
 
@@ -77,6 +78,7 @@ struct kc_keychain {
     char *state_dir;                /* lock and leases; NULL: neither */
     int lock_fd;
     int exclusive;                  /* only keychain_ext uses the token */
+    long lock_wait_ms;              /* how long to wait for the token lock */
 };
 
 void library_enter(void);

@@ -351,28 +351,111 @@ static int open_lock_file(const char *state_dir)
     return open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
 }
 
-#define LOCK_WAIT_SECONDS 120 /* a holder stuck longer is an error, not a wait */
+/* A wait for the token lock by a helper thread, so that the caller can
+ * give up after a while: flock itself cannot time out, and polling
+ * instead would let a busy process starve the others. */
+typedef struct lock_wait {
+    pthread_mutex_t m;
+    pthread_cond_t c;
+    int fd;          /* a dup of the lock file's: the helper's to close */
+    int result;      /* 0 waiting, 1 locked, -1 failed (err_no) */
+    int err_no;
+    int refs;        /* caller and helper: the last one frees */
+} lock_wait;
 
-/* Wait for the token lock, a bounded time: polled, from 0.2 ms up to 10 ms
- * between tries (a blocking flock cannot time out). */
-static int32_t take_lock(int fd, kc_error *err)
+static void release_wait(lock_wait *w)
 {
-    struct timespec pause = {0, 200000L}, start, now;
-    clock_gettime(CLOCK_MONOTONIC, &start);
-    while (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        if (errno != EWOULDBLOCK && errno != EINTR)
-            return fail(err, KC_errSecIO, errno, "cannot lock the token: %s",
-                        strerror(errno));
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        if (now.tv_sec - start.tv_sec >= LOCK_WAIT_SECONDS)
-            return fail(err, KC_errSecIO, EWOULDBLOCK,
-                        "another process has held the token lock for %d s",
-                        LOCK_WAIT_SECONDS);
-        nanosleep(&pause, NULL);
-        if (pause.tv_nsec < 10000000L)
-            pause.tv_nsec *= 2;
+    int last;
+    pthread_mutex_lock(&w->m);
+    last = --w->refs == 0;
+    pthread_mutex_unlock(&w->m);
+    if (last) {
+        pthread_mutex_destroy(&w->m);
+        pthread_cond_destroy(&w->c);
+        free(w);
     }
-    return KC_errSecSuccess;
+}
+
+static void *wait_for_lock(void *arg)
+{
+    lock_wait *w = arg;
+    int rc, abandoned;
+    while ((rc = flock(w->fd, LOCK_EX)) != 0 && errno == EINTR)
+        ;
+    pthread_mutex_lock(&w->m);
+    w->result = rc == 0 ? 1 : -1;
+    w->err_no = errno;
+    abandoned = w->refs == 1; /* the caller gave up and let go */
+    pthread_cond_signal(&w->c);
+    pthread_mutex_unlock(&w->m);
+    /* the lock stays with the open file (the caller's descriptor shares
+     * it), unless the caller gave up and closed its own */
+    if (abandoned && rc == 0)
+        flock(w->fd, LOCK_UN);
+    close(w->fd);
+    release_wait(w);
+    return NULL;
+}
+
+/* Take the token lock on fd, waiting at most wait_ms.  On a timeout the
+ * caller must close fd and open the lock file afresh: the helper may
+ * still get the lock on that open file, and then drops it. */
+static int32_t take_lock(int fd, long wait_ms, kc_error *err)
+{
+    struct timespec until;
+    pthread_attr_t attr;
+    pthread_t helper;
+    lock_wait *w;
+    int result, err_no, rc = 0;
+
+    if (flock(fd, LOCK_EX | LOCK_NB) == 0)
+        return KC_errSecSuccess; /* the common case: nobody holds it */
+    if (errno != EWOULDBLOCK && errno != EINTR)
+        return fail(err, KC_errSecIO, errno, "cannot lock the token: %s",
+                    strerror(errno));
+    if (!(w = calloc(1, sizeof *w)))
+        return fail(err, KC_errSecAllocate, 0, "out of memory");
+    pthread_mutex_init(&w->m, NULL);
+    pthread_cond_init(&w->c, NULL);
+    w->refs = 2;
+    if ((w->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) {
+        w->refs = 1;
+        release_wait(w);
+        return fail(err, KC_errSecIO, errno, "cannot lock the token: %s",
+                    strerror(errno));
+    }
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&helper, &attr, wait_for_lock, w) != 0) {
+        pthread_attr_destroy(&attr);
+        close(w->fd);
+        w->refs = 1;
+        release_wait(w);
+        return fail(err, KC_errSecAllocate, 0, "cannot start a thread");
+    }
+    pthread_attr_destroy(&attr);
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += wait_ms / 1000;
+    until.tv_nsec += (wait_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&w->m);
+    while (!w->result && rc != ETIMEDOUT)
+        rc = pthread_cond_timedwait(&w->c, &w->m, &until);
+    result = w->result;
+    err_no = w->err_no;
+    pthread_mutex_unlock(&w->m);
+    release_wait(w);
+    if (result == 1)
+        return KC_errSecSuccess;
+    if (result == -1)
+        return fail(err, KC_errSecIO, err_no, "cannot lock the token: %s",
+                    strerror(err_no));
+    return fail(err, KC_errSecIO, EWOULDBLOCK,
+                "another process has held the token lock for %ld s; "
+                "giving up", wait_ms / 1000);
 }
 
 /* Open (or, after fork(), reopen) the lock file: a forked child needs its
@@ -478,7 +561,9 @@ static int32_t open_keychain(const kc_options *opts, kc_keychain **out,
             return fail(err, KC_errSecIO, errno,
                         "cannot open the lock file in %s: %s", opts->state_dir,
                         strerror(errno));
-        if ((st = take_lock(lock_fd, err)))
+        if ((st = take_lock(lock_fd, opts->lock_wait_ms > 0 ? opts->lock_wait_ms
+                                                          : DEFAULT_LOCK_WAIT_MS,
+                            err)))
             goto out;
     }
     if ((st = get_module(opts->module, opts->init_args, &m, err)))
@@ -509,6 +594,8 @@ static int32_t open_keychain(const kc_options *opts, kc_keychain **out,
     kc->pin = strdup(opts->pin);
     kc->state_dir = opts->state_dir ? strdup(opts->state_dir) : NULL;
     kc->exclusive = opts->exclusive;
+    kc->lock_wait_ms = opts->lock_wait_ms > 0 ? opts->lock_wait_ms
+                                              : DEFAULT_LOCK_WAIT_MS;
     if (!kc->pin || (opts->state_dir && !kc->state_dir))
         st = fail(err, KC_errSecAllocate, 0, "out of memory");
     else if (!(st = open_lock(kc, err)))
@@ -556,7 +643,11 @@ int32_t begin(kc_keychain *kc, kc_error *err)
     library_enter();
     pthread_mutex_lock(&kc->lock);
     if ((st = open_lock(kc, err)) ||
-        (kc->lock_fd >= 0 && (st = take_lock(kc->lock_fd, err)))) {
+        (kc->lock_fd >= 0 && (st = take_lock(kc->lock_fd, kc->lock_wait_ms, err)))) {
+        if (kc->lock_fd >= 0 && st == KC_errSecIO) {
+            close(kc->lock_fd); /* see take_lock: a fresh one next time */
+            kc->lock_fd = -1;
+        }
         pthread_mutex_unlock(&kc->lock);
         library_leave();
         return st;

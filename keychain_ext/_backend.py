@@ -114,8 +114,11 @@ class Pkcs11Backend:
         state_dir: str,
         init_args: Optional[str] = None,
         exclusive: bool = False,
+        lock_timeout: float = 0,
     ) -> Store:
-        return native.NativeBackend().open(module, token, pin, state_dir, init_args, exclusive)
+        return native.NativeBackend().open(
+            module, token, pin, state_dir, init_args, exclusive, lock_timeout
+        )
 
     def init_token(self, module: str, token: str, so_pin: str, user_pin: str) -> None:
         native.NativeBackend().init_token(module, token, so_pin, user_pin)

@@ -223,6 +223,7 @@ class NativeBackend:
         state_dir: Optional[str],
         init_args: Optional[str] = None,
         exclusive: bool = False,
+        lock_timeout: float = 0,
     ) -> NativeStore:
         """kc_open.  PKCS#11: module path, token label, PIN, the token's
         state directory (lock, leases), C_Initialize's init string, and
@@ -238,6 +239,7 @@ class NativeBackend:
         opts.state_dir = _cstr(state_dir or None, keep)
         opts.init_args = _cstr(init_args or None, keep)
         opts.exclusive = int(exclusive)
+        opts.lock_wait_ms = int(lock_timeout * 1000)  # 0: the C layer's default
         st = lib.kc_open(opts, out, err)
         _check(st, err, "open")
         return NativeStore(out[0])

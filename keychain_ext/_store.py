@@ -117,6 +117,8 @@ def sweep_unheld(directory: Path) -> None:
     """Remove the secret files in directory that no process holds any more
     (their writer ended without removing them)."""
     for path in directory.iterdir():
+        if path.name.startswith("."):
+            continue  # a file being written: flocked only once it is open
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:

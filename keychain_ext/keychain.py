@@ -147,7 +147,9 @@ class Keychain:
     ``exclusive=True`` says that only keychain_ext uses the token (the
     embedded store always is): then :meth:`purge` may also remove the blank
     objects a process killed inside C_CreateObject leaves, which no label
-    can prove anyone's.
+    can prove anyone's.  ``lock_timeout``: how long (seconds) to wait for
+    another process's hold on the token lock before failing with
+    IOFailureError.
 
     macOS (Security.framework): ``Keychain()`` uses the user's default
     keychain search list, ``Keychain(token=PATH)`` the keychain file PATH;
@@ -179,6 +181,7 @@ class Keychain:
         pin_file: Optional[Union[str, os.PathLike[str]]] = None,
         init_args: Optional[str] = None,
         exclusive: bool = False,
+        lock_timeout: float = 120.0,
     ) -> None:
         self._lock = threading.Lock()
         # label -> PIN file written for TLS clients, and the fd holding it
@@ -189,6 +192,7 @@ class Keychain:
         self.pin_file: Optional[Path] = None
         self.lock_path: Optional[str] = None
         self._exclusive = exclusive  # only keychain_ext uses the token
+        self._lock_timeout = lock_timeout
         self._init_args = init_args
         backend = platform_backend()
         if isinstance(backend, DarwinBackend):
@@ -232,7 +236,13 @@ class Keychain:
         state = _store.state_dir(self.token, self._init_args)
         self.lock_path = os.path.join(state, "lock")
         return self._backend.open(
-            self.module, self.token, pin, state, self._init_args, self._exclusive
+            self.module,
+            self.token,
+            pin,
+            state,
+            self._init_args,
+            self._exclusive,
+            self._lock_timeout,
         )
 
     def _open_embedded(self, module: Optional[str]) -> Store:

@@ -346,3 +346,32 @@ def test_pin_files_go_with_their_process(token: Token, ec_client: ClientIdentity
     assert crashed.exists() and crashed.stat().st_mode & 0o077 == 0
     run("exit")  # writes its own PIN file: sweeps the crashed one first
     assert not crashed.exists()
+
+
+def test_a_stuck_lock_holder_is_an_error_not_a_hang(
+    token: Token, ec_client: ClientIdentity
+) -> None:
+    """Another process holds the token lock and does not let go: an
+    operation gives up after lock_timeout with a typed error, and works
+    again once the lock is free."""
+    from keychain_ext.errors import IOFailureError
+
+    with token.open(lock_timeout=0.5) as kc:
+        assert kc.lock_path
+        holder = subprocess.Popen(
+            [sys.executable, "-c",
+             "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+             "print('held', flush=True); sys.stdin.read()", kc.lock_path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert holder.stdout and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with pytest.raises(IOFailureError, match="held the token lock"):
+            kc.lookup("anything")
+        assert 0.4 < time.monotonic() - started < 30
+        assert holder.stdin
+        holder.stdin.close()
+        holder.wait(30)
+        with kc.preauthorized(ec_client.p12, ec_client.password, "after") as ident:
+            assert kc.lookup("after") == ident
+    assert token.objects() == []
