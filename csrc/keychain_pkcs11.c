@@ -325,25 +325,6 @@ static int32_t remove_leased(kc_keychain *kc, const lease *l, CK_ULONG *found,
     return st ? st : lease_remove(kc, l->label, err);
 }
 
-static const char *verdict(int alive)
-{
-    return alive > 0 ? "running" : alive == 0 ? "dead" : "cannot tell";
-}
-
-static int32_t refuse_owned(const lease *l, int alive, const char *why,
-                            int32_t status, kc_error *err)
-{
-    if (l->held)
-        return fail(err, status, 0,
-                    "an identity labelled '%s' is already in the store, held "
-                    "until it is killed; %s", l->label, why);
-    return fail(err, status, 0,
-                "an identity labelled '%s' is already in the store, owned by "
-                "process %ld on %s (%s); %s", l->label,
-                l->n_owners ? l->owners[0].pid : 0L,
-                l->n_owners ? l->owners[0].host : "?", verdict(alive), why);
-}
-
 /* Crypto.cpp lookupKeychainItem's refusal: nothing may carry the label --
  * unless it is the same shared identity (*join: the caller joins its
  * owners) or its owners are dead and the caller asked to reclaim it -- and
@@ -372,10 +353,10 @@ static int32_t refuse_duplicate(kc_keychain *kc, const char *label,
     if (found) {
         alive = lease_alive(kc, l);
         if (alive != 0 || !(flags & KC_PREAUTH_RECLAIM_STALE))
-            return refuse_owned(l, alive,
-                                alive == 0 ? "reclaim it (stale='reclaim') or purge"
-                                           : "refusing to import over it",
-                                KC_errSecDuplicateItem, err);
+            return fail_owned(l, alive,
+                              alive == 0 ? "reclaim it (stale='reclaim') or purge"
+                                         : "refusing to import over it",
+                              KC_errSecDuplicateItem, err);
         if ((st = remove_leased(kc, l, &removed, err)) ||
             (st = exists(kc, ANY_CLASS, ANY_OBJECTS, label, NULL, 0, &taken, err)))
             return st;
@@ -494,29 +475,6 @@ out:
     return st;
 }
 
-/* Remove an ephemeral identity: the session objects found under its label
- * (only this process sees them, so they are ours), certificates first. */
-static int32_t remove_session_objects(kc_keychain *kc, CK_OBJECT_HANDLE *h,
-                                      CK_ULONG n, kc_error *err)
-{
-    CK_OBJECT_CLASS cls[MAX_FOUND];
-    CK_ULONG i;
-    int pass;
-    CK_RV rv;
-    for (i = 0; i < n; i++) {
-        CK_ATTRIBUTE a = ATTR(CKA_CLASS, &cls[i], sizeof cls[i]);
-        if ((rv = kc->mod->f->C_GetAttributeValue(kc->session, h[i], &a, 1)) != CKR_OK)
-            return fail_ck(err, rv, "reading the identity's objects");
-    }
-    for (pass = 0; pass < 2; pass++)
-        for (i = 0; i < n; i++)
-            if ((cls[i] == CKO_CERTIFICATE) == (pass == 0) &&
-                (rv = destroy(kc, h[i])) != CKR_OK)
-                return fail_ck(err, rv, pass ? "removing the private key"
-                                             : "removing the certificate");
-    return KC_errSecSuccess;
-}
-
 int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
                     kc_error *err)
 {
@@ -542,7 +500,7 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
         if ((st = lookup_keychain_item(kc, &q, h, MAX_FOUND, &count, err)))
             goto out;
         if (count) {
-            st = remove_session_objects(kc, h, count, err);
+            st = destroy_session_objects(kc, h, count, err);
             goto out;
         }
     }
@@ -570,8 +528,8 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
     }
     alive = lease_alive(kc, &l);
     if (!l.held && alive != 0 && l.n_owners > 0 && !force) {
-        st = refuse_owned(&l, alive, "refusing to remove it (force to override)",
-                          KC_errSecInvalidOwnerEdit, err);
+        st = fail_owned(&l, alive, "refusing to remove it (force to override)",
+                        KC_errSecInvalidOwnerEdit, err);
         goto out;
     }
     if ((st = remove_leased(kc, &l, &found, err)))
@@ -587,58 +545,6 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
 out:
     end(kc);
     return st;
-}
-
-/* Describe a certificate that has no CKA_SUBJECT (some producers omit
- * it) from its value. */
-static void describe_by_value(kc_keychain *kc, CK_OBJECT_HANDLE h,
-                              kc_item_info *info)
-{
-    CK_ATTRIBUTE a = ATTR(CKA_VALUE, NULL, 0);
-    const unsigned char *p;
-    X509 *cert;
-    if (kc->mod->f->C_GetAttributeValue(kc->session, h, &a, 1) != CKR_OK ||
-        a.ulValueLen == 0 || a.ulValueLen > 1024 * 1024 ||
-        !(a.pValue = malloc(a.ulValueLen)))
-        return;
-    if (kc->mod->f->C_GetAttributeValue(kc->session, h, &a, 1) == CKR_OK) {
-        p = a.pValue;
-        if ((cert = d2i_X509(NULL, &p, (long)a.ulValueLen)))
-            describe_name(X509_get_subject_name(cert), info);
-        X509_free(cert);
-        ERR_clear_error();
-    }
-    free(a.pValue);
-}
-
-/* Fold one object into the description of its label. */
-static void add_object(kc_keychain *kc, const object *o, kc_item_info *info)
-{
-    if (!info->label[0])
-        snprintf(info->label, sizeof info->label, "%s", o->label);
-    if (o->cls == CKO_CERTIFICATE) {
-        const unsigned char *p = o->subject;
-        X509_NAME *name = d2i_X509_NAME(NULL, &p, (long)o->subject_len);
-        info->has_certificate = 1;
-        if (name)
-            describe_name(name, info);
-        else
-            describe_by_value(kc, o->handle, info);
-        X509_NAME_free(name);
-        ERR_clear_error();
-    } else if (o->cls == CKO_PRIVATE_KEY) {
-        info->has_private_key = 1;
-        info->key_type = o->key_type == CKK_RSA  ? KC_KEY_RSA
-                         : o->key_type == CKK_EC ? KC_KEY_EC
-                                                 : KC_KEY_NONE;
-    } else {
-        return;
-    }
-    if (!info->key_id_len && o->id_len <= sizeof info->key_id) {
-        memcpy(info->key_id, o->id, o->id_len);
-        info->key_id_len = o->id_len;
-    }
-    info->ephemeral = !o->token;
 }
 
 /* Who owns what info describes: its lease, or this process for session
@@ -706,7 +612,7 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
             st = fail_ck(err, rv, "reading an object");
             goto out;
         }
-        add_object(kc, o, &info);
+        describe_object(kc, o, &info);
     }
     if (!info.has_certificate && !info.has_private_key)
         st = fail(err, KC_errSecItemNotFound, 0,
@@ -716,24 +622,6 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
 out:
     free(o);
     end(kc);
-    return st;
-}
-
-/* On an exclusive store, remove the blank objects a crash left, and the
- * owner files of ended processes.  *removed counts both. */
-static int32_t sweep_crash_leftovers(kc_keychain *kc, CK_ULONG *removed,
-                                     kc_error *err)
-{
-    CK_ULONG files = 0;
-    int32_t st;
-    *removed = 0;
-    if (!kc->exclusive)
-        return fail(err, KC_errSecInvalidOwnerEdit, 0,
-                    "objects without a label on this token cannot be proven "
-                    "keychain_ext's: left alone");
-    if (!(st = remove_all_blanks(kc, removed, err)) &&
-        !(st = sweep_owner_files(kc, &files, err)))
-        *removed += files;
     return st;
 }
 
@@ -758,7 +646,7 @@ int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
         st = fail(err, KC_errSecItemNotFound, 0,
                   "no leased identity labelled '%s' in the store", label);
     } else if ((alive = lease_alive(kc, &l)) != 0) {
-        st = refuse_owned(&l, alive, "not stale", KC_errSecDuplicateItem, err);
+        st = fail_owned(&l, alive, "not stale", KC_errSecDuplicateItem, err);
     } else {
         st = remove_leased(kc, &l, &removed, err);
     }
@@ -822,7 +710,7 @@ int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
             st = fail(err, KC_errSecAllocate, 0, "out of memory");
             goto out;
         }
-        add_object(kc, o, item);
+        describe_object(kc, o, item);
     }
     /* leases whose objects are gone (a crash before the create) */
     if ((st = lease_labels(kc, &labels, &n_labels, err)))

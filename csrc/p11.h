@@ -129,6 +129,9 @@ void remove_new_blanks(kc_keychain *kc, const blanks *before);
 int32_t remove_blanks(kc_keychain *kc, CK_ULONG *removed, kc_error *err);
 int32_t remove_all_blanks(kc_keychain *kc, CK_ULONG *removed, kc_error *err);
 int is_blank(kc_keychain *kc, CK_OBJECT_HANDLE h);
+int32_t destroy_session_objects(kc_keychain *kc, CK_OBJECT_HANDLE *h,
+                                CK_ULONG n, kc_error *err);
+void describe_object(kc_keychain *kc, const object *o, kc_item_info *info);
 CK_RV destroy(kc_keychain *kc, CK_OBJECT_HANDLE h);
 int32_t destroy_all(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
                     const char *what, CK_ULONG *found, kc_error *err);
@@ -170,6 +173,9 @@ int lease_mine(const lease *l);
 int lease_alive(kc_keychain *kc, const lease *l); /* 1, 0, -1 cannot tell */
 void lease_describe(kc_keychain *kc, const lease *l, kc_item_info *info);
 int32_t sweep_owner_files(kc_keychain *kc, CK_ULONG *removed, kc_error *err);
+int32_t sweep_crash_leftovers(kc_keychain *kc, CK_ULONG *removed, kc_error *err);
+int32_t fail_owned(const lease *l, int alive, const char *why, int32_t status,
+                   kc_error *err);
 int is_me(const owner_ref *o);
 void owner_atfork_prepare(void);
 void owner_atfork_parent(void);

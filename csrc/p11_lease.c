@@ -532,3 +532,41 @@ void lease_describe(kc_keychain *kc, const lease *l, kc_item_info *info)
             break;
     }
 }
+
+static const char *verdict(int alive)
+{
+    return alive > 0 ? "running" : alive == 0 ? "dead" : "cannot tell";
+}
+
+/* Fail with status, naming who holds the identity the lease describes. */
+int32_t fail_owned(const lease *l, int alive, const char *why, int32_t status,
+                   kc_error *err)
+{
+    if (l->held)
+        return fail(err, status, 0,
+                    "an identity labelled '%s' is already in the store, held "
+                    "until it is killed; %s", l->label, why);
+    return fail(err, status, 0,
+                "an identity labelled '%s' is already in the store, owned by "
+                "process %ld on %s (%s); %s", l->label,
+                l->n_owners ? l->owners[0].pid : 0L,
+                l->n_owners ? l->owners[0].host : "?", verdict(alive), why);
+}
+
+/* On an exclusive store, remove the blank objects a crash left, and the
+ * owner files of ended processes.  *removed counts both. */
+int32_t sweep_crash_leftovers(kc_keychain *kc, CK_ULONG *removed,
+                              kc_error *err)
+{
+    CK_ULONG files = 0;
+    int32_t st;
+    *removed = 0;
+    if (!kc->exclusive)
+        return fail(err, KC_errSecInvalidOwnerEdit, 0,
+                    "objects without a label on this token cannot be proven "
+                    "keychain_ext's: left alone");
+    if (!(st = remove_all_blanks(kc, removed, err)) &&
+        !(st = sweep_owner_files(kc, &files, err)))
+        *removed += files;
+    return st;
+}

@@ -4,8 +4,11 @@
  */
 #include "p11.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <openssl/err.h>
 
 /* C_FindObjectsInit, recovering a session whose previous search was never
  * finished (its C_FindObjectsFinal failed). */
@@ -302,4 +305,79 @@ int32_t destroy_all(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
         if ((rv = destroy(kc, h[i])) != CKR_OK)
             return fail_ck(err, rv, what);
     return KC_errSecSuccess;
+}
+
+/* Remove an ephemeral identity: the session objects found under its label
+ * (only this process sees them, so they are ours), certificates first. */
+int32_t destroy_session_objects(kc_keychain *kc, CK_OBJECT_HANDLE *h,
+                                CK_ULONG n, kc_error *err)
+{
+    CK_OBJECT_CLASS cls[MAX_FOUND];
+    CK_ULONG i;
+    int pass;
+    CK_RV rv;
+    for (i = 0; i < n; i++) {
+        CK_ATTRIBUTE a = ATTR(CKA_CLASS, &cls[i], sizeof cls[i]);
+        if ((rv = kc->mod->f->C_GetAttributeValue(kc->session, h[i], &a, 1)) != CKR_OK)
+            return fail_ck(err, rv, "reading the identity's objects");
+    }
+    for (pass = 0; pass < 2; pass++)
+        for (i = 0; i < n; i++)
+            if ((cls[i] == CKO_CERTIFICATE) == (pass == 0) &&
+                (rv = destroy(kc, h[i])) != CKR_OK)
+                return fail_ck(err, rv, pass ? "removing the private key"
+                                             : "removing the certificate");
+    return KC_errSecSuccess;
+}
+
+/* Describe a certificate that has no CKA_SUBJECT (some producers omit
+ * it) from its value. */
+static void describe_by_value(kc_keychain *kc, CK_OBJECT_HANDLE h,
+                              kc_item_info *info)
+{
+    CK_ATTRIBUTE a = ATTR(CKA_VALUE, NULL, 0);
+    const unsigned char *p;
+    X509 *cert;
+    if (kc->mod->f->C_GetAttributeValue(kc->session, h, &a, 1) != CKR_OK ||
+        a.ulValueLen == 0 || a.ulValueLen > 1024 * 1024 ||
+        !(a.pValue = malloc(a.ulValueLen)))
+        return;
+    if (kc->mod->f->C_GetAttributeValue(kc->session, h, &a, 1) == CKR_OK) {
+        p = a.pValue;
+        if ((cert = d2i_X509(NULL, &p, (long)a.ulValueLen)))
+            describe_name(X509_get_subject_name(cert), info);
+        X509_free(cert);
+        ERR_clear_error();
+    }
+    free(a.pValue);
+}
+
+/* Fold one object into the description of its label. */
+void describe_object(kc_keychain *kc, const object *o, kc_item_info *info)
+{
+    if (!info->label[0])
+        snprintf(info->label, sizeof info->label, "%s", o->label);
+    if (o->cls == CKO_CERTIFICATE) {
+        const unsigned char *p = o->subject;
+        X509_NAME *name = d2i_X509_NAME(NULL, &p, (long)o->subject_len);
+        info->has_certificate = 1;
+        if (name)
+            describe_name(name, info);
+        else
+            describe_by_value(kc, o->handle, info);
+        X509_NAME_free(name);
+        ERR_clear_error();
+    } else if (o->cls == CKO_PRIVATE_KEY) {
+        info->has_private_key = 1;
+        info->key_type = o->key_type == CKK_RSA  ? KC_KEY_RSA
+                         : o->key_type == CKK_EC ? KC_KEY_EC
+                                                 : KC_KEY_NONE;
+    } else {
+        return;
+    }
+    if (!info->key_id_len && o->id_len <= sizeof info->key_id) {
+        memcpy(info->key_id, o->id, o->id_len);
+        info->key_id_len = o->id_len;
+    }
+    info->ephemeral = !o->token;
 }
