@@ -620,7 +620,7 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
     else if (!(st = describe_owner(kc, &info, err)) && out)
         *out = info;
 out:
-    free(o);
+    free_read(o, sizeof *o);
     end(kc);
     return st;
 }
@@ -688,7 +688,7 @@ int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
     if (!(o = malloc(sizeof *o)))
         return fail(err, KC_errSecAllocate, 0, "out of memory");
     if ((st = begin(kc, err))) {
-        free(o);
+        free_read(o, sizeof *o);
         return st;
     }
     if ((rv = all_objects(kc, &h, &n)) != CKR_OK) {
@@ -734,7 +734,7 @@ out:
     free(labels);
     free(h);
     free(items);
-    free(o);
+    free_read(o, sizeof *o);
     end(kc);
     return st;
 }

@@ -20,8 +20,10 @@
 #include "keychain.h"
 
 #include <pthread.h>
+#include <stdlib.h>
 #include <sys/types.h>
 
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/sha.h>
 #include <openssl/x509.h>
@@ -35,6 +37,16 @@
 #define DEFAULT_LOCK_WAIT_MS 120000 /* a lock held longer: an error, not a wait */
 
 #define ATTR(type, ptr, len) {(type), (void *)(ptr), (CK_ULONG)(len)}
+
+/* Free what was read from a token, cleansed first (read only what is
+ * needed, and leave none of it in freed memory). */
+static inline void free_read(void *p, size_t n)
+{
+    if (p) {
+        OPENSSL_cleanse(p, n);
+        free(p);
+    }
+}
 
 /* ---------------------------------------------------------- p11_error.c */
 

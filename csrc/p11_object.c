@@ -337,19 +337,22 @@ static void describe_by_value(kc_keychain *kc, CK_OBJECT_HANDLE h,
 {
     CK_ATTRIBUTE a = ATTR(CKA_VALUE, NULL, 0);
     const unsigned char *p;
+    CK_ULONG size;
     X509 *cert;
     if (kc->mod->f->C_GetAttributeValue(kc->session, h, &a, 1) != CKR_OK ||
         a.ulValueLen == 0 || a.ulValueLen > 1024 * 1024 ||
-        !(a.pValue = malloc(a.ulValueLen)))
+        !(a.pValue = malloc(size = a.ulValueLen)))
         return;
-    if (kc->mod->f->C_GetAttributeValue(kc->session, h, &a, 1) == CKR_OK) {
+    /* the module says how much it wrote: never more than we gave it */
+    if (kc->mod->f->C_GetAttributeValue(kc->session, h, &a, 1) == CKR_OK &&
+        a.ulValueLen <= size) {
         p = a.pValue;
         if ((cert = d2i_X509(NULL, &p, (long)a.ulValueLen)))
             describe_name(X509_get_subject_name(cert), info);
         X509_free(cert);
         ERR_clear_error();
     }
-    free(a.pValue);
+    free_read(a.pValue, size);
 }
 
 /* Fold one object into the description of its label. */
