@@ -74,12 +74,12 @@ def test_run_hands_no_secret_to_the_child(
 def test_run_interrupted_at_any_moment_leaves_nothing(
     token: Token, slow_p12: Path, tmp_path: Path, sig: signal.Signals
 ) -> None:
-    """The signal lands before, during and after the slow import and while
-    CMD runs: every time, nothing stays in the store."""
+    """The signal lands before, during and after the slow import (about a
+    second, from 0.5 s on) and while CMD runs: every time, nothing stays."""
     env = _cli_env(token, tmp_path)
     env["KEYCHAIN_EXT_P12_PASSWORD"] = "pw"
     wait = "import sys; sys.stdin.read()"
-    for delay in (0.0, 0.3, 0.6, 0.9, 1.2, 1.8):
+    for delay in (0.0, 0.4, 0.8, 1.6):
         proc = subprocess.Popen(
             [sys.executable, "-m", "keychain_ext", "run", "--p12", str(slow_p12), "--label",
              "sig", "--", sys.executable, "-c", wait],
@@ -115,7 +115,7 @@ def test_preauthorized_interrupted_at_any_moment_leaves_nothing(
 ) -> None:
     """A KeyboardInterrupt raised as soon as the import returns (Python runs
     signal handlers right after a C call), or at any later moment."""
-    for delay in ("0.05", "0.4", "0.8", "1.1", "1.4", "2.0"):
+    for delay in ("0.05", "0.5", "1.0", "2.0"):
         done = subprocess.run(
             [sys.executable, "-c", INTERRUPTED, token.module, token.label, str(slow_p12), delay],
             input=token.pin, capture_output=True, text=True, timeout=120, cwd=ROOT,
