@@ -100,7 +100,6 @@ void library_leave(void);
  * safety in p11_session.c), the handle's mutex, the session (reopened
  * after fork) and the cross-process token lock. */
 int32_t begin(kc_keychain *kc, kc_error *err);
-int32_t ensure_login(kc_keychain *kc, kc_error *err);
 void end(kc_keychain *kc);
 int32_t check_label(const char *label, kc_error *err);
 

@@ -503,7 +503,7 @@ static int32_t ensure_session(kc_keychain *kc, kc_error *err)
  * this process (libp11 under libcurl's engine, when it unloads) logged
  * out, closed all sessions or called C_Finalize -- a key is invisible to a
  * session without a login, and a kill must never miss it. */
-int32_t ensure_login(kc_keychain *kc, kc_error *err)
+static int32_t ensure_login(kc_keychain *kc, kc_error *err)
 {
     CK_SESSION_INFO info;
     CK_RV rv = CKR_OK;
