@@ -135,6 +135,7 @@ class NativeStore:
         self._handle = handle
         # close() must not free the handle under a call in another thread
         self._lock = threading.Lock()
+        self._list_room = 64  # kc_item_info entries list_items offers
         _STORES.add(self)
 
     def _live(self) -> Any:
@@ -185,15 +186,17 @@ class NativeStore:
     def list_items(self) -> list[ItemInfo]:
         err = ffi.new("kc_error *")
         count = ffi.new("size_t *")
-        cap = 64  # grown to the count the C layer reports if more
         while True:
+            # room for what the last listing found (and a margin): one scan
+            # of the token in the common case, a second one only if it grew
+            cap = self._list_room
             out = ffi.new("kc_item_info[]", cap)
             with self._lock:
                 st = lib.kc_list_items(self._live(), out, cap, count, err)
             _check(st, err, "list_items")
+            self._list_room = max(64, count[0] + count[0] // 4)
             if count[0] <= cap:
                 return [_info(out[i]) for i in range(count[0])]
-            cap = count[0]
 
     def close(self) -> None:
         with self._lock:
