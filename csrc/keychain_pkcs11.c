@@ -547,26 +547,19 @@ out:
     return st;
 }
 
-/* Who owns what info describes: its lease, or this process for session
- * objects; token objects without a lease are not ours. */
-static int32_t describe_owner(kc_keychain *kc, kc_item_info *info,
-                              kc_error *err)
+/* Who owns what info describes: its lease l (NULL: none), or this process
+ * for session objects; token objects without a lease are not ours. */
+static void describe_owner(kc_keychain *kc, kc_item_info *info,
+                           const lease *l)
 {
-    lease l;
-    int found;
-    int32_t st;
     info->owner_alive = -1;
     if (info->ephemeral) {
         info->ours = info->mine = info->owners = 1;
         info->owner_pid = getpid();
         info->owner_alive = 1;
-        return KC_errSecSuccess;
+    } else if (l) {
+        lease_describe(kc, l, info);
     }
-    if (!info->label[0] || (st = lease_read(kc, info->label, &l, &found, err)))
-        return info->label[0] ? st : KC_errSecSuccess;
-    if (found)
-        lease_describe(kc, &l, info);
-    return KC_errSecSuccess;
 }
 
 int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
@@ -617,8 +610,11 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
     if (!info.has_certificate && !info.has_private_key)
         st = fail(err, KC_errSecItemNotFound, 0,
                   "no identity labelled '%s' in the store", label);
-    else if (!(st = describe_owner(kc, &info, err)) && out)
-        *out = info;
+    else if (!(st = lease_read(kc, label, &l, &leased, err))) {
+        describe_owner(kc, &info, leased ? &l : NULL);
+        if (out)
+            *out = info;
+    }
 out:
     free_read(o, sizeof *o);
     end(kc);
@@ -676,8 +672,8 @@ int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
     CK_OBJECT_HANDLE *h = NULL;
     CK_ULONG n = 0, i;
     kc_item_info *items = NULL, *item;
-    char (*labels)[KC_LABEL_MAX] = NULL;
-    size_t n_items = 0, n_labels = 0, j;
+    lease *leases = NULL;
+    size_t n_items = 0, n_leases = 0, j, k;
     object *o;
     CK_RV rv;
     int32_t st;
@@ -713,25 +709,29 @@ int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
         describe_object(kc, o, item);
     }
     /* leases whose objects are gone (a crash before the create) */
-    if ((st = lease_labels(kc, &labels, &n_labels, err)))
+    if ((st = lease_all(kc, &leases, &n_leases, err)))
         goto out;
-    for (j = 0; j < n_labels; j++)
-        if (!entry(&items, &n_items, labels[j])) {
+    for (k = 0; k < n_leases; k++)
+        if (!leases[k].unreadable && !entry(&items, &n_items, leases[k].label)) {
             st = fail(err, KC_errSecAllocate, 0, "out of memory");
             goto out;
         }
-    for (j = 0; j < n_items && !st; j++) {
-        if (items[j].label[0])
-            st = describe_owner(kc, &items[j], err);
-        else
-            items[j].ours = kc->exclusive;
+    for (j = 0; j < n_items; j++) {
+        if (!items[j].label[0]) {
+            items[j].ours = kc->exclusive; /* blank objects */
+            continue;
+        }
+        for (k = 0; k < n_leases; k++)
+            if (!leases[k].unreadable && !strcmp(leases[k].label, items[j].label))
+                break;
+        describe_owner(kc, &items[j], k < n_leases ? &leases[k] : NULL);
     }
     for (j = 0; j < n_items && j < cap && !st; j++)
         out[j] = items[j];
     if (!st)
         *count = n_items;
 out:
-    free(labels);
+    free(leases);
     free(h);
     free(items);
     free_read(o, sizeof *o);

@@ -172,8 +172,7 @@ int32_t lease_read(kc_keychain *kc, const char *label, lease *l, int *found,
                    kc_error *err);
 int32_t lease_write(kc_keychain *kc, const lease *l, kc_error *err);
 int32_t lease_remove(kc_keychain *kc, const char *label, kc_error *err);
-int32_t lease_labels(kc_keychain *kc, char (**out)[KC_LABEL_MAX], size_t *n,
-                     kc_error *err);
+int32_t lease_all(kc_keychain *kc, lease **out, size_t *n, kc_error *err);
 int32_t lease_join(kc_keychain *kc, lease *l, kc_error *err);
 void lease_joined(kc_keychain *kc);
 void lease_unjoin(kc_keychain *kc);

@@ -339,11 +339,25 @@ static int parse_lease(char *text, lease *l)
     return got_label && got_id && got_mode;
 }
 
+/* Read and parse the lease file open on fd, and close it; one that cannot
+ * be parsed is marked unreadable (cannot tell whose: alive). */
+static void load_lease(int fd, lease *l)
+{
+    char text[LEASE_FILE_MAX];
+    ssize_t n = read(fd, text, sizeof text - 1);
+    close(fd);
+    memset(l, 0, sizeof *l);
+    text[n > 0 ? n : 0] = 0;
+    if (n <= 0 || !parse_lease(text, l)) {
+        memset(l, 0, sizeof *l);
+        l->unreadable = 1;
+    }
+}
+
 int32_t lease_read(kc_keychain *kc, const char *label, lease *l, int *found,
                    kc_error *err)
 {
-    char path[4096], text[LEASE_FILE_MAX];
-    ssize_t n;
+    char path[4096];
     int fd;
 
     memset(l, 0, sizeof *l);
@@ -358,13 +372,11 @@ int32_t lease_read(kc_keychain *kc, const char *label, lease *l, int *found,
         return fail(err, KC_errSecIO, errno, "cannot read lease %s: %s", path,
                     strerror(errno));
     }
-    n = read(fd, text, sizeof text - 1);
-    close(fd);
     *found = 1;
-    text[n > 0 ? n : 0] = 0;
-    if (n <= 0 || !parse_lease(text, l) || strcmp(l->label, label) != 0) {
+    load_lease(fd, l);
+    if (!l->unreadable && strcmp(l->label, label) != 0) {
         memset(l, 0, sizeof *l);
-        l->unreadable = 1; /* cannot tell whose: alive */
+        l->unreadable = 1;
     }
     snprintf(l->label, sizeof l->label, "%s", label);
     return KC_errSecSuccess;
@@ -422,16 +434,14 @@ int32_t lease_remove(kc_keychain *kc, const char *label, kc_error *err)
     return KC_errSecSuccess;
 }
 
-/* The labels of every lease in the state directory: *out is malloc'ed
- * (KC_LABEL_MAX bytes each), the caller frees. */
-int32_t lease_labels(kc_keychain *kc, char (**out)[KC_LABEL_MAX], size_t *n,
-                     kc_error *err)
+/* Every lease in the state directory, read once: *out is malloc'ed, the
+ * caller frees.  Unreadable ones are included, marked (their label is not
+ * known). */
+int32_t lease_all(kc_keychain *kc, lease **out, size_t *n, kc_error *err)
 {
-    char path[4096], text[LEASE_FILE_MAX], (*labels)[KC_LABEL_MAX] = NULL;
-    char (*grown)[KC_LABEL_MAX];
+    char path[4096];
+    lease *leases = NULL, *grown;
     struct dirent *e;
-    lease l;
-    ssize_t len;
     DIR *d;
     int fd;
 
@@ -445,46 +455,42 @@ int32_t lease_labels(kc_keychain *kc, char (**out)[KC_LABEL_MAX], size_t *n,
             continue; /* ".", "..", temporary files */
         if ((fd = openat(dirfd(d), e->d_name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)) < 0)
             continue;
-        len = read(fd, text, sizeof text - 1);
-        close(fd);
-        text[len > 0 ? len : 0] = 0;
-        memset(&l, 0, sizeof l);
-        if (len <= 0 || !parse_lease(text, &l))
-            continue;
-        if (!(grown = realloc(labels, (*n + 1) * sizeof *labels))) {
-            free(labels);
+        if (!(grown = realloc(leases, (*n + 1) * sizeof *leases))) {
+            close(fd);
+            free(leases);
             closedir(d);
             *n = 0;
             return fail(err, KC_errSecAllocate, 0, "out of memory");
         }
-        labels = grown;
-        memcpy(labels[(*n)++], l.label, KC_LABEL_MAX);
+        leases = grown;
+        load_lease(fd, &leases[(*n)++]);
     }
     closedir(d);
-    *out = labels;
+    *out = leases;
     return KC_errSecSuccess;
 }
 
 /* Remove the owner files of processes that have ended and that no lease
- * names any more; *removed counts them. */
+ * names any more (an unreadable lease might name any: then none goes);
+ * *removed counts them. */
 int32_t sweep_owner_files(kc_keychain *kc, CK_ULONG *removed, kc_error *err)
 {
-    char path[4096], (*labels)[KC_LABEL_MAX] = NULL;
+    char path[4096];
     struct dirent *e;
+    lease *leases = NULL;
     owner_ref o;
-    lease l;
     size_t n = 0, i;
-    int found, named, j;
+    int named, j;
     int32_t st;
     DIR *d;
 
     *removed = 0;
     if (!kc->state_dir || !path_in(path, sizeof path, kc->state_dir, "owners", NULL))
         return KC_errSecSuccess;
-    if ((st = lease_labels(kc, &labels, &n, err)))
+    if ((st = lease_all(kc, &leases, &n, err)))
         return st;
     if (!(d = opendir(path))) {
-        free(labels);
+        free(leases);
         return KC_errSecSuccess;
     }
     while ((e = readdir(d))) {
@@ -495,17 +501,15 @@ int32_t sweep_owner_files(kc_keychain *kc, CK_ULONG *removed, kc_error *err)
         if (owner_alive(kc, &o) != 0)
             continue;
         for (i = 0, named = 0; i < n && !named; i++) {
-            if (lease_read(kc, labels[i], &l, &found, NULL) || !found)
-                continue;
-            named = l.unreadable;
-            for (j = 0; j < l.n_owners; j++)
-                named |= strcmp(l.owners[j].id, o.id) == 0;
+            named = leases[i].unreadable;
+            for (j = 0; j < leases[i].n_owners; j++)
+                named |= strcmp(leases[i].owners[j].id, o.id) == 0;
         }
         if (!named && unlinkat(dirfd(d), e->d_name, 0) == 0)
             ++*removed;
     }
     closedir(d);
-    free(labels);
+    free(leases);
     return KC_errSecSuccess;
 }
 
