@@ -9,12 +9,11 @@ module: they are written once, in the header.
 
 from __future__ import annotations
 
-import os
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ._fork import renew_in_child
 from ._version import __version__
 
 try:
@@ -83,20 +82,6 @@ class ItemInfo:
     owner_alive: Optional[bool]
 
 
-# Every open store, so that a forked child gets free locks: a lock another
-# thread held at fork() would stay held in the child forever.  (The C layer
-# does the same for its own locks with pthread_atfork.)
-_STORES: weakref.WeakSet[NativeStore] = weakref.WeakSet()
-
-
-def _fresh_locks_after_fork() -> None:
-    for store in _STORES:
-        store._lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_fresh_locks_after_fork)
-
-
 def _check(status: int, err: Any, operation: str) -> None:
     if status != 0:
         errors.raise_status(
@@ -136,7 +121,10 @@ class NativeStore:
         # close() must not free the handle under a call in another thread
         self._lock = threading.Lock()
         self._list_room = 64  # kc_item_info entries list_items offers
-        _STORES.add(self)
+        renew_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
 
     def _live(self) -> Any:
         if self._handle is None:

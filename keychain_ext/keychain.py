@@ -22,6 +22,7 @@ from ._backend import (
     StoreLocation,
     platform_backend,
 )
+from ._fork import renew_in_child
 from ._native_backend import EPHEMERAL, HELD, LABEL_MAX, RECLAIM_STALE, SHARED
 from .errors import (
     DuplicateItemError,
@@ -187,6 +188,7 @@ class Keychain:
         # label -> PIN file written for TLS clients, and the fd holding it
         self._pin_files: dict[str, tuple[Path, int]] = {}
         weakref.finalize(self, _release_pin_files, self._pin_files)
+        renew_in_child(self)
         self.env: dict[str, str] = {}
         self._owned_pin: Optional[_Hidden] = None
         self.pin_file: Optional[Path] = None
@@ -281,6 +283,15 @@ class Keychain:
         self._store.close()
         with self._lock:
             _release_pin_files(self._pin_files)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        # the parent's PIN files stay the parent's: the child lets go of its
+        # copies of their descriptors (the parent's flock stays) and never
+        # removes them
+        for _path, fd in self._pin_files.values():
+            os.close(fd)
+        self._pin_files.clear()
 
     def _identity(self, info: ItemInfo) -> Identity:
         store = self.location

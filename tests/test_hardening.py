@@ -254,6 +254,50 @@ def test_fork_while_a_thread_is_inside_the_library(
     assert token.objects() == []
 
 
+FORK_WHILE_LOCKS_HELD = """
+import os, sys, threading
+from keychain_ext import Keychain
+module, token, p12, child_p12 = sys.argv[1:5]
+pin, pw, child_pw = (sys.stdin.readline().strip() for _ in range(3))
+kc = Keychain(module, token, pin)
+mine = kc.preauth_key(p12, pw, "parent", ephemeral=True)
+held, release = threading.Event(), threading.Event()
+def hold():  # a thread inside both of the facade's locks when fork() comes
+    with kc._lock, kc._store._lock:
+        held.set()
+        release.wait()
+threading.Thread(target=hold).start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    kc.preauth_key(child_p12, child_pw, "child", ephemeral=True)
+    kc.kill_key("child")
+    kc.close()
+    sys.exit(0)  # a normal exit: close, atexit and finalizers all run
+release.set()
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), mine.store.pin_file.exists())
+kc.kill_key("parent")
+"""
+
+
+def test_a_forked_child_gets_free_locks_and_leaves_the_parents_pin_file(
+    token: Token, ec_client: ClientIdentity, rsa_client: ClientIdentity
+) -> None:
+    """fork() while another thread holds the Keychain's and the store's
+    Python locks: the child's calls do not wait forever, and the child, ending
+    normally, does not remove the PIN file its parent's TLS clients use."""
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_WHILE_LOCKS_HELD, token.module, token.label,
+         str(ec_client.p12), str(rsa_client.p12)],
+        input=f"{token.pin}\n{ec_client.password}\n{rsa_client.password}\n",
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "True"], done.stderr
+    assert token.objects() == []
+
+
 # ------------------------------------------------------ the embedded store
 
 EMBEDDED = """
