@@ -38,8 +38,10 @@ CK_RV find(kc_keychain *kc, CK_ATTRIBUTE *tmpl, CK_ULONG n,
         rv = find_init(kc, tmpl, n);
         if (rv == CKR_OK) {
             rv = f->C_FindObjects(kc->session, found, max, count);
-            if (*count > max)
-                *count = max; /* a module's count is not an index */
+            if (rv == CKR_OK && *count > max)
+                rv = CKR_FUNCTION_FAILED; /* a broken module: trust none of it */
+            if (rv != CKR_OK)
+                *count = 0;
             rv_final = f->C_FindObjectsFinal(kc->session);
             if (rv == CKR_OK)
                 rv = rv_final;
@@ -65,9 +67,10 @@ CK_RV all_objects(kc_keychain *kc, CK_OBJECT_HANDLE **out, CK_ULONG *count)
         }
         h = grown;
         rv = kc->mod->f->C_FindObjects(kc->session, h + n, MAX_FOUND, &got);
-        if (got > MAX_FOUND)
-            got = MAX_FOUND;
-        n += got;
+        if (rv == CKR_OK && got > MAX_FOUND)
+            rv = CKR_FUNCTION_FAILED; /* a broken module: trust none of it */
+        if (rv == CKR_OK)
+            n += got;
     } while (rv == CKR_OK && got == MAX_FOUND);
     kc->mod->f->C_FindObjectsFinal(kc->session);
     if (rv != CKR_OK) {

@@ -289,10 +289,13 @@ static int32_t find_slot(module *m, const char *label, int want_uninitialized,
         slots = NULL;
         rv = m->f->C_GetSlotList(CK_TRUE, NULL, &n);
         if (rv == CKR_OK && n) {
-            slots = calloc(n, sizeof *slots);
+            CK_ULONG room = n;
+            slots = calloc(room, sizeof *slots);
             if (!slots)
                 return fail(err, KC_errSecAllocate, 0, "out of memory");
             rv = m->f->C_GetSlotList(CK_TRUE, slots, &n);
+            if (rv == CKR_OK && n > room)
+                rv = CKR_FUNCTION_FAILED; /* a broken module: trust none of it */
         }
         if (rv != CKR_OK) {
             if (transient(rv) || rv == CKR_BUFFER_TOO_SMALL)

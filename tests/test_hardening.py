@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from keychain_ext import AuthFailedError, Keychain
-from keychain_ext._store import write_secret
+from keychain_ext._store import softhsm2_module, write_secret
 
 from .conftest import Token
 from .pki import ClientIdentity
@@ -329,10 +329,8 @@ def test_only_softhsm2_is_ever_initialized(token: Token) -> None:
         NativeBackend().init_token(proxy, "blank", "so-pin-1234", "user-pin-1234")
 
 
-def test_a_failed_first_initialization_leaves_no_half_token(tmp_path: Path) -> None:
-    """C_InitPIN fails after C_InitToken: the embedded store keeps no token
-    without a user PIN, and the next use starts afresh; an existing token is
-    never initialized again."""
+def _build_shim(tmp_path: Path) -> str:
+    """tests/p11shim, built for this test (see p11shim.h)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -341,9 +339,14 @@ def test_a_failed_first_initialization_leaves_no_half_token(tmp_path: Path) -> N
     assert spec and spec.loader
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    shim = str(build.build_shim(tmp_path / "shim"))
-    from keychain_ext._store import softhsm2_module
+    return str(build.build_shim(tmp_path / "shim"))
 
+
+def test_a_failed_first_initialization_leaves_no_half_token(tmp_path: Path) -> None:
+    """C_InitPIN fails after C_InitToken: the embedded store keeps no token
+    without a user PIN, and the next use starts afresh; an existing token is
+    never initialized again."""
+    shim = _build_shim(tmp_path)
     home = tmp_path / "home"
     target = {"P11SHIM_TARGET": softhsm2_module()}
     failed = _embedded(home, shim, {**target, "P11SHIM_FAIL_FUNCTION": "C_InitPIN:1"})
@@ -418,4 +421,62 @@ def test_a_stuck_lock_holder_is_an_error_not_a_hang(
         holder.wait(30)
         with kc.preauthorized(ec_client.p12, ec_client.password, "after") as ident:
             assert kc.lookup("after") == ident
+    assert token.objects() == []
+
+
+# -------------------------------------------------- a module that lies
+
+LIAR = """
+import ctypes, json, sys
+from keychain_ext import Keychain, KeychainError
+shim, token, p12 = sys.argv[1:4]
+pin, password = sys.stdin.readline().strip(), sys.stdin.readline().strip()
+outcomes = []
+def attempt(what, op):
+    try:
+        op()
+        outcomes.append([what, "ok"])
+    except KeychainError as exc:
+        outcomes.append([what, type(exc).__name__])
+kc = None
+def open_it():
+    global kc
+    kc = Keychain(shim, token, pin)
+attempt("open", open_it)
+if kc is not None:
+    attempt("preauth", lambda: kc.preauth_key(p12, password, "lied-to"))
+    attempt("lookup", lambda: kc.lookup("lied-to"))
+    attempt("items", kc.items)
+    attempt("kill", lambda: kc.kill_key("lied-to"))
+    kc.close()
+print(json.dumps({"outcomes": outcomes, "lies": ctypes.CDLL(shim).p11shim_lies()}))
+"""
+
+
+@pytest.mark.parametrize("lie", ["find-count", "slot-count", "attr-length"])
+def test_a_module_that_lies_about_counts_and_lengths(
+    token: Token, ec_client: ClientIdentity, tmp_path: Path, lie: str
+) -> None:
+    """A module claims more handles or slots than the room it was given, or
+    values longer than their buffers: nothing is read or written past a
+    buffer (the process ends normally), every failure is a typed error, and
+    what the lie left undone a truthful process finishes: nothing left."""
+    shim = _build_shim(tmp_path)
+    env = {**os.environ, "P11SHIM_TARGET": softhsm2_module(), "P11SHIM_LIE": lie}
+    done = subprocess.run(
+        [sys.executable, "-c", LIAR, shim, token.label, str(ec_client.p12)],
+        input=f"{token.pin}\n{ec_client.password}\n", env=env,
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["lies"] > 0  # the lie was told
+    outcomes = dict(report["outcomes"])
+    if lie == "slot-count":  # no token can be trusted: none is opened
+        assert outcomes == {"open": "IOFailureError"}
+    if lie == "find-count":  # every search fails before anything is made
+        assert outcomes["preauth"] == "IOFailureError"
+        assert outcomes["kill"] != "ok"
+    with token.open() as kc:
+        kc.kill_key("lied-to", missing_ok=True)
     assert token.objects() == []

@@ -25,7 +25,6 @@
 #define GENERIC(X) \
 X(C_Finalize, (void *r), (r)) \
 X(C_GetInfo, (CK_INFO_PTR i), (i)) \
-X(C_GetSlotList, (CK_BBOOL p, CK_SLOT_ID_PTR l, CK_ULONG_PTR c), (p, l, c)) \
 X(C_GetSlotInfo, (CK_SLOT_ID s, CK_SLOT_INFO_PTR i), (s, i)) \
 X(C_GetTokenInfo, (CK_SLOT_ID s, CK_TOKEN_INFO_PTR i), (s, i)) \
 X(C_GetMechanismList, (CK_SLOT_ID s, CK_MECHANISM_TYPE_PTR m, CK_ULONG_PTR c), (s, m, c)) \
@@ -45,10 +44,8 @@ X(C_CreateObject, (CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJEC
 X(C_CopyObject, (CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR no), (h, o, t, n, no)) \
 X(C_DestroyObject, (CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o), (h, o)) \
 X(C_GetObjectSize, (CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ULONG_PTR n), (h, o, n)) \
-X(C_GetAttributeValue, (CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t, CK_ULONG n), (h, o, t, n)) \
 X(C_SetAttributeValue, (CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t, CK_ULONG n), (h, o, t, n)) \
 X(C_FindObjectsInit, (CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n), (h, t, n)) \
-X(C_FindObjects, (CK_SESSION_HANDLE h, CK_OBJECT_HANDLE_PTR o, CK_ULONG m, CK_ULONG_PTR n), (h, o, m, n)) \
 X(C_FindObjectsFinal, (CK_SESSION_HANDLE h), (h)) \
 X(C_EncryptInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k), (h, m, k)) \
 X(C_Encrypt, (CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dn, CK_BYTE_PTR o, CK_ULONG_PTR on), (h, d, dn, o, on)) \
@@ -90,11 +87,20 @@ X(C_GetFunctionStatus, (CK_SESSION_HANDLE h), (h)) \
 X(C_CancelFunction, (CK_SESSION_HANDLE h), (h)) \
 X(C_WaitForSlotEvent, (CK_FLAGS f, CK_SLOT_ID_PTR s, CK_VOID_PTR r), (f, s, r))
 
+/* The functions that can lie (P11SHIM_LIE): forwarded like the others, then
+ * their answer is bent as a buggy module would bend it (see lie_* below). */
+#define LIARS(X) \
+X(C_GetSlotList, (CK_BBOOL p, CK_SLOT_ID_PTR l, CK_ULONG_PTR c), (p, l, c)) \
+X(C_GetAttributeValue, (CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_PTR t, CK_ULONG n), (h, o, t, n)) \
+X(C_FindObjects, (CK_SESSION_HANDLE h, CK_OBJECT_HANDLE_PTR o, CK_ULONG m, CK_ULONG_PTR n), (h, o, m, n))
+
+#define ALL(X) GENERIC(X) LIARS(X)
+
 #define AS_ENUM(name, params, args) IDX_##name,
 #define AS_NAME(name, params, args) #name,
-enum { IDX_C_Initialize, IDX_C_GetFunctionList, GENERIC(AS_ENUM) N_FUNCS };
+enum { IDX_C_Initialize, IDX_C_GetFunctionList, ALL(AS_ENUM) N_FUNCS };
 static const char *const names[N_FUNCS] = {
-    "C_Initialize", "C_GetFunctionList", GENERIC(AS_NAME)
+    "C_Initialize", "C_GetFunctionList", ALL(AS_NAME)
 };
 
 /* The trace keeps one byte per call; the cap bounds memory in long
@@ -108,6 +114,8 @@ static unsigned long trace_len, trace_size;
 static unsigned long fail_n, fail_rv;                 /* p11shim_fail_at */
 static unsigned long kill_after_n;                    /* P11SHIM_KILL_AFTER */
 static unsigned long fn_fail_k[N_FUNCS], fn_fail_rv[N_FUNCS];
+static enum { LIE_NONE, LIE_FIND_COUNT, LIE_SLOT_COUNT, LIE_ATTR_LENGTH } lie_mode;
+static unsigned long lies; /* answers bent since the last reset */
 
 static void *target_handle;
 static CK_FUNCTION_LIST_PTR real;  /* the target's list, NULL until loaded */
@@ -157,7 +165,7 @@ static int shim_enter(int idx, CK_RV *rv, int *kill_after)
 /* The list handed out points at these static functions rather than at the
  * exported C_* symbols, so that another module's C_* loaded RTLD_GLOBAL in
  * the same process can never interpose and bypass the shim. */
-#define FORWARD(name, params, args)                      \
+#define FORWARD_THEN(name, params, args, then)           \
     static CK_RV shim_##name params                      \
     {                                                    \
         CK_RV rv;                                        \
@@ -171,9 +179,57 @@ static int shim_enter(int idx, CK_RV *rv, int *kill_after)
         rv = real->name args;                            \
         if (kill_after)                                  \
             raise(SIGKILL); /* a crash right after it */ \
+        then;                                            \
         return rv;                                       \
     }
+#define FORWARD(name, params, args) FORWARD_THEN(name, params, args, (void)0)
+#define FORWARD_LIAR(name, params, args) \
+    FORWARD_THEN(name, params, args, if (rv == CKR_OK) lie_##name args)
 GENERIC(FORWARD)
+
+
+static void told_a_lie(void)
+{
+    pthread_mutex_lock(&lock);
+    lies++;
+    pthread_mutex_unlock(&lock);
+}
+
+/* A count beyond the room the caller gave (only max handles written). */
+static void lie_C_FindObjects(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE_PTR o,
+                              CK_ULONG max, CK_ULONG_PTR n)
+{
+    (void)h, (void)o;
+    if (lie_mode == LIE_FIND_COUNT) {
+        *n = max + 1000;
+        told_a_lie();
+    }
+}
+
+/* More slots than the list it filled holds. */
+static void lie_C_GetSlotList(CK_BBOOL p, CK_SLOT_ID_PTR l, CK_ULONG_PTR c)
+{
+    (void)p;
+    if (lie_mode == LIE_SLOT_COUNT && l != NULL) {
+        *c += 1000;
+        told_a_lie();
+    }
+}
+
+/* Values longer than the buffers they were written into. */
+static void lie_C_GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o,
+                                    CK_ATTRIBUTE_PTR t, CK_ULONG n)
+{
+    (void)h, (void)o;
+    if (lie_mode != LIE_ATTR_LENGTH)
+        return;
+    for (CK_ULONG i = 0; i < n; i++)
+        if (t[i].pValue != NULL && t[i].ulValueLen != CK_UNAVAILABLE_INFORMATION) {
+            t[i].ulValueLen += 1000;
+            told_a_lie();
+        }
+}
+LIARS(FORWARD_LIAR)
 
 /* Load the target once and keep it for the life of the process: unloading
  * on C_Finalize would break callers that re-initialize. */
@@ -226,7 +282,7 @@ static CK_FUNCTION_LIST function_list = {
     .version = {CRYPTOKI_VERSION_MAJOR, CRYPTOKI_VERSION_MINOR},
     .C_Initialize = shim_C_Initialize,
     .C_GetFunctionList = shim_C_GetFunctionList,
-    GENERIC(AS_MEMBER)
+    ALL(AS_MEMBER)
 };
 
 /* Not counted: loaders call it freely, and it never reaches the target. */
@@ -243,7 +299,7 @@ CK_RV C_Initialize(CK_VOID_PTR args) { return shim_C_Initialize(args); }
 CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR l) { return shim_C_GetFunctionList(l); }
 #define EXPORT(name, params, args) \
     CK_RV name params { return shim_##name args; }
-GENERIC(EXPORT)
+ALL(EXPORT)
 
 /* ---- control API ---------------------------------------------------- */
 
@@ -251,8 +307,16 @@ void p11shim_reset(void)
 {
     pthread_mutex_lock(&lock);
     memset(counts, 0, sizeof counts);
-    total = fired = trace_len = 0;
+    total = fired = trace_len = lies = 0;
     pthread_mutex_unlock(&lock);
+}
+
+unsigned long p11shim_lies(void)
+{
+    pthread_mutex_lock(&lock);
+    unsigned long n = lies;
+    pthread_mutex_unlock(&lock);
+    return n;
 }
 
 unsigned long p11shim_count(const char *fname)
@@ -371,12 +435,26 @@ __attribute__((constructor)) static void read_env(void)
     const char *rvs = getenv("P11SHIM_FAIL_RV");
     const char *fn = getenv("P11SHIM_FAIL_FUNCTION");
     const char *kill_after = getenv("P11SHIM_KILL_AFTER");
+    const char *lie = getenv("P11SHIM_LIE");
     unsigned long rv = rvs ? strtoul(rvs, NULL, 0) : CKR_GENERAL_ERROR;
 
     /* P11SHIM_KILL_AFTER=n: the process dies by SIGKILL right after the
      * n-th call returns from the target (a crash at a chosen point) */
     if (kill_after != NULL)
         kill_after_n = strtoul(kill_after, NULL, 0);
+
+    /* P11SHIM_LIE=find-count|slot-count|attr-length: every successful
+     * answer of that kind is bent as a buggy module would bend it */
+    if (lie != NULL) {
+        if (strcmp(lie, "find-count") == 0)
+            lie_mode = LIE_FIND_COUNT;
+        else if (strcmp(lie, "slot-count") == 0)
+            lie_mode = LIE_SLOT_COUNT;
+        else if (strcmp(lie, "attr-length") == 0)
+            lie_mode = LIE_ATTR_LENGTH;
+        else
+            fprintf(stderr, "p11shim: unknown P11SHIM_LIE\n");
+    }
 
     if (at != NULL)
         p11shim_fail_at(strtoul(at, NULL, 0), rv);

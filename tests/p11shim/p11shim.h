@@ -22,6 +22,8 @@ void p11shim_fail_at(unsigned long n, unsigned long rv);
 /* The k-th call of fname returns rv without being forwarded; k = 0 disarms.
  * One rule per function.  Returns -1 for an unknown name. */
 int p11shim_fail_function(const char *fname, unsigned long k, unsigned long rv);
+/* How many answers P11SHIM_LIE has bent since the last reset. */
+unsigned long p11shim_lies(void);
 /* Disarm fail_at and every fail_function rule. */
 void p11shim_clear_faults(void);
 /* "C_Name=count\n" for each function called since the reset (snprintf-like:
