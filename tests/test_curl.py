@@ -217,6 +217,52 @@ def test_ephemeral_identity_gone_when_its_process_is_killed(
         assert kc.lookup("eph-child") is None
 
 
+ENGINE_THEN_FINALIZE = """
+import ctypes, io, json, sys
+import pycurl
+from keychain_ext import Keychain
+from keychain_ext.curl import setup_pycurl
+module, token, p12, url, ca = sys.argv[1:6]
+pin, password = sys.stdin.readline().strip(), sys.stdin.readline().strip()
+kc = Keychain(module, token, pin)
+ident = kc.preauth_key(p12, password, "engine-unloads")
+handle, buf = pycurl.Curl(), io.BytesIO()
+setup_pycurl(handle, ident)
+handle.setopt(pycurl.URL, url); handle.setopt(pycurl.CAINFO, ca)
+handle.setopt(pycurl.WRITEDATA, buf); handle.perform()
+handle.close()
+# what libp11 does when its engine is destroyed (libp11 0.4.12: at OpenSSL's
+# cleanup; other versions: when curl lets go of the engine)
+ctypes.CDLL(module).C_Finalize(None)
+kill = "ok"
+try:
+    kc.kill_key("engine-unloads")
+except Exception as exc:
+    kill = type(exc).__name__
+print(json.dumps({"cn": json.loads(buf.getvalue())["client_cn"], "kill": kill,
+                  "after": kc.lookup("engine-unloads")}))
+kc.close()
+"""
+
+
+def test_kill_after_pycurl_used_the_identity_and_libp11_finalized(
+    token: Token, pki: PKI, server: MTLSServer, ec_client: ClientIdentity
+) -> None:
+    """Real pycurl and libp11 share the module with us and sign with the
+    key; then the module is finalized as libp11 does when its engine goes:
+    kill_key still finds and removes the certificate and the key."""
+    require_pycurl()
+    done = subprocess.run(
+        [sys.executable, "-c", ENGINE_THEN_FINALIZE, token.module, token.label,
+         str(ec_client.p12), server.url, str(pki.ca_cert)],
+        input=f"{token.pin}\n{ec_client.password}\n",
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"cn": ec_client.cn, "kill": "ok", "after": None}
+    assert token.objects() == []
+
+
 def test_demo_runs(tmp_path: Path) -> None:
     """examples/demo.py (make demo): the whole flow against its own server."""
     env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
