@@ -302,19 +302,33 @@ static int32_t remove_identity(kc_keychain *kc, const char *label,
     return KC_errSecSuccess;
 }
 
+/* This process's own identity that it cannot see.  SoftHSM2 can lose sight
+ * of fresh objects in the process that wrote them, for good, when another
+ * program reads the token without keychain_ext's lock; other processes
+ * still see them.  The lease stays: it names them, so they can be removed
+ * once this process has ended. */
+static int32_t fail_hidden(const char *label, kc_error *err)
+{
+    return fail(err, KC_errSecIO, 0,
+                "the objects of '%s' are hidden from this process (SoftHSM2 "
+                "loses sight of fresh objects when another program reads the "
+                "token without keychain_ext's lock); their lease stays, so "
+                "they can be removed once this process has ended (purge)",
+                label);
+}
+
 /* Remove the token identity a lease names: its objects (by the key id it
  * records: an identity that replaced ours under the label stays), then the
- * lease, last, so an interrupted removal still names its owners. */
-static int32_t remove_leased(kc_keychain *kc, const lease *l, CK_ULONG *found,
-                             kc_error *err)
+ * lease, last, so an interrupted removal still names its owners.  mine:
+ * this process owns it (see fail_hidden). */
+static int32_t remove_leased(kc_keychain *kc, const lease *l, int mine,
+                             CK_ULONG *found, kc_error *err)
 {
     int32_t st = KC_errSecSuccess;
     int attempt;
-    /* SoftHSM2 can hide fresh objects from their own writer while another
-     * process reads the token without the lock: a lease whose objects are
-     * not seen is looked at again before it goes (else they would stay,
-     * unprovable) */
-    for (attempt = 0; attempt < TRANSIENT_RETRIES && !st; attempt++) {
+    /* objects not seen are looked for again before their lease goes (else
+     * they would stay, unprovable) */
+    for (attempt = 0; attempt < UNSEEN_RETRIES && !st; attempt++) {
         if (attempt)
             backoff(attempt);
         st = remove_identity(kc, l->label, TOKEN_OBJECTS, l->key_id,
@@ -322,6 +336,8 @@ static int32_t remove_leased(kc_keychain *kc, const lease *l, CK_ULONG *found,
         if (*found)
             break;
     }
+    if (!st && !*found && mine)
+        return fail_hidden(l->label, err);
     return st ? st : lease_remove(kc, l->label, err);
 }
 
@@ -357,7 +373,7 @@ static int32_t refuse_duplicate(kc_keychain *kc, const char *label,
                               alive == 0 ? "reclaim it (stale='reclaim') or purge"
                                          : "refusing to import over it",
                               KC_errSecDuplicateItem, err);
-        if ((st = remove_leased(kc, l, &removed, err)) ||
+        if ((st = remove_leased(kc, l, 0, &removed, err)) ||
             (st = exists(kc, ANY_CLASS, ANY_OBJECTS, label, NULL, 0, &taken, err)))
             return st;
     }
@@ -532,7 +548,7 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
                         KC_errSecInvalidOwnerEdit, err);
         goto out;
     }
-    if ((st = remove_leased(kc, &l, &found, err)))
+    if ((st = remove_leased(kc, &l, mine, &found, err)))
         goto out;
     if (mine)
         lease_released(kc);
@@ -584,13 +600,15 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
     if ((st = lookup_keychain_item(kc, &q, h, MAX_FOUND, &count, err)))
         goto out;
     /* a miss despite a lease: look again (see remove_leased) */
-    for (i = 1; !count && i < TRANSIENT_RETRIES; i++) {
+    for (i = 1, leased = 0; !count && i < UNSEEN_RETRIES; i++) {
         if ((st = lease_read(kc, label, &l, &leased, err)) || !leased)
             break;
         backoff((int)i);
         if ((st = lookup_keychain_item(kc, &q, h, MAX_FOUND, &count, err)))
             break;
     }
+    if (!st && !count && leased && lease_mine(&l))
+        st = fail_hidden(label, err);
     if (st)
         goto out;
     if (count && !(o = malloc(sizeof *o))) {
@@ -644,7 +662,7 @@ int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
     } else if ((alive = lease_alive(kc, &l)) != 0) {
         st = fail_owned(&l, alive, "not stale", KC_errSecDuplicateItem, err);
     } else {
-        st = remove_leased(kc, &l, &removed, err);
+        st = remove_leased(kc, &l, 0, &removed, err);
     }
     end(kc);
     return st;

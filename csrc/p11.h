@@ -34,6 +34,10 @@
 #define MAX_SLOTS 16         /* tokens per module we remember logins for */
 #define MAX_FOUND 64         /* objects one label may carry that we handle */
 #define TRANSIENT_RETRIES 5  /* tries for CKR_TOKEN_NOT_PRESENT and kin */
+/* tries before a leased identity whose objects are not seen counts as gone:
+ * SoftHSM2 can hide them from their own writer for a while (about 2 s of
+ * backoff in all, spent only on that anomaly) */
+#define UNSEEN_RETRIES 10
 #define DEFAULT_LOCK_WAIT_MS 120000 /* a lock held longer: an error, not a wait */
 
 #define ATTR(type, ptr, len) {(type), (void *)(ptr), (CK_ULONG)(len)}

@@ -112,6 +112,7 @@ int transient(CK_RV rv)
 
 void backoff(int attempt)
 {
-    struct timespec ts = {0, 2000000L << attempt}; /* 2, 4, 8, ... ms */
+    long long ns = 2000000LL << attempt; /* 2, 4, 8, ... ms */
+    struct timespec ts = {(time_t)(ns / 1000000000LL), (long)(ns % 1000000000LL)};
     nanosleep(&ts, NULL);
 }

@@ -355,24 +355,29 @@ def test_owner_in_another_pid_namespace_keeps_its_identity(
 # ------------------------------------------------------------ concurrency
 
 WORKER = """
-import sys
+import json, sys
 from keychain_ext import Keychain
 module, token, init_args, p12, label, cycles = sys.argv[1:7]
 pin, password = sys.stdin.readline().strip(), sys.stdin.readline().strip()
 data = open(p12, "rb").read()
-failed = 0
+failed, hidden = 0, []
 with Keychain(module, token, pin, init_args=init_args or None, exclusive=True) as kc:
     print("ready", flush=True)
     sys.stdin.readline()  # start together
     for i in range(int(cycles)):
+        name = f"{label}-{i}"
         try:
-            kc.preauth_key(data, password, label)
-            assert kc.lookup(label) is not None
-            kc.kill_key(label)
+            kc.preauth_key(data, password, name)
+            assert kc.lookup(name) is not None
+            kc.kill_key(name)
         except Exception as e:
+            if "hidden from this process" in str(e):
+                hidden.append(name)  # SoftHSM2's, said so; its lease stays
+                continue
             failed += 1
             print(repr(e), file=sys.stderr)
-            kc.kill_key(label, missing_ok=True)
+            kc.kill_key(name, missing_ok=True)
+print(json.dumps(hidden))
 print("failed", failed, flush=True)
 """
 
@@ -406,6 +411,11 @@ def test_writers_with_readers_inside_and_outside_the_lock(pki: PKI, any_token: T
     the library (under its lock) and an outside program lists the token
     without the lock: no failed cycle, nothing left -- unlabelled objects
     included.  KEYCHAIN_EXT_STRESS_CYCLES sets N (default 50).
+
+    SoftHSM2 can also hide an identity from the process that wrote it, for
+    good (measured: still unseen 7 s later, while other processes see it).
+    That process then gets a typed error saying so, keeps the lease, and
+    the identity goes with the purge once its owner has ended.
 
     SoftHSM2 leaves blank objects (a class and nothing else) when an
     unlocked reader races its writes.  The token is keychain_ext's alone
@@ -452,9 +462,13 @@ def test_writers_with_readers_inside_and_outside_the_lock(pki: PKI, any_token: T
     lister.kill()
     lister.wait()
     outcomes = [r[0].strip().splitlines()[-1:] for r in results]
-    assert outcomes == [["failed 0"]] * 8, [r[1][-2000:] for r in results]
+    assert outcomes == [["failed 0"]] * 8, [r[1][-2000:] for r in results if r[1]]
     assert reads, "the outside reader never ran"
+    # identities SoftHSM2 hid from their own process were reported so, and
+    # their leases name them: once their owners have ended, purge removes
+    # them with the blank objects an unlocked reader leaves
+    hidden = {name for r in results for name in json.loads(r[0].strip().splitlines()[-2])}
     with any_token.open(exclusive=True) as kc:
         swept = kc.purge(dry_run=False)
-    assert all(not i.label for i in swept), swept  # blank objects only
+    assert {i.label for i in swept if i.label} == hidden, swept
     assert any_token.objects() == []
