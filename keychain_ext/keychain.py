@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import ssl
 import threading
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional, Union
 
-from . import _store
+from . import _provider, _store
 from ._backend import (
     DarwinBackend,
     DarwinKeychain,
@@ -30,6 +31,7 @@ from .errors import (
     ItemNotFoundError,
     NoSuchKeychainError,
     ParamError,
+    UnimplementedError,
 )
 
 if TYPE_CHECKING:
@@ -41,9 +43,9 @@ Secret = Union[str, bytes, None]
 Stale = Literal["refuse", "reclaim"]
 
 
-def _release_pin_files(files: dict[str, tuple[Path, int]]) -> None:
-    """Remove the PIN files a Keychain wrote (at close, or when it is
-    collected or the interpreter exits without close)."""
+def _release_client_files(files: dict[tuple[str, str], tuple[Path, int]]) -> None:
+    """Remove the PIN files and provider directories a Keychain wrote (at
+    close, or when it is collected or the interpreter exits without close)."""
     for path, fd in files.values():
         _store.release_secret(path, fd)
     files.clear()
@@ -116,6 +118,41 @@ class Identity(ItemInfo):
     """
 
     store: StoreLocation
+    _keychain: Optional[weakref.ref[Keychain]] = field(default=None, repr=False, compare=False)
+
+    def ssl_context(
+        self,
+        cafile: Optional[str] = None,
+        capath: Optional[str] = None,
+        cadata: Union[str, bytes, None] = None,
+    ) -> ssl.SSLContext:
+        """A TLS client context that authenticates with this identity, its
+        private key staying in the token (OpenSSL 3's pkcs11 provider, loaded
+        into the OpenSSL of Python's ``ssl``).  Server verification as
+        ``ssl.create_default_context(cafile=..., capath=..., cadata=...)``.
+        For requests, httpx, urllib3, aiohttp, urllib; token and ephemeral
+        identities alike.
+
+        Raises:
+            UnimplementedError: the route cannot work here (OpenSSL older
+                than 3, the provider not installed, OpenSSL linked into
+                ``ssl`` statically, not a PKCS#11 token); says what to do.
+            ItemNotFoundError: the Keychain that made this identity is gone.
+        """
+        return _provider.ssl_context(self.provider_files(), cafile, capath, cadata)
+
+    def provider_files(self) -> _provider.ProviderFiles:
+        """The certificate PEM, the provider's key PEM and the OpenSSL
+        configuration an OpenSSL 3 program needs to use this identity
+        (0600, in a 0700 directory removed when the identity is killed or
+        its Keychain closed).  Raises as :meth:`ssl_context`."""
+        keychain = self._keychain() if self._keychain is not None else None
+        if keychain is None:
+            raise ItemNotFoundError(
+                detail=f"the Keychain that made identity '{self.label}' is gone",
+                operation="provider_files",
+            )
+        return keychain._provider_files(self)
 
     @property
     def cert_uri(self) -> Optional[str]:
@@ -185,9 +222,10 @@ class Keychain:
         lock_timeout: float = 120.0,
     ) -> None:
         self._lock = threading.Lock()
-        # label -> PIN file written for TLS clients, and the fd holding it
-        self._pin_files: dict[str, tuple[Path, int]] = {}
-        weakref.finalize(self, _release_pin_files, self._pin_files)
+        # (label, "pin" or "provider") -> PIN file or provider directory
+        # written for TLS clients, and the fd holding it
+        self._client_files: dict[tuple[str, str], tuple[Path, int]] = {}
+        weakref.finalize(self, _release_client_files, self._client_files)
         renew_in_child(self)
         self.env: dict[str, str] = {}
         self._owned_pin: Optional[_Hidden] = None
@@ -218,7 +256,7 @@ class Keychain:
             pin_file = pin_file or os.environ.get("KEYCHAIN_EXT_PIN_FILE")
             if pin is None and pin_file is not None:
                 pin = _store.read_secret(Path(pin_file))
-                self.pin_file = Path(pin_file)
+                self.pin_file = Path(os.path.abspath(pin_file))  # clients run elsewhere
             if pin is None:
                 raise InteractionRequiredError(
                     detail=f"token '{token}' needs a PIN: pass pin= or pin_file=, "
@@ -282,23 +320,23 @@ class Keychain:
         """Close the store; its ephemeral identities vanish.  Idempotent."""
         self._store.close()
         with self._lock:
-            _release_pin_files(self._pin_files)
+            _release_client_files(self._client_files)
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
         # the parent's PIN files stay the parent's: the child lets go of its
         # copies of their descriptors (the parent's flock stays) and never
         # removes them
-        for _path, fd in self._pin_files.values():
+        for _path, fd in self._client_files.values():
             os.close(fd)
-        self._pin_files.clear()
+        self._client_files.clear()
 
     def _identity(self, info: ItemInfo) -> Identity:
         store = self.location
         if isinstance(store, Pkcs11Token) and store.pin_file is None:
             pin_file = self._client_pin_file(info.label)
             store = Pkcs11Token(store.module, store.token, pin_file, store.lock_path, store.env)
-        return Identity(**vars(info), store=store)
+        return Identity(**vars(info), store=store, _keychain=weakref.ref(self))
 
     def _client_pin_file(self, label: str) -> Optional[Path]:
         """A 0600 PIN file for TLS clients: the store's own, or one written
@@ -308,15 +346,32 @@ class Keychain:
         if self._owned_pin is None:
             return None
         with self._lock:
-            held = self._pin_files.get(label)
+            held = self._client_files.get((label, "pin"))
             if held is None:
                 pins = _store.private_dir(_store.base_dir() / "pins")
                 _store.sweep_unheld(pins)  # what ended processes left
                 path = pins / f"{os.getpid()}-{_store.new_pin()}"
                 fd = _store.write_secret(path, self._owned_pin.value.decode("utf-8"), hold=True)
                 assert fd is not None
-                held = self._pin_files[label] = (path, fd)
+                held = self._client_files[label, "pin"] = (path, fd)
             return held[0]
+
+    def _provider_files(self, ident: Identity) -> _provider.ProviderFiles:
+        """Identity.provider_files: written once per identity, removed with
+        its PIN file."""
+        if not isinstance(ident.store, Pkcs11Token):
+            raise UnimplementedError(
+                detail=f"identity '{ident.label}' is not on a PKCS#11 token: OpenSSL's "
+                "pkcs11 provider cannot reach it",
+                operation="provider_files",
+            )
+        _provider.provider_path()  # fails early, before anything is written
+        with self._lock:
+            held = self._client_files.get((ident.label, "provider"))
+            if held is None:
+                held = _store.hold_private_dir(_store.base_dir() / "provider")
+                self._client_files[ident.label, "provider"] = held
+            return _provider.write_files(held[0], ident.store, ident.label, self._init_args)
 
     def preauth_key(
         self,
@@ -406,9 +461,10 @@ class Keychain:
                 raise
         finally:
             with self._lock:
-                held = self._pin_files.pop(label, None)
-            if held is not None:
-                _store.release_secret(*held)
+                held = [self._client_files.pop((label, k), None) for k in ("provider", "pin")]
+            for files in held:
+                if files is not None:
+                    _store.release_secret(*files)
 
     def lookup(self, label: str) -> Optional[Identity]:
         """The identity under ``label``, or None.  Changes nothing."""
