@@ -221,6 +221,8 @@ def config(module: str, init_args: Optional[str], include: Optional[str] = None)
         *([f"pkcs11-module-init-args = {_quote(init_args)}"] if init_args else []),
         "# SoftHSM2 is gone when OpenSSL's exit handler runs (see keychain_ext._provider)",
         "pkcs11-module-quirks = no-deinit",
+        "# no session copy of a key: a killed identity must be gone",
+        "pkcs11-module-cache-keys = false",
         "activate = 1",
     ]
     own_providers = [
