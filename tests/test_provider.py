@@ -128,9 +128,7 @@ def test_client_posts_with_the_identity(
     request: pytest.FixtureRequest,
 ) -> None:
     url = request.getfixturevalue(server).url
-    with kc.preauthorized(
-        rsa_client.p12, rsa_client.password, "ctx", ephemeral=ephemeral
-    ) as ident:
+    with kc.preauthorized(rsa_client.p12, rsa_client.password, "ctx", ephemeral=ephemeral) as ident:
         ctx = ident.ssl_context(cafile=str(pki.ca_cert))
         assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
         assert CLIENTS[client](url, ctx) == expected(server, rsa_client.cn)
