@@ -206,14 +206,19 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expand(command: Sequence[str], ident: Identity) -> list[str]:
+def _expand(command: Sequence[str], ident: Identity, env: dict[str, str]) -> list[str]:
     """{cert}, {key} and {engine} in CMD become the identity's URIs and the
-    engine name; `curl` without placeholders gets the engine arguments."""
+    engine name; `curl` without placeholders gets --cert/--key (the provider's
+    files, read with the OPENSSL_CONF in env), or the engine arguments where
+    the provider is missing."""
     values = {"cert": ident.cert_uri or "", "key": ident.key_uri or "", "engine": "pkcs11"}
     pattern = re.compile(r"\{(cert|key|engine)\}")
     argv = [pattern.sub(lambda m: values[m.group(1)], arg) for arg in command]
     if os.path.basename(command[0]) == "curl" and not any(pattern.search(a) for a in command):
-        argv[1:1] = curl_args(ident)
+        if "KEYCHAIN_EXT_KEY" in env:
+            argv[1:1] = ["--cert", env["KEYCHAIN_EXT_CERT"], "--key", env["KEYCHAIN_EXT_KEY"]]
+        else:
+            argv[1:1] = curl_args(ident)
     return argv
 
 
@@ -263,9 +268,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if not pending:
                     ident = kc.preauth_key(args.p12, password, args.label, stale=args.stale)
                 if ident is not None and not pending:
-                    child = subprocess.Popen(
-                        _expand(command, ident), env=_child_env(ident, args, password)
-                    )
+                    env = _child_env(ident, args, password)
+                    child = subprocess.Popen(_expand(command, ident, env), env=env)
                     status = child.wait()
             finally:
                 if ident is not None:

@@ -366,12 +366,18 @@ class Keychain:
                 operation="provider_files",
             )
         _provider.provider_path()  # fails early, before anything is written
+        key = (ident.label, "provider")
         with self._lock:
-            held = self._client_files.get((ident.label, "provider"))
+            held = self._client_files.get(key)
             if held is None:
-                held = _store.hold_private_dir(_store.base_dir() / "provider")
-                self._client_files[ident.label, "provider"] = held
-            return _provider.write_files(held[0], ident.store, ident.label, self._init_args)
+                held = self._client_files[key] = _store.hold_private_dir(
+                    _store.base_dir() / "provider"
+                )
+            try:
+                return _provider.write_files(held[0], ident.store, ident.label, self._init_args)
+            except BaseException:
+                _store.release_secret(*self._client_files.pop(key))  # half-written
+                raise
 
     def preauth_key(
         self,
