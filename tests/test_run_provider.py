@@ -158,3 +158,14 @@ def test_merged_configuration_text(tmp_path: Path) -> None:
         )
         assert listed.returncode == 0, listed.stderr
         assert NAME in listed.stdout and "default" in listed.stdout
+
+
+def test_bare_curl_falls_back_to_the_engine_without_the_provider(
+    env: dict[str, str], nginx: NginxServer, ec_client: ClientIdentity, tmp_path: Path
+) -> None:
+    no_provider = {**env, "OPENSSL_MODULES": str(tmp_path)}  # no pkcs11.so there
+    done = run(no_provider, ec_client, "engine", ["sh", "-c", 'test -z "$KEYCHAIN_EXT_KEY"'])
+    assert done.returncode == 0, done.stderr  # no provider files for the child ...
+    done = run(no_provider, ec_client, "engine", ["curl", "-sS", "--cacert", env["CA"], nginx.url])
+    assert done.returncode == 0, done.stderr  # ... a bare one the engine arguments
+    assert json.loads(done.stdout) == {"client": f"CN={ec_client.cn}"}
