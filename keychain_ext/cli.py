@@ -13,6 +13,7 @@ import getpass
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -144,12 +145,38 @@ def cmd_kill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lookup(kc: Keychain, label: str) -> Identity:
+    ident = kc.lookup(label)
+    if ident is None:
+        raise ItemNotFoundError(detail=f"no identity labelled '{label}'", operation="lookup")
+    return ident
+
+
 def cmd_lookup(args: argparse.Namespace) -> int:
     with _open(args) as kc:
-        ident = kc.lookup(args.label)
-    if ident is None:
-        raise ItemNotFoundError(detail=f"no identity labelled '{args.label}'", operation="lookup")
+        ident = _lookup(kc, args.label)
     _print_identity(ident, args.json)
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """Print the exports another shell needs to use the identity (no
+    secret); its files stay until the identity is killed."""
+    with _open(args) as kc:
+        env = client_env(_lookup(kc, args.label), {}, persistent=True)
+    for name, value in env.items():
+        print(f"export {name}={shlex.quote(value)}")
+    return 0
+
+
+def cmd_cert(args: argparse.Namespace) -> int:
+    """Write the identity's certificate as PEM (read through the provider)."""
+    with _open(args) as kc:
+        pem = _lookup(kc, args.label).provider_files().cert.read_text()
+    if args.output:
+        Path(args.output).write_text(pem)
+    else:
+        sys.stdout.write(pem)
     return 0
 
 
@@ -372,6 +399,19 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--label", required=True)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_lookup)
+
+    sp = sub.add_parser(
+        "env",
+        help="print the exports (shell-quoted, no secret) another shell needs to use an "
+        "identity: KEYCHAIN_EXT_CERT, KEYCHAIN_EXT_KEY, OPENSSL_CONF, ...",
+    )
+    sp.add_argument("label", help="the identity's label")
+    sp.set_defaults(func=cmd_env)
+
+    sp = sub.add_parser("cert", help="write an identity's certificate as PEM")
+    sp.add_argument("label", help="the identity's label")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (default: stdout)")
+    sp.set_defaults(func=cmd_cert)
 
     sp = sub.add_parser("list", help="list identities in the store")
     sp.add_argument("--json", action="store_true")

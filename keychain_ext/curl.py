@@ -68,15 +68,17 @@ def curl_args(identity: Identity) -> list[str]:
     ]  # fmt: skip
 
 
-def client_env(identity: Identity, base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+def client_env(
+    identity: Identity, base: Optional[Mapping[str, str]] = None, *, persistent: bool = False
+) -> dict[str, str]:
     """The environment a child process needs to use ``identity``: ``base``
     (default: this process's) plus the token's variables, the engine's module
     path and KEYCHAIN_EXT_* variables naming the identity (documented in the
     README); where OpenSSL's pkcs11 provider is installed also
     KEYCHAIN_EXT_CERT (PEM certificate), KEYCHAIN_EXT_KEY (the provider's PEM
     naming the key) and OPENSSL_CONF (a configuration activating the
-    provider, which includes the one this process's children would read).
-    Holds no PIN."""
+    provider, which includes the one this process's children would read;
+    ``persistent``: see Identity.provider_files).  Holds no PIN."""
     token = _require_shared(identity, "a child process")
     env = dict(os.environ if base is None else base)
     env.update(token.env)
@@ -91,7 +93,7 @@ def client_env(identity: Identity, base: Optional[Mapping[str, str]] = None) -> 
         env["KEYCHAIN_EXT_LOCK"] = token.lock_path
     if _provider.problem() is None:
         try:
-            files = identity.provider_files()
+            files = identity.provider_files(persistent=persistent)
         except ItemNotFoundError:
             return env  # killed: nothing left to hand over
         env.update(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 import ssl
 import threading
 import weakref
@@ -141,18 +143,21 @@ class Identity(ItemInfo):
         """
         return _provider.ssl_context(self.provider_files(), cafile, capath, cadata)
 
-    def provider_files(self) -> _provider.ProviderFiles:
+    def provider_files(self, *, persistent: bool = False) -> _provider.ProviderFiles:
         """The certificate PEM, the provider's key PEM and the OpenSSL
         configuration an OpenSSL 3 program needs to use this identity
         (0600, in a 0700 directory removed when the identity is killed or
-        its Keychain closed).  Raises as :meth:`ssl_context`."""
+        its Keychain closed).  ``persistent``: in the token's state
+        directory instead, kept until the identity is killed by any process
+        (what ``keychain-ext env`` prints; needs a store with a PIN file).
+        Raises as :meth:`ssl_context`."""
         keychain = self._keychain() if self._keychain is not None else None
         if keychain is None:
             raise ItemNotFoundError(
                 detail=f"the Keychain that made identity '{self.label}' is gone",
                 operation="provider_files",
             )
-        return keychain._provider_files(self)
+        return keychain._provider_files(self, persistent)
 
     @property
     def cert_uri(self) -> Optional[str]:
@@ -356,9 +361,9 @@ class Keychain:
                 held = self._client_files[label, "pin"] = (path, fd)
             return held[0]
 
-    def _provider_files(self, ident: Identity) -> _provider.ProviderFiles:
+    def _provider_files(self, ident: Identity, persistent: bool) -> _provider.ProviderFiles:
         """Identity.provider_files: written once per identity, removed with
-        its PIN file."""
+        its PIN file (or, persistent, at any process's kill_key)."""
         if not isinstance(ident.store, Pkcs11Token):
             raise UnimplementedError(
                 detail=f"identity '{ident.label}' is not on a PKCS#11 token: OpenSSL's "
@@ -366,6 +371,15 @@ class Keychain:
                 operation="provider_files",
             )
         _provider.provider_path()  # fails early, before anything is written
+        if persistent:
+            directory = self._exported_dir(ident.label)
+            if directory is None or self.pin_file is None:
+                raise ParamError(
+                    detail="lasting provider files need a token opened with a PIN file",
+                    operation="provider_files",
+                )
+            directory = _store.private_dir(directory)
+            return _provider.write_files(directory, ident.store, ident.label, self._init_args)
         key = (ident.label, "provider")
         with self._lock:
             held = self._client_files.get(key)
@@ -378,6 +392,14 @@ class Keychain:
             except BaseException:
                 _store.release_secret(*self._client_files.pop(key))  # half-written
                 raise
+
+    def _exported_dir(self, label: str) -> Optional[Path]:
+        """Where an identity's persistent provider files live: the token's
+        state directory (shared by every process using the token)."""
+        if self.lock_path is None:
+            return None
+        name = hashlib.sha256(label.encode("utf-8")).hexdigest()[:32]
+        return Path(self.lock_path).parent / "exported" / name
 
     def preauth_key(
         self,
@@ -471,6 +493,9 @@ class Keychain:
             for files in held:
                 if files is not None:
                     _store.release_secret(*files)
+        exported = self._exported_dir(label)
+        if exported is not None and exported.exists() and self._store.lookup(raw) is None:
+            shutil.rmtree(exported, ignore_errors=True)
 
     def lookup(self, label: str) -> Optional[Identity]:
         """The identity under ``label``, or None.  Changes nothing."""

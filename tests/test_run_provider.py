@@ -169,3 +169,73 @@ def test_bare_curl_falls_back_to_the_engine_without_the_provider(
     done = run(no_provider, ec_client, "engine", ["curl", "-sS", "--cacert", env["CA"], nginx.url])
     assert done.returncode == 0, done.stderr  # ... a bare one the engine arguments
     assert json.loads(done.stdout) == {"client": f"CN={ec_client.cn}"}
+
+
+LABEL = "a&b;c/d%e f?\u00e9\u6f22"  # every kind of character a URI must encode
+
+
+def test_env_and_cert_for_another_shell(
+    env: dict[str, str],
+    token: Token,
+    nginx: NginxServer,
+    ec_client: ClientIdentity,
+    tmp_path: Path,
+) -> None:
+    """`env LABEL` prints what another shell needs (provider and engine
+    routes, no secret), `cert LABEL` the certificate; a relative --pin-file
+    works from anywhere; kill removes the files `env` left."""
+    from cryptography import x509
+
+    (tmp_path / "pin").write_text(token.pin)
+    (tmp_path / "pin").chmod(0o600)
+    shell = {k: v for k, v in env.items() if k != "KEYCHAIN_EXT_PIN_FILE"}
+    cli = [sys.executable, "-m", "keychain_ext", "--pin-file", "pin"]
+
+    def keychain_ext(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*cli, *args], env=shell, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+
+    pw = {**shell, "PW": ec_client.password}
+    done = subprocess.run(
+        [*cli, "preauth", "--p12", str(ec_client.p12), "--label", LABEL, "--password-env", "PW"],
+        env=pw,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    try:
+        exports = keychain_ext("env", LABEL)
+        assert exports.returncode == 0, exports.stderr
+        assert token.pin not in exports.stdout
+        provider = 'curl -sS --cert "$KEYCHAIN_EXT_CERT" --key "$KEYCHAIN_EXT_KEY"'
+        engine = (
+            'curl -sS --engine pkcs11 --cert-type ENG --cert "$KEYCHAIN_EXT_CERT_URI" '
+            '--key-type ENG --key "$KEYCHAIN_EXT_KEY_URI"'
+        )
+        for curl in (provider, engine):
+            script = f'{exports.stdout}\n{curl} --cacert "$CA" "$1"'
+            used = subprocess.run(
+                ["sh", "-c", script, "sh", nginx.url],
+                env={"PATH": os.environ["PATH"], "CA": env["CA"]},  # another shell: only that
+                cwd="/",
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert used.returncode == 0, used.stderr
+            assert json.loads(used.stdout) == {"client": f"CN={ec_client.cn}"}, curl
+        printed = keychain_ext("cert", LABEL)
+        assert keychain_ext("cert", LABEL, "-o", "out.pem").returncode == 0
+        assert (tmp_path / "out.pem").read_text() == printed.stdout
+        cert = x509.load_pem_x509_certificate(printed.stdout.encode())
+        assert cert.subject.rfc4514_string() == f"CN={ec_client.cn}"
+        files = ("export KEYCHAIN_EXT_CERT", "export KEYCHAIN_EXT_KEY", "export OPENSSL_CONF")
+        lines = [line.split("=", 1) for line in exports.stdout.splitlines()]
+        left = [Path(v.strip("'")) for k, v in lines if k in files]
+        assert len(left) == 3 and all(p.exists() for p in left)
+    finally:
+        assert keychain_ext("kill", "--label", LABEL).returncode == 0
+    assert not any(p.exists() for p in left)
