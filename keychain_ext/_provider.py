@@ -355,12 +355,18 @@ def _x509_der(lib: Any, info: int) -> bytes:
 
 
 def write_files(
-    directory: Path, token: Pkcs11Token, label: str, init_args: Optional[str]
+    directory: Path,
+    token: Pkcs11Token,
+    label: str,
+    init_args: Optional[str],
+    *,
+    rewrite: bool = False,
 ) -> ProviderFiles:
-    """Write (once) the files a client needs for ``label`` on ``token`` into
-    ``directory``, a private directory its caller holds and removes."""
+    """Write the files a client needs for ``label`` on ``token`` into
+    ``directory``, a private directory its caller removes: once, or again
+    with ``rewrite`` (a directory that may have outlived an identity)."""
     files = ProviderFiles(directory / "cert.pem", directory / "key.pem", directory / "openssl.cnf")
-    if not files.conf.exists():
+    if rewrite or not files.conf.exists():
         load_into_process(token.module, init_args)
         include = os.environ.get("OPENSSL_CONF") or default_config()
         _store.write_secret(files.cert, certificate_pem(token.uri(label, "cert")))

@@ -379,7 +379,9 @@ class Keychain:
                     operation="provider_files",
                 )
             directory = _store.private_dir(directory)
-            return _provider.write_files(directory, ident.store, ident.label, self._init_args)
+            return _provider.write_files(
+                directory, ident.store, ident.label, self._init_args, rewrite=True
+            )
         key = (ident.label, "provider")
         with self._lock:
             held = self._client_files.get(key)
