@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, Optional
 
-from . import _store
+from . import _provider, _store
 from ._backend import ItemInfo, Pkcs11Token
 from .curl import client_env, curl_args, pycurl_problem
 from .errors import (
@@ -317,6 +317,7 @@ def _check(ok: bool, what: str, hint: str = "") -> bool:
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check what the backend and the TLS clients need."""
     good = True
+    module = ""
     try:
         module = args.module or _store.softhsm2_module()
         good &= _check(True, f"PKCS#11 module {module}")
@@ -335,7 +336,24 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except OSError:
         pass
     engine = any(os.path.exists(os.path.join(engines, n)) for n in ("pkcs11.so", "libpkcs11.so"))
-    good &= _check(engine, "OpenSSL pkcs11 engine", "apt-get install libengine-pkcs11-openssl")
+    engine = _check(
+        engine,
+        "engine route (curl --engine, pycurl): OpenSSL pkcs11 engine",
+        "apt-get install libengine-pkcs11-openssl",
+    )
+    try:  # loading it is the test
+        init_args = args.init_args or os.environ.get("KEYCHAIN_EXT_INIT_ARGS")
+        _provider.load_into_process(module or "(none)", init_args)
+        provider, why = True, ""
+    except KeychainError as exc:
+        provider, why = False, exc.detail
+    provider = _check(
+        provider,
+        "provider route (Identity.ssl_context, run/env with any OpenSSL 3 program): "
+        "OpenSSL 3 pkcs11 provider",
+        why,
+    )
+    good &= provider or engine  # one route is enough
     curl = shutil.which("curl")
     good &= _check(curl is not None, f"curl {curl or 'not found'}", "apt-get install curl")
     problem = pycurl_problem()

@@ -239,3 +239,22 @@ def test_env_and_cert_for_another_shell(
     finally:
         assert keychain_ext("kill", "--label", LABEL).returncode == 0
     assert not any(p.exists() for p in left)
+
+
+def test_doctor_says_which_routes_work(env: dict[str, str], tmp_path: Path) -> None:
+    def doctor(extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "keychain_ext", "doctor"],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    done = doctor({})
+    assert done.returncode == 0, done.stdout
+    assert "[ok] provider route" in done.stdout and "[ok] engine route" in done.stdout
+    missing = doctor({"OPENSSL_MODULES": str(tmp_path)})  # no pkcs11.so there
+    assert missing.returncode == 0, missing.stdout  # the engine route still works
+    assert "[FAIL] provider route" in missing.stdout
+    assert "apt-get install pkcs11-provider" in missing.stdout
