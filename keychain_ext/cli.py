@@ -338,7 +338,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     engine = any(os.path.exists(os.path.join(engines, n)) for n in ("pkcs11.so", "libpkcs11.so"))
     engine = _check(
         engine,
-        "engine route (curl --engine, pycurl): OpenSSL pkcs11 engine",
+        "OpenSSL pkcs11 engine (the engine route: curl_args, setup_pycurl, older curl)",
         "apt-get install libengine-pkcs11-openssl",
     )
     try:  # loading it is the test
@@ -349,8 +349,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         provider, why = False, exc.detail
     provider = _check(
         provider,
-        "provider route (Identity.ssl_context, run/env with any OpenSSL 3 program): "
-        "OpenSSL 3 pkcs11 provider",
+        "OpenSSL 3 pkcs11 provider (the provider route: Identity.ssl_context, "
+        "run/env with any OpenSSL 3 program)",
         why,
     )
     good &= provider or engine  # one route is enough

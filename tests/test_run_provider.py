@@ -253,8 +253,9 @@ def test_doctor_says_which_routes_work(env: dict[str, str], tmp_path: Path) -> N
 
     done = doctor({})
     assert done.returncode == 0, done.stdout
-    assert "[ok] provider route" in done.stdout and "[ok] engine route" in done.stdout
+    assert "[ok] OpenSSL 3 pkcs11 provider" in done.stdout
+    assert "[ok] OpenSSL pkcs11 engine" in done.stdout
     missing = doctor({"OPENSSL_MODULES": str(tmp_path)})  # no pkcs11.so there
     assert missing.returncode == 0, missing.stdout  # the engine route still works
-    assert "[FAIL] provider route" in missing.stdout
+    assert "[FAIL] OpenSSL 3 pkcs11 provider" in missing.stdout
     assert "apt-get install pkcs11-provider" in missing.stdout
