@@ -10,6 +10,9 @@ loaded at run time into the libcrypto that ``ssl`` uses; a child process
 gets it as ``OPENSSL_CONF``, merged with the configuration it would have
 read.  The PIN reaches the provider as ``pin-source=file:`` in the key's
 URI (a 0600 file): never in the PEM, the configuration or the environment.
+In a process, the provider serves one PKCS#11 module, and lists its tokens
+once, when it first uses it: a token initialized later in that process
+stays invisible to it.
 
 Exit: SoftHSM2 is C++; the destructors of its global objects are registered
 when the module is loaded, after OpenSSL's own exit handler, so they run

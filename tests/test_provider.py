@@ -22,11 +22,22 @@ import pytest
 from keychain_ext import Keychain
 from keychain_ext._provider import problem
 
-from .conftest import Token
+from .conftest import Token, new_token
 from .pki import PKI, ClientIdentity
 from .servers import MTLSServer, NginxServer
 
 BODY = {"n": 13}
+
+# The provider lists the module's slots once, when this process first uses
+# it (an earlier test module may have): a token initialized later in the
+# same process stays invisible to it.  This module's token is made at
+# collection, before any test runs.
+_TOKEN = new_token()
+
+
+@pytest.fixture(scope="module")
+def token() -> Token:
+    return _TOKEN
 
 if problem() is not None:  # install-deps installs it; CI must not skip
     pytestmark = pytest.mark.skipif(not os.environ.get("CI"), reason=str(problem()))
