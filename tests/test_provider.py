@@ -39,6 +39,7 @@ _TOKEN = new_token()
 def token() -> Token:
     return _TOKEN
 
+
 if problem() is not None:  # install-deps installs it; CI must not skip
     pytestmark = pytest.mark.skipif(not os.environ.get("CI"), reason=str(problem()))
 
