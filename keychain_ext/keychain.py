@@ -391,8 +391,15 @@ class Keychain:
                 )
             try:
                 return _provider.write_files(held[0], ident.store, ident.label, self._init_args)
-            except BaseException:
+            except BaseException as exc:
                 _store.release_secret(*self._client_files.pop(key))  # half-written
+                if isinstance(exc, ItemNotFoundError) and self._store.lookup(_label(ident.label)):
+                    raise UnimplementedError(
+                        detail=f"OpenSSL's pkcs11 provider does not see token "
+                        f"'{ident.store.token}': it lists the tokens once per process, and "
+                        "this one was initialized after that",
+                        operation="provider_files",
+                    ) from None
                 raise
 
     def _exported_dir(self, label: str) -> Optional[Path]:

@@ -21,6 +21,7 @@ import pytest
 
 from keychain_ext import Keychain
 from keychain_ext._provider import problem
+from keychain_ext.errors import UnimplementedError
 
 from .conftest import Token, new_token
 from .pki import PKI, ClientIdentity
@@ -249,3 +250,18 @@ def test_a_missing_provider_is_a_typed_error_saying_what_to_do(
     assert "pkcs11 provider is not installed" in done.stdout
     assert "apt-get install pkcs11-provider" in done.stdout
     assert token.objects() == []
+
+
+def test_a_token_made_after_the_provider_started_is_a_typed_error(
+    kc: Keychain, ec_client: ClientIdentity, pki: PKI
+) -> None:
+    with kc.preauthorized(ec_client.p12, ec_client.password, "first") as ident:
+        ident.ssl_context(cafile=str(pki.ca_cert))  # the provider lists the tokens now
+    late = new_token()
+    with (
+        late.open() as other,
+        other.preauthorized(ec_client.p12, ec_client.password, "late") as ident,
+        pytest.raises(UnimplementedError, match="does not see token"),
+    ):
+        ident.ssl_context()
+    assert late.objects() == []
