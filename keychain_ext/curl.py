@@ -16,7 +16,6 @@ import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from . import _provider
 from ._backend import Pkcs11Token
 from .errors import InteractionNotAllowedError, ItemNotFoundError, UnimplementedError
 from .keychain import Identity
@@ -74,7 +73,8 @@ def client_env(
     """The environment a child process needs to use ``identity``: ``base``
     (default: this process's) plus the token's variables, the engine's module
     path and KEYCHAIN_EXT_* variables naming the identity (documented in the
-    README); where OpenSSL's pkcs11 provider is installed also
+    README); where OpenSSL's pkcs11 provider can serve it (see
+    Identity.provider_files) also
     KEYCHAIN_EXT_CERT (PEM certificate), KEYCHAIN_EXT_KEY (the provider's PEM
     naming the key) and OPENSSL_CONF (a configuration activating the
     provider, which includes the one this process's children would read;
@@ -91,16 +91,15 @@ def client_env(
     )
     if token.lock_path:
         env["KEYCHAIN_EXT_LOCK"] = token.lock_path
-    if _provider.problem() is None:
-        try:
-            files = identity.provider_files(persistent=persistent)
-        except ItemNotFoundError:
-            return env  # killed: nothing left to hand over
-        env.update(
-            KEYCHAIN_EXT_CERT=str(files.cert),
-            KEYCHAIN_EXT_KEY=str(files.key),
-            OPENSSL_CONF=str(files.conf),
-        )
+    try:
+        files = identity.provider_files(persistent=persistent)
+    except (ItemNotFoundError, UnimplementedError):
+        return env  # killed, or no provider route here: the engine's variables only
+    env.update(
+        KEYCHAIN_EXT_CERT=str(files.cert),
+        KEYCHAIN_EXT_KEY=str(files.key),
+        OPENSSL_CONF=str(files.conf),
+    )
     return env
 
 
