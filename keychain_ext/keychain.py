@@ -159,6 +159,14 @@ class Identity(ItemInfo):
             )
         return keychain._provider_files(self, persistent)
 
+    def __getstate__(self) -> dict[str, object]:
+        # a copy in another process has no Keychain here
+        return {**vars(self), "_keychain": None}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+
     @property
     def cert_uri(self) -> Optional[str]:
         """PKCS#11 URI of the certificate (with the PIN source); None

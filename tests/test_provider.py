@@ -265,3 +265,15 @@ def test_a_token_made_after_the_provider_started_is_a_typed_error(
     ):
         ident.ssl_context()
     assert late.objects() == []
+
+
+def test_an_identity_pickles_without_its_keychain(kc: Keychain, ec_client: ClientIdentity) -> None:
+    import pickle
+
+    from keychain_ext.errors import ItemNotFoundError
+
+    with kc.preauthorized(ec_client.p12, ec_client.password, "pickled") as ident:
+        copy = pickle.loads(pickle.dumps(ident))
+        assert copy == ident and copy.key_uri == ident.key_uri
+        with pytest.raises(ItemNotFoundError, match="Keychain that made"):
+            copy.ssl_context()
