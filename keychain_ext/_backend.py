@@ -57,11 +57,14 @@ class Store(Protocol):
 def pkcs11_uri(token: str, label: str, kind: str, pin_file: Optional[Path] = None) -> str:
     """An RFC 7512 URI for the object ``label`` of ``kind`` ("cert" or
     "private") on ``token``; with ``pin_file``, the PIN source the OpenSSL
-    pkcs11 engine reads (never the PIN itself)."""
-    safe = "-._~!$&'()*+,=:@"  # pchar minus ';' '/' '?' (RFC 7512 pk11-pchar)
-    uri = f"pkcs11:token={quote(token, safe=safe)};object={quote(label, safe=safe)};type={kind}"
+    pkcs11 engine and provider read (never the PIN itself).
+
+    Every byte but RFC 3986's unreserved characters is percent-encoded
+    (UTF-8): RFC 7512 allows more unencoded, but libp11 and pkcs11-provider
+    misread some of them ('&' in a label: "invalid id", nothing found)."""
+    uri = f"pkcs11:token={quote(token, safe='')};object={quote(label, safe='')};type={kind}"
     if pin_file is not None:
-        uri += f"?pin-source=file:{quote(str(pin_file), safe='/' + safe)}"
+        uri += f"?pin-source=file:{quote(str(pin_file), safe='/')}"
     return uri
 
 

@@ -106,16 +106,44 @@ def write_secret(path: Path, secret: str, *, hold: bool = False) -> Optional[int
     return None
 
 
+def hold_private_dir(parent: Path) -> tuple[Path, int]:
+    """A new 0700 directory under ``parent`` for files holding or naming
+    secrets, and a descriptor holding a shared flock on it (taken before
+    anything is written in it): like a held secret file, removed by
+    :func:`release_secret`, or by :func:`sweep_unheld` once its process
+    has ended."""
+    sweep_unheld(private_dir(parent))  # what ended processes left
+    name = f"{os.getpid()}-{new_pin()}"
+    tmp, path = parent / f".{name}", parent / name  # swept only once held
+    tmp.mkdir(mode=0o700)
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.rename(tmp, path)
+    except BaseException:
+        os.close(fd)
+        tmp.rmdir()
+        raise
+    return path, fd
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def release_secret(path: Path, fd: int) -> None:
-    """Remove a held secret file (see write_secret) and let it go."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    """Remove a held secret file or directory (see write_secret,
+    hold_private_dir) and let it go."""
+    _remove(path)
     os.close(fd)
 
 
 def sweep_unheld(directory: Path) -> None:
-    """Remove the secret files in directory that no process holds any more
-    (their writer ended without removing them)."""
+    """Remove the secret files and directories in directory that no process
+    holds any more (their writer ended without removing them)."""
     for path in directory.iterdir():
         if path.name.startswith("."):
             continue  # a file being written: flocked only once it is open
@@ -128,7 +156,7 @@ def sweep_unheld(directory: Path) -> None:
         except OSError:
             continue  # held: still needed
         else:
-            path.unlink(missing_ok=True)
+            _remove(path)
         finally:
             os.close(fd)
 

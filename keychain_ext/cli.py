@@ -13,6 +13,7 @@ import getpass
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, Optional
 
-from . import _store
+from . import _provider, _store
 from ._backend import ItemInfo, Pkcs11Token
 from .curl import client_env, curl_args, pycurl_problem
 from .errors import (
@@ -144,12 +145,38 @@ def cmd_kill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lookup(kc: Keychain, label: str) -> Identity:
+    ident = kc.lookup(label)
+    if ident is None:
+        raise ItemNotFoundError(detail=f"no identity labelled '{label}'", operation="lookup")
+    return ident
+
+
 def cmd_lookup(args: argparse.Namespace) -> int:
     with _open(args) as kc:
-        ident = kc.lookup(args.label)
-    if ident is None:
-        raise ItemNotFoundError(detail=f"no identity labelled '{args.label}'", operation="lookup")
+        ident = _lookup(kc, args.label)
     _print_identity(ident, args.json)
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """Print the exports another shell needs to use the identity (no
+    secret); its files stay until the identity is killed."""
+    with _open(args) as kc:
+        env = client_env(_lookup(kc, args.label), {}, persistent=True)
+    for name, value in env.items():
+        print(f"export {name}={shlex.quote(value)}")
+    return 0
+
+
+def cmd_cert(args: argparse.Namespace) -> int:
+    """Write the identity's certificate as PEM (read through the provider)."""
+    with _open(args) as kc:
+        pem = _lookup(kc, args.label).provider_files().cert.read_text()
+    if args.output:
+        Path(args.output).write_text(pem)
+    else:
+        sys.stdout.write(pem)
     return 0
 
 
@@ -206,14 +233,19 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expand(command: Sequence[str], ident: Identity) -> list[str]:
+def _expand(command: Sequence[str], ident: Identity, env: dict[str, str]) -> list[str]:
     """{cert}, {key} and {engine} in CMD become the identity's URIs and the
-    engine name; `curl` without placeholders gets the engine arguments."""
+    engine name; `curl` without placeholders gets --cert/--key (the provider's
+    files, read with the OPENSSL_CONF in env), or the engine arguments where
+    the provider is missing."""
     values = {"cert": ident.cert_uri or "", "key": ident.key_uri or "", "engine": "pkcs11"}
     pattern = re.compile(r"\{(cert|key|engine)\}")
     argv = [pattern.sub(lambda m: values[m.group(1)], arg) for arg in command]
     if os.path.basename(command[0]) == "curl" and not any(pattern.search(a) for a in command):
-        argv[1:1] = curl_args(ident)
+        if "KEYCHAIN_EXT_KEY" in env:
+            argv[1:1] = ["--cert", env["KEYCHAIN_EXT_CERT"], "--key", env["KEYCHAIN_EXT_KEY"]]
+        else:
+            argv[1:1] = curl_args(ident)
     return argv
 
 
@@ -263,9 +295,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if not pending:
                     ident = kc.preauth_key(args.p12, password, args.label, stale=args.stale)
                 if ident is not None and not pending:
-                    child = subprocess.Popen(
-                        _expand(command, ident), env=_child_env(ident, args, password)
-                    )
+                    env = _child_env(ident, args, password)
+                    child = subprocess.Popen(_expand(command, ident, env), env=env)
                     status = child.wait()
             finally:
                 if ident is not None:
@@ -286,6 +317,7 @@ def _check(ok: bool, what: str, hint: str = "") -> bool:
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check what the backend and the TLS clients need."""
     good = True
+    module = ""
     try:
         module = args.module or _store.softhsm2_module()
         good &= _check(True, f"PKCS#11 module {module}")
@@ -304,7 +336,24 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except OSError:
         pass
     engine = any(os.path.exists(os.path.join(engines, n)) for n in ("pkcs11.so", "libpkcs11.so"))
-    good &= _check(engine, "OpenSSL pkcs11 engine", "apt-get install libengine-pkcs11-openssl")
+    engine = _check(
+        engine,
+        "OpenSSL pkcs11 engine (the engine route: curl_args, setup_pycurl, older curl)",
+        "apt-get install libengine-pkcs11-openssl",
+    )
+    try:  # loading it is the test
+        init_args = args.init_args or os.environ.get("KEYCHAIN_EXT_INIT_ARGS")
+        _provider.load_into_process(module or "(none)", init_args)
+        provider, why = True, ""
+    except KeychainError as exc:
+        provider, why = False, exc.detail
+    provider = _check(
+        provider,
+        "OpenSSL 3 pkcs11 provider (the provider route: Identity.ssl_context, "
+        "run/env with any OpenSSL 3 program)",
+        why,
+    )
+    good &= provider or engine  # one route is enough
     curl = shutil.which("curl")
     good &= _check(curl is not None, f"curl {curl or 'not found'}", "apt-get install curl")
     problem = pycurl_problem()
@@ -368,6 +417,19 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--label", required=True)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_lookup)
+
+    sp = sub.add_parser(
+        "env",
+        help="print the exports (shell-quoted, no secret) another shell needs to use an "
+        "identity: KEYCHAIN_EXT_CERT, KEYCHAIN_EXT_KEY, OPENSSL_CONF, ...",
+    )
+    sp.add_argument("label", help="the identity's label")
+    sp.set_defaults(func=cmd_env)
+
+    sp = sub.add_parser("cert", help="write an identity's certificate as PEM")
+    sp.add_argument("label", help="the identity's label")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (default: stdout)")
+    sp.set_defaults(func=cmd_cert)
 
     sp = sub.add_parser("list", help="list identities in the store")
     sp.add_argument("--json", action="store_true")

@@ -1,7 +1,10 @@
-"""Hand a pre-authorized identity to curl (command line) or pycurl.
+"""Hand a pre-authorized identity to curl (command line), pycurl, or any
+OpenSSL 3 program in a child process.
 
-Both go through OpenSSL's ``pkcs11`` engine (Debian: libengine-pkcs11-openssl)
-with the certificate and key named by PKCS#11 URIs (RFC 7512).  The PIN never
+curl_args and setup_pycurl go through OpenSSL's ``pkcs11`` engine (Debian:
+libengine-pkcs11-openssl) with the certificate and key named by PKCS#11
+URIs (RFC 7512); client_env also hands a child OpenSSL 3's pkcs11 provider
+(see keychain_ext._provider) where it is installed.  The PIN never
 travels in argv: the URIs carry ``pin-source=file:`` pointing at a 0600 file,
 and pycurl gets it through KEYPASSWD, in memory.  PKCS#11 tokens only: an
 identity in the macOS keychain is used by Security.framework clients.
@@ -14,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from ._backend import Pkcs11Token
-from .errors import InteractionNotAllowedError, UnimplementedError
+from .errors import InteractionNotAllowedError, ItemNotFoundError, UnimplementedError
 from .keychain import Identity
 
 ENGINE = "pkcs11"
@@ -64,11 +67,18 @@ def curl_args(identity: Identity) -> list[str]:
     ]  # fmt: skip
 
 
-def client_env(identity: Identity, base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+def client_env(
+    identity: Identity, base: Optional[Mapping[str, str]] = None, *, persistent: bool = False
+) -> dict[str, str]:
     """The environment a child process needs to use ``identity``: ``base``
     (default: this process's) plus the token's variables, the engine's module
     path and KEYCHAIN_EXT_* variables naming the identity (documented in the
-    README).  Holds no PIN."""
+    README); where OpenSSL's pkcs11 provider can serve it (see
+    Identity.provider_files) also
+    KEYCHAIN_EXT_CERT (PEM certificate), KEYCHAIN_EXT_KEY (the provider's PEM
+    naming the key) and OPENSSL_CONF (a configuration activating the
+    provider, which includes the one this process's children would read;
+    ``persistent``: see Identity.provider_files).  Holds no PIN."""
     token = _require_shared(identity, "a child process")
     env = dict(os.environ if base is None else base)
     env.update(token.env)
@@ -81,6 +91,15 @@ def client_env(identity: Identity, base: Optional[Mapping[str, str]] = None) -> 
     )
     if token.lock_path:
         env["KEYCHAIN_EXT_LOCK"] = token.lock_path
+    try:
+        files = identity.provider_files(persistent=persistent)
+    except (ItemNotFoundError, UnimplementedError):
+        return env  # killed, or no provider route here: the engine's variables only
+    env.update(
+        KEYCHAIN_EXT_CERT=str(files.cert),
+        KEYCHAIN_EXT_KEY=str(files.key),
+        OPENSSL_CONF=str(files.conf),
+    )
     return env
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
+import ssl
 import threading
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional, Union
 
-from . import _store
+from . import _provider, _store
 from ._backend import (
     DarwinBackend,
     DarwinKeychain,
@@ -30,6 +33,7 @@ from .errors import (
     ItemNotFoundError,
     NoSuchKeychainError,
     ParamError,
+    UnimplementedError,
 )
 
 if TYPE_CHECKING:
@@ -41,9 +45,9 @@ Secret = Union[str, bytes, None]
 Stale = Literal["refuse", "reclaim"]
 
 
-def _release_pin_files(files: dict[str, tuple[Path, int]]) -> None:
-    """Remove the PIN files a Keychain wrote (at close, or when it is
-    collected or the interpreter exits without close)."""
+def _release_client_files(files: dict[tuple[str, str], tuple[Path, int]]) -> None:
+    """Remove the PIN files and provider directories a Keychain wrote (at
+    close, or when it is collected or the interpreter exits without close)."""
     for path, fd in files.values():
         _store.release_secret(path, fd)
     files.clear()
@@ -116,6 +120,52 @@ class Identity(ItemInfo):
     """
 
     store: StoreLocation
+    _keychain: Optional[weakref.ref[Keychain]] = field(default=None, repr=False, compare=False)
+
+    def ssl_context(
+        self,
+        cafile: Optional[str] = None,
+        capath: Optional[str] = None,
+        cadata: Union[str, bytes, None] = None,
+    ) -> ssl.SSLContext:
+        """A TLS client context that authenticates with this identity, its
+        private key staying in the token (OpenSSL 3's pkcs11 provider, loaded
+        into the OpenSSL of Python's ``ssl``).  Server verification as
+        ``ssl.create_default_context(cafile=..., capath=..., cadata=...)``.
+        For requests, httpx, urllib3, aiohttp, urllib; token and ephemeral
+        identities alike.
+
+        Raises:
+            UnimplementedError: the route cannot work here (OpenSSL older
+                than 3, the provider not installed, OpenSSL linked into
+                ``ssl`` statically, not a PKCS#11 token); says what to do.
+            ItemNotFoundError: the Keychain that made this identity is gone.
+        """
+        return _provider.ssl_context(self.provider_files(), cafile, capath, cadata)
+
+    def provider_files(self, *, persistent: bool = False) -> _provider.ProviderFiles:
+        """The certificate PEM, the provider's key PEM and the OpenSSL
+        configuration an OpenSSL 3 program needs to use this identity
+        (0600, in a 0700 directory removed when the identity is killed or
+        its Keychain closed).  ``persistent``: in the token's state
+        directory instead, kept until the identity is killed by any process
+        (what ``keychain-ext env`` prints; needs a store with a PIN file).
+        Raises as :meth:`ssl_context`."""
+        keychain = self._keychain() if self._keychain is not None else None
+        if keychain is None:
+            raise ItemNotFoundError(
+                detail=f"the Keychain that made identity '{self.label}' is gone",
+                operation="provider_files",
+            )
+        return keychain._provider_files(self, persistent)
+
+    def __getstate__(self) -> dict[str, object]:
+        # a copy in another process has no Keychain here
+        return {**vars(self), "_keychain": None}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
 
     @property
     def cert_uri(self) -> Optional[str]:
@@ -185,9 +235,10 @@ class Keychain:
         lock_timeout: float = 120.0,
     ) -> None:
         self._lock = threading.Lock()
-        # label -> PIN file written for TLS clients, and the fd holding it
-        self._pin_files: dict[str, tuple[Path, int]] = {}
-        weakref.finalize(self, _release_pin_files, self._pin_files)
+        # (label, "pin" or "provider") -> PIN file or provider directory
+        # written for TLS clients, and the fd holding it
+        self._client_files: dict[tuple[str, str], tuple[Path, int]] = {}
+        weakref.finalize(self, _release_client_files, self._client_files)
         renew_in_child(self)
         self.env: dict[str, str] = {}
         self._owned_pin: Optional[_Hidden] = None
@@ -218,7 +269,7 @@ class Keychain:
             pin_file = pin_file or os.environ.get("KEYCHAIN_EXT_PIN_FILE")
             if pin is None and pin_file is not None:
                 pin = _store.read_secret(Path(pin_file))
-                self.pin_file = Path(pin_file)
+                self.pin_file = Path(os.path.abspath(pin_file))  # clients run elsewhere
             if pin is None:
                 raise InteractionRequiredError(
                     detail=f"token '{token}' needs a PIN: pass pin= or pin_file=, "
@@ -282,23 +333,23 @@ class Keychain:
         """Close the store; its ephemeral identities vanish.  Idempotent."""
         self._store.close()
         with self._lock:
-            _release_pin_files(self._pin_files)
+            _release_client_files(self._client_files)
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
         # the parent's PIN files stay the parent's: the child lets go of its
         # copies of their descriptors (the parent's flock stays) and never
         # removes them
-        for _path, fd in self._pin_files.values():
+        for _path, fd in self._client_files.values():
             os.close(fd)
-        self._pin_files.clear()
+        self._client_files.clear()
 
     def _identity(self, info: ItemInfo) -> Identity:
         store = self.location
         if isinstance(store, Pkcs11Token) and store.pin_file is None:
             pin_file = self._client_pin_file(info.label)
             store = Pkcs11Token(store.module, store.token, pin_file, store.lock_path, store.env)
-        return Identity(**vars(info), store=store)
+        return Identity(**vars(info), store=store, _keychain=weakref.ref(self))
 
     def _client_pin_file(self, label: str) -> Optional[Path]:
         """A 0600 PIN file for TLS clients: the store's own, or one written
@@ -308,15 +359,64 @@ class Keychain:
         if self._owned_pin is None:
             return None
         with self._lock:
-            held = self._pin_files.get(label)
+            held = self._client_files.get((label, "pin"))
             if held is None:
                 pins = _store.private_dir(_store.base_dir() / "pins")
                 _store.sweep_unheld(pins)  # what ended processes left
                 path = pins / f"{os.getpid()}-{_store.new_pin()}"
                 fd = _store.write_secret(path, self._owned_pin.value.decode("utf-8"), hold=True)
                 assert fd is not None
-                held = self._pin_files[label] = (path, fd)
+                held = self._client_files[label, "pin"] = (path, fd)
             return held[0]
+
+    def _provider_files(self, ident: Identity, persistent: bool) -> _provider.ProviderFiles:
+        """Identity.provider_files: written once per identity, removed with
+        its PIN file (or, persistent, at any process's kill_key)."""
+        if not isinstance(ident.store, Pkcs11Token):
+            raise UnimplementedError(
+                detail=f"identity '{ident.label}' is not on a PKCS#11 token: OpenSSL's "
+                "pkcs11 provider cannot reach it",
+                operation="provider_files",
+            )
+        _provider.provider_path()  # fails early, before anything is written
+        if persistent:
+            directory = self._exported_dir(ident.label)
+            if directory is None or self.pin_file is None:
+                raise ParamError(
+                    detail="lasting provider files need a token opened with a PIN file",
+                    operation="provider_files",
+                )
+            directory = _store.private_dir(directory)
+            return _provider.write_files(
+                directory, ident.store, ident.label, self._init_args, rewrite=True
+            )
+        key = (ident.label, "provider")
+        with self._lock:
+            held = self._client_files.get(key)
+            if held is None:
+                held = self._client_files[key] = _store.hold_private_dir(
+                    _store.base_dir() / "provider"
+                )
+            try:
+                return _provider.write_files(held[0], ident.store, ident.label, self._init_args)
+            except BaseException as exc:
+                _store.release_secret(*self._client_files.pop(key))  # half-written
+                if isinstance(exc, ItemNotFoundError) and self._store.lookup(_label(ident.label)):
+                    raise UnimplementedError(
+                        detail=f"OpenSSL's pkcs11 provider does not see token "
+                        f"'{ident.store.token}': it lists the tokens once per process, and "
+                        "this one was initialized after that",
+                        operation="provider_files",
+                    ) from None
+                raise
+
+    def _exported_dir(self, label: str) -> Optional[Path]:
+        """Where an identity's persistent provider files live: the token's
+        state directory (shared by every process using the token)."""
+        if self.lock_path is None:
+            return None
+        name = hashlib.sha256(label.encode("utf-8")).hexdigest()[:32]
+        return Path(self.lock_path).parent / "exported" / name
 
     def preauth_key(
         self,
@@ -406,9 +506,13 @@ class Keychain:
                 raise
         finally:
             with self._lock:
-                held = self._pin_files.pop(label, None)
-            if held is not None:
-                _store.release_secret(*held)
+                held = [self._client_files.pop((label, k), None) for k in ("provider", "pin")]
+            for files in held:
+                if files is not None:
+                    _store.release_secret(*files)
+        exported = self._exported_dir(label)
+        if exported is not None and exported.exists() and self._store.lookup(raw) is None:
+            shutil.rmtree(exported, ignore_errors=True)
 
     def lookup(self, label: str) -> Optional[Identity]:
         """The identity under ``label``, or None.  Changes nothing."""
