@@ -322,7 +322,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     good = True
     try:
         module = args.module or _store.softhsm2_module()
-        good &= _check(True, f"PKCS#11 module {module}")
+        good &= _check(
+            os.path.isfile(module),
+            f"PKCS#11 module {module}",
+            "no such file: fix --module or KEYCHAIN_EXT_MODULE",
+        )
     except KeychainError as exc:
         good &= _check(False, "PKCS#11 module", f"{exc.detail}")
     try:
@@ -330,7 +334,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             count = len(kc.items())
             good &= _check(True, f"token '{kc.token}' present and logged in ({count} identities)")
     except (KeychainError, OSError) as exc:
-        good &= _check(False, "token", str(exc))
+        good &= _check(False, "token", cli_message(str(exc)))
     engines = ""
     try:
         out = subprocess.run(["openssl", "version", "-e"], capture_output=True, text=True).stdout
@@ -406,7 +410,7 @@ def _parser() -> argparse.ArgumentParser:
         version=f"%(prog)s {__version__}",
         help="print the version and exit",
     )
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="what to do")
 
     def command(name: str, func: Callable[[argparse.Namespace], int], **kw: Any) -> Any:
         sp = sub.add_parser(name, parents=[common], **kw)
