@@ -158,8 +158,8 @@ def _print_identity(ident: Identity, as_json: bool) -> None:
 def cmd_preauth(args: argparse.Namespace) -> int:
     """The identity outlives this command: held by no process until
     `keychain-ext kill` removes it; purge never does."""
-    password = _password(args)
-    with _open(args) as kc:
+    with _open(args) as kc:  # a missing token is reported before any prompt
+        password = _password(args)
         ident = kc.preauth_key(args.p12, password, args.label, held=True, stale=args.stale)
         _print_identity(ident, args.json)
     return 0

@@ -144,6 +144,10 @@ class Keychain:
     ``Keychain(token=..., pin=...)`` opens any PKCS#11 token by label,
     through ``module`` (default: SoftHSM2).  Environment fallbacks:
     ``KEYCHAIN_EXT_MODULE``, ``KEYCHAIN_EXT_TOKEN``, ``KEYCHAIN_EXT_PIN_FILE``.
+    ``token="keychain_ext"`` without a PIN names the embedded store; a
+    ``pin`` or ``pin_file`` for the embedded store is a ParamError, as are
+    both together.  A relative ``pin_file`` is made absolute; one that
+    group or others can read gets a warning (logger ``keychain_ext``).
     ``init_args``: the module's C_Initialize init string, for modules that
     need one (NSS softoken: ``"configdir='sql:DIR'"``).  Processes using
     one token share its state directory: the lock that serializes them and
@@ -173,7 +177,9 @@ class Keychain:
         AuthFailedError: wrong PIN.
         InteractionRequiredError: no PIN given for an explicit token.
         InteractionNotAllowedError: the token would need a PIN pad.
-        ParamError: a module or PIN given for the macOS keychain.
+        ParamError: a module or PIN given for the macOS keychain, a PIN
+            for the embedded store, or both pin and pin_file.
+        FileNotFoundError, PermissionError: pin_file unreadable.
     """
 
     def __init__(
