@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -200,3 +201,16 @@ def test_doctor_fails_for_a_missing_module(cli_env: dict[str, str]) -> None:
     done = cli({**cli_env, "KEYCHAIN_EXT_MODULE": "/nonexistent/module.so"}, "doctor")
     assert done.returncode == 1
     assert "[FAIL] PKCS#11 module /nonexistent/module.so" in done.stdout
+
+
+def test_every_cli_hint_translates_a_real_message() -> None:
+    """CLI_HINTS rewrites the library's wording: each Python phrase must
+    still be one the C layer or the façade writes, or it silently stops
+    translating."""
+    from keychain_ext.cli import CLI_HINTS
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [*root.glob("keychain_ext/*.py"), *root.glob("csrc/*.c")]
+    text = "".join(p.read_text() for p in sources if p.name != "cli.py")
+    text = re.sub(r'"\s*\n\s*f?"', "", text)  # adjacent string literals joined
+    assert [python for python, _ in CLI_HINTS if python not in text] == []
