@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from . import _store
 from ._backend import ItemInfo, Pkcs11Token
@@ -91,7 +91,20 @@ def cli_message(message: str) -> str:
 
 
 class UsageError(Exception):
-    """Bad command line (exit 2)."""
+    """Bad command line (exit 2); usage: the usage of the parser that found
+    it ("": the main parser's)."""
+
+    def __init__(self, message: str, usage: str = "") -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises UsageError instead of exiting, so that main() reports parse
+    errors like every other (as JSON under --json)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self.format_usage())
 
 
 def exit_code(exc: BaseException) -> int:
@@ -361,12 +374,12 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _global_options() -> argparse.ArgumentParser:
+def _global_options() -> _Parser:
     """The global options, defined once: a parent of the main parser and of
     every command's.  Their defaults are SUPPRESSed, so a command's parser
     never resets what was given before the command; main() starts from
     GLOBAL_DEFAULTS."""
-    g = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    g = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
     g.add_argument("--module", help="PKCS#11 module (default: SoftHSM2; env KEYCHAIN_EXT_MODULE)")
     g.add_argument(
         "--token",
@@ -396,9 +409,9 @@ def _global_options() -> argparse.ArgumentParser:
     return g
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> _Parser:
     common = _global_options()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=PROG,
         description="Pre-authorize a PKCS#12 TLS client identity in a key store "
         "(a PKCS#11 token), use it without prompts, and remove it again.",
@@ -516,7 +529,7 @@ def _report(exc: BaseException, args: argparse.Namespace) -> None:
         print(json.dumps(record), file=sys.stderr)
         return
     print(f"{PROG}: error: {cli_message(str(exc))}", file=sys.stderr)
-    if args.verbose:
+    if args.verbose and not isinstance(exc, UsageError):
         if isinstance(exc, KeychainError):
             print(
                 f"  status={exc.status} symbol={exc.symbol} operation={exc.operation} "
@@ -526,17 +539,28 @@ def _report(exc: BaseException, args: argparse.Namespace) -> None:
         traceback.print_exc()
 
 
+def _usage_error(exc: UsageError, args: argparse.Namespace, parser: _Parser) -> int:
+    if not args.json:
+        sys.stderr.write(exc.usage or parser.format_usage())
+    _report(exc, args)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    args = parser.parse_args(argv, namespace=argparse.Namespace(**GLOBAL_DEFAULTS))
+    try:
+        args = parser.parse_args(argv, namespace=argparse.Namespace(**GLOBAL_DEFAULTS))
+    except UsageError as exc:
+        # nothing parsed: --json before CMD's "--" still asks for JSON
+        options = argv[: argv.index("--")] if "--" in argv else argv
+        seen = argparse.Namespace(**{**GLOBAL_DEFAULTS, "json": "--json" in options})
+        return _usage_error(exc, seen, parser)
     handler = _log_to_stderr(args)
     try:
         return int(args.func(args))
     except UsageError as exc:
-        if not args.json:
-            parser.error(str(exc))
-        _report(exc, args)
-        return 2
+        return _usage_error(exc, args, parser)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     except (KeychainError, OSError) as exc:

@@ -98,6 +98,18 @@ def test_errors_as_json(
     assert json.loads(done.stderr)["error"] == "FileNotFoundError"
 
 
+def test_parse_errors_text_or_json(cli_env: dict[str, str]) -> None:
+    text = cli(cli_env, "kill")
+    assert text.returncode == 2 and text.stdout == ""
+    assert text.stderr.startswith("usage: keychain-ext kill ")
+    assert "error: the following arguments are required: --label" in text.stderr
+    done = cli(cli_env, "--json", "kill")
+    assert done.returncode == 2
+    error = json.loads(done.stderr)
+    assert error["error"] == "UsageError" and "--label" in error["message"]
+    assert json.loads(cli(cli_env, "list", "--json", "--bogus").stderr)["status"] is None
+
+
 def test_secret_files_readable_by_others_warn(
     cli_env: dict[str, str], rsa_client: ClientIdentity, tmp_path: Path
 ) -> None:
