@@ -379,8 +379,9 @@ static int32_t refuse_duplicate(kc_keychain *kc, const char *label,
             o.label[0] = 0;
         return fail(err, KC_errSecDuplicateItem, 0,
                     "the private key of this identity is already in the "
-                    "store under the label '%s'; refusing to import it twice",
-                    o.label);
+                    "store %s%s%s; refusing to import it twice",
+                    o.label[0] ? "under the label '" : "without a label",
+                    o.label, o.label[0] ? "'" : "");
     }
     return KC_errSecSuccess;
 }

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -175,7 +176,8 @@ def on_tmpfs(path: Path) -> Optional[bool]:
     real = os.path.realpath(path)
     best, kind = "", ""
     for point, fstype in mounts:
-        point = point.replace("\\040", " ")  # /proc/self/mounts escapes spaces
+        # /proc/self/mounts writes space, tab, newline and backslash as \ooo
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)
         inside = real == point or real.startswith(point.rstrip("/") + "/")
         if inside and len(point) >= len(best):
             best, kind = point, fstype

@@ -17,10 +17,16 @@ import pytest
 from keychain_ext import __version__
 from keychain_ext.cli import _parser
 
+from . import test_cli
 from .conftest import Token
 from .pki import ClientIdentity
-from .test_cli import cli, cli_env, password_file, token_left_empty  # noqa: F401 (fixtures)
+from .test_cli import cli
 from .test_ownership import Owner
+
+# test_cli's fixtures serve here too
+cli_env = test_cli.cli_env
+password_file = test_cli.password_file
+token_left_empty = test_cli.token_left_empty
 
 
 @pytest.fixture

@@ -87,9 +87,9 @@ def test_debug_steps_and_no_secret(
         kc.kill_key("logged", missing_ok=True)
     with pytest.raises(AuthFailedError):
         Keychain(token.module, token.label, wrong_pin)
-    with token.open() as kc:  # the PIN in memory: a PIN file is written for clients
-        with kc.preauthorized(p12, password, "eph"):
-            pass
+    # the PIN in memory: a PIN file is written for TLS clients
+    with token.open() as kc, kc.preauthorized(p12, password, "eph"):
+        pass
     dead = Owner(token, rsa_client, "dead")
     dead.crash()
     with token.open() as kc:
