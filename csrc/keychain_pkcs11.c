@@ -350,7 +350,10 @@ static int32_t refuse_duplicate(kc_keychain *kc, const char *label,
                                 int *join, kc_error *err)
 {
     int taken, found, alive, same;
-    CK_ULONG removed;
+    CK_ULONG removed, count = 0;
+    CK_OBJECT_HANDLE h;
+    object o;
+    query q;
     int32_t st;
 
     *join = 0;
@@ -382,13 +385,20 @@ static int32_t refuse_duplicate(kc_keychain *kc, const char *label,
                     "an identity labelled '%s' is already in the store%s; "
                     "refusing to import over it", label,
                     found ? "" : " (not made by keychain_ext)");
-    if ((st = exists(kc, CKO_PRIVATE_KEY, ANY_OBJECTS, NULL, id->key_id,
-                      sizeof id->key_id, &taken, err)))
+    /* the same key under another label: say which (labels are no secret) */
+    create_query_dict(&q, CKO_PRIVATE_KEY, ANY_OBJECTS, NULL, id->key_id,
+                      sizeof id->key_id);
+    if ((st = lookup_keychain_item(kc, &q, &h, 1, &count, err)))
         return st;
-    if (taken)
+    if (count) {
+        if (read_object(kc, h, &o) != CKR_OK)
+            o.label[0] = 0;
         return fail(err, KC_errSecDuplicateItem, 0,
                     "the private key of this identity is already in the "
-                    "store under another label; refusing to import it twice");
+                    "store %s%s%s; refusing to import it twice",
+                    o.label[0] ? "under the label '" : "without a label",
+                    o.label, o.label[0] ? "'" : "");
+    }
     return KC_errSecSuccess;
 }
 

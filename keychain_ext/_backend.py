@@ -113,7 +113,7 @@ class Pkcs11Backend:
         self,
         module: str,
         token: str,
-        pin: str,
+        pin: Optional[str],
         state_dir: str,
         init_args: Optional[str] = None,
         exclusive: bool = False,

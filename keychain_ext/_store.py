@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
+import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -22,6 +25,8 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import NoSuchKeychainError, ParamError
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_TOKEN = "keychain_ext"
 
@@ -161,9 +166,17 @@ def sweep_unheld(directory: Path) -> None:
             os.close(fd)
 
 
-def read_secret(path: Path) -> str:
-    """A PIN or password from a file (one line; trailing newline dropped)."""
+def read_secret(path: Path, what: Optional[str] = None) -> str:
+    """A PIN or password from a file (one line; trailing newline dropped).
+
+    ``what`` ("PIN file", "password file") names a file the user gave: it
+    gets a warning when group or others can read it."""
     with open(path, encoding="utf-8") as f:
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+        if what is not None and mode & 0o044:
+            log.warning(
+                "%s %s is readable by group or others (mode %04o): chmod 600 it", what, path, mode
+            )
         return f.read().rstrip("\r\n")
 
 
@@ -171,10 +184,32 @@ def read_secret(path: Path) -> str:
 def file_lock(path: Path) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.debug("waiting for the lock %s (another process holds it)", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+def on_tmpfs(path: Path) -> Optional[bool]:
+    """Whether path is on a RAM file system (None: cannot tell, no /proc)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            mounts = [line.split()[1:3] for line in f]
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    for point, fstype in mounts:
+        # /proc/self/mounts writes space, tab, newline and backslash as \ooo
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind in ("tmpfs", "ramfs")
 
 
 def state_dir(token: str, init_args: Optional[str] = None) -> str:
@@ -243,6 +278,7 @@ def embedded(module: Optional[str] = None) -> Embedded:
             f"{store.conf}: unset it, or open that token with Keychain(token=..., pin=...)",
             operation="open",
         )
+    _warn_if_on_disk(str(home))
     if not store.conf.exists():
         write_secret(
             store.conf,
@@ -250,6 +286,16 @@ def embedded(module: Optional[str] = None) -> Embedded:
         )
     os.environ["SOFTHSM2_CONF"] = str(store.conf)
     return store
+
+
+@functools.cache  # once per process and directory
+def _warn_if_on_disk(home: str) -> None:
+    if on_tmpfs(Path(home)) is False:
+        log.warning(
+            "the embedded store %s is on a persistent disk, not tmpfs: identities are "
+            "written to disk (set XDG_RUNTIME_DIR or KEYCHAIN_EXT_HOME to a tmpfs directory)",
+            home,
+        )
 
 
 def new_pin() -> str:

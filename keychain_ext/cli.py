@@ -1,8 +1,10 @@
 """The ``keychain-ext`` command (also ``python -m keychain_ext``).
 
 Errors print one line and exit with a code per error class (see
-EXIT_CODES); ``--verbose`` adds the details.  PINs and passwords are read
-from files, environment variables or a TTY prompt, never from argv.
+EXIT_CODES); ``--verbose`` adds the details and the library's DEBUG log;
+under ``--json`` every line on stderr (errors, warnings) is a JSON object
+and stdout holds only results.  PINs and passwords are read from files,
+environment variables or a TTY prompt, never from argv.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import contextlib
 import getpass
 import json
+import logging
 import os
 import re
 import shlex
@@ -23,10 +26,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from . import _provider, _store
 from ._backend import ItemInfo, Pkcs11Token
+from ._version import __version__
 from .curl import client_env, curl_args, pycurl_problem
 from .errors import (
     AuthFailedError,
@@ -63,9 +67,45 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
 
 PASSWORD_ENV = "KEYCHAIN_EXT_P12_PASSWORD"
 
+# What the library's messages suggest in Python terms, in this command's
+# terms (the API keeps its own wording).
+CLI_HINTS: list[tuple[str, str]] = [
+    ("stale='reclaim'", "--reclaim-stale"),
+    ("(force to override)", "(--force to override)"),
+    (
+        "pass pin= or pin_file=, or set KEYCHAIN_EXT_PIN_FILE",
+        "use --pin-file or KEYCHAIN_EXT_PIN_FILE",
+    ),
+    (
+        "pin and pin_file are for a token named by token=",
+        "--pin-file is for a token named by --token",
+    ),
+    ("Keychain(token=..., pin=...)", "--token and --pin-file"),
+]
+
+
+def cli_message(message: str) -> str:
+    """message with the library's Python hints given as CLI flags."""
+    for python, flag in CLI_HINTS:
+        message = message.replace(python, flag)
+    return message
+
 
 class UsageError(Exception):
-    """Bad command line (exit 2)."""
+    """Bad command line (exit 2); usage: the usage of the parser that found
+    it ("": the main parser's)."""
+
+    def __init__(self, message: str, usage: str = "") -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises UsageError instead of exiting, so that main() reports parse
+    errors like every other (as JSON under --json)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self.format_usage())
 
 
 def exit_code(exc: BaseException) -> int:
@@ -79,7 +119,7 @@ def _password(args: argparse.Namespace) -> str:
     """The PKCS#12 password: --password-file, --password-env (default
     KEYCHAIN_EXT_P12_PASSWORD), or a prompt when stdin is a TTY."""
     if args.password_file:
-        return _store.read_secret(Path(args.password_file))
+        return _store.read_secret(Path(args.password_file), "password file")
     var = args.password_env or PASSWORD_ENV
     if var in os.environ:
         return os.environ[var]
@@ -132,8 +172,8 @@ def _print_identity(ident: Identity, as_json: bool) -> None:
 def cmd_preauth(args: argparse.Namespace) -> int:
     """The identity outlives this command: held by no process until
     `keychain-ext kill` removes it; purge never does."""
-    password = _password(args)
-    with _open(args) as kc:
+    with _open(args) as kc:  # a missing token is reported before any prompt
+        password = _password(args)
         ident = kc.preauth_key(args.p12, password, args.label, held=True, stale=args.stale)
         _print_identity(ident, args.json)
     return 0
@@ -184,7 +224,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     with _open(args) as kc:
         items = kc.items()
     if args.json:
-        print(json.dumps([{**asdict(i), "key_id": i.key_id.hex()} for i in items], indent=2))
+        _print_items(items)
     else:
         for i in items:
             parts = {
@@ -217,9 +257,16 @@ def _ownership(i: ItemInfo) -> str:
     return f"{owners}owner pid {i.owner_pid} on {i.owner_host or '?'} ({alive})"
 
 
+def _print_items(items: list[ItemInfo]) -> None:
+    print(json.dumps([{**asdict(i), "key_id": i.key_id.hex()} for i in items], indent=2))
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
     with _open(args) as kc:
         items = kc.purge(dry_run=not args.yes)
+    if args.json:
+        _print_items(items)
+        return 0
     verb = "removed" if args.yes else "would remove"
     for i in items:
         if not i.label:
@@ -320,7 +367,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     module = ""
     try:
         module = args.module or _store.softhsm2_module()
-        good &= _check(True, f"PKCS#11 module {module}")
+        good &= _check(
+            os.path.isfile(module),
+            f"PKCS#11 module {module}",
+            "no such file: fix --module or KEYCHAIN_EXT_MODULE",
+        )
     except KeychainError as exc:
         good &= _check(False, "PKCS#11 module", f"{exc.detail}")
     try:
@@ -328,7 +379,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             count = len(kc.items())
             good &= _check(True, f"token '{kc.token}' present and logged in ({count} identities)")
     except (KeychainError, OSError) as exc:
-        good &= _check(False, "token", str(exc))
+        good &= _check(False, "token", cli_message(str(exc)))
     engines = ""
     try:
         out = subprocess.run(["openssl", "version", "-e"], capture_output=True, text=True).stdout
@@ -361,31 +412,84 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if good else 1
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Pre-authorize a PKCS#12 TLS client identity in a key store "
-        "(a PKCS#11 token), use it without prompts, and remove it again.",
+# Options every command takes, before or after its name (see _global_options).
+GLOBAL_DEFAULTS: dict[str, Any] = {
+    "module": None,
+    "token": None,
+    "pin_file": None,
+    "init_args": None,
+    "verbose": False,
+    "json": False,
+}
+
+
+def _global_options() -> _Parser:
+    """The global options, defined once: a parent of the main parser and of
+    every command's.  Their defaults are SUPPRESSed, so a command's parser
+    never resets what was given before the command; main() starts from
+    GLOBAL_DEFAULTS."""
+    g = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    g.add_argument("--module", help="PKCS#11 module (default: SoftHSM2; env KEYCHAIN_EXT_MODULE)")
+    g.add_argument(
+        "--token",
+        help=f"token label (default: the embedded store, also named '{_store.EMBEDDED_TOKEN}'; "
+        "env KEYCHAIN_EXT_TOKEN)",
     )
-    p.add_argument("--module", help="PKCS#11 module (default: SoftHSM2; env KEYCHAIN_EXT_MODULE)")
-    p.add_argument(
-        "--token", help="token label (default: the embedded store; env KEYCHAIN_EXT_TOKEN)"
+    g.add_argument(
+        "--pin-file",
+        help="file holding the token PIN, for a token named by --token (env KEYCHAIN_EXT_PIN_FILE)",
     )
-    p.add_argument("--pin-file", help="file holding the token PIN (env KEYCHAIN_EXT_PIN_FILE)")
-    p.add_argument(
+    g.add_argument(
         "--init-args",
         help="the module's C_Initialize init string, for modules that need one "
         "(NSS softoken: \"configdir='sql:DIR'\"; env KEYCHAIN_EXT_INIT_ARGS)",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="show error details")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log every step (DEBUG) and show error details",
+    )
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="results as JSON on stdout; errors and warnings as JSON lines on stderr",
+    )
+    return g
+
+
+def _parser() -> _Parser:
+    common = _global_options()
+    p = _Parser(
+        prog=PROG,
+        description="Pre-authorize a PKCS#12 TLS client identity in a key store "
+        "(a PKCS#11 token), use it without prompts, and remove it again.",
+        parents=[common],
+    )
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__}",
+        help="print the version and exit",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="what to do")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], **kw: Any) -> Any:
+        sp = sub.add_parser(name, parents=[common], **kw)
+        sp.set_defaults(func=func)
+        return sp
+
+    def with_label(sp: argparse.ArgumentParser, what: str) -> None:
+        sp.add_argument("--label", required=True, help=what)
 
     def with_p12(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--p12", required=True, help="PKCS#12 file (certificate + key)")
-        sp.add_argument("--label", required=True, help="label for certificate and key")
+        with_label(sp, "label for certificate and key")
         sp.add_argument("--password-file", help="file holding the PKCS#12 password")
         sp.add_argument(
-            "--password-env", metavar="VAR", help=f"env var with it (default {PASSWORD_ENV})"
+            "--password-env",
+            metavar="VAR",
+            help=f"environment variable holding it (default {PASSWORD_ENV})",
         )
         sp.add_argument(
             "--reclaim-stale",
@@ -396,58 +500,52 @@ def _parser() -> argparse.ArgumentParser:
             help="remove a dead owner's identity under the label first",
         )
 
-    sp = sub.add_parser(
-        "preauth", help="import an identity, held until `kill` removes it (token objects)"
+    with_p12(
+        command(
+            "preauth",
+            cmd_preauth,
+            help="import an identity, held until `kill` removes it (token objects)",
+        )
     )
-    with_p12(sp)
-    sp.add_argument("--json", action="store_true")
-    sp.set_defaults(func=cmd_preauth)
 
-    sp = sub.add_parser("kill", help="remove an identity: certificate, then key")
-    sp.add_argument("--label", required=True)
+    sp = command("kill", cmd_kill, help="remove an identity: certificate, then key")
+    with_label(sp, "label of the identity to remove")
     sp.add_argument("--missing-ok", action="store_true", help="no error when nothing is there")
     sp.add_argument(
         "--force",
         action="store_true",
         help="remove it even if another running process owns it or keychain_ext did not make it",
     )
-    sp.set_defaults(func=cmd_kill)
 
-    sp = sub.add_parser("lookup", help="show an identity")
-    sp.add_argument("--label", required=True)
-    sp.add_argument("--json", action="store_true")
-    sp.set_defaults(func=cmd_lookup)
+    with_label(command("lookup", cmd_lookup, help="show an identity"), "label to look up")
 
-    sp = sub.add_parser(
+    sp = command(
         "env",
+        cmd_env,
         help="print the exports (shell-quoted, no secret) another shell needs to use an "
         "identity: KEYCHAIN_EXT_CERT, KEYCHAIN_EXT_KEY, OPENSSL_CONF, ...",
     )
     sp.add_argument("label", help="the identity's label")
-    sp.set_defaults(func=cmd_env)
 
-    sp = sub.add_parser("cert", help="write an identity's certificate as PEM")
+    sp = command("cert", cmd_cert, help="write an identity's certificate as PEM")
     sp.add_argument("label", help="the identity's label")
     sp.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (default: stdout)")
-    sp.set_defaults(func=cmd_cert)
 
-    sp = sub.add_parser("list", help="list identities in the store")
-    sp.add_argument("--json", action="store_true")
-    sp.set_defaults(func=cmd_list)
+    command("list", cmd_list, help="list identities in the store")
 
-    sp = sub.add_parser(
+    sp = command(
         "purge",
+        cmd_purge,
         help="remove keychain_ext's identities whose owners all died (dry run); "
         "held ones and anything not keychain_ext's stay",
     )
     sp.add_argument("--yes", action="store_true", help="really remove them")
-    sp.set_defaults(func=cmd_purge)
 
-    sp = sub.add_parser("doctor", help="check what the backend and TLS clients need")
-    sp.set_defaults(func=cmd_doctor)
+    command("doctor", cmd_doctor, help="check what the backend and TLS clients need")
 
-    sp = sub.add_parser(
+    sp = command(
         "run",
+        cmd_run,
         help="preauth, run CMD with the identity, always remove it",
         description="Runs CMD with KEYCHAIN_EXT_CERT_URI, KEYCHAIN_EXT_KEY_URI, "
         "KEYCHAIN_EXT_ENGINE, KEYCHAIN_EXT_LABEL, PKCS11_MODULE_PATH (and SOFTHSM2_CONF for "
@@ -455,32 +553,82 @@ def _parser() -> argparse.ArgumentParser:
         "`curl` gets the engine arguments. Exits with CMD's status.",
     )
     with_p12(sp)
-    sp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
-    sp.set_defaults(func=cmd_run)
+    sp.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="-- CMD ARGS",
+        help="the command to run with the identity, after --",
+    )
     return p
 
 
+class _JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"level": record.levelname.lower(), "message": record.getMessage()})
+
+
+def _log_to_stderr(args: argparse.Namespace) -> logging.Handler:
+    """The library's log on stderr: warnings, and with --verbose every step."""
+    handler = logging.StreamHandler(sys.stderr)
+    if args.json:
+        handler.setFormatter(_JsonLines())
+    else:
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("keychain_ext")
+    logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    logger.addHandler(handler)
+    return handler
+
+
+def _report(exc: BaseException, args: argparse.Namespace) -> None:
+    """One line on stderr: text, or under --json {"error": class name,
+    "status": OSStatus or null, "message": ...}."""
+    if args.json:
+        status = exc.status if isinstance(exc, KeychainError) else None
+        message = exc.detail if isinstance(exc, KeychainError) else str(exc)
+        record = {"error": type(exc).__name__, "status": status, "message": cli_message(message)}
+        print(json.dumps(record), file=sys.stderr)
+        return
+    print(f"{PROG}: error: {cli_message(str(exc))}", file=sys.stderr)
+    if args.verbose and not isinstance(exc, UsageError):
+        if isinstance(exc, KeychainError):
+            print(
+                f"  status={exc.status} symbol={exc.symbol} operation={exc.operation} "
+                f"native_code={exc.native_code}",
+                file=sys.stderr,
+            )
+        traceback.print_exc()
+
+
+def _usage_error(exc: UsageError, args: argparse.Namespace, parser: _Parser) -> int:
+    if not args.json:
+        sys.stderr.write(exc.usage or parser.format_usage())
+    _report(exc, args)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv, namespace=argparse.Namespace(**GLOBAL_DEFAULTS))
+    except UsageError as exc:
+        # nothing parsed: --json before CMD's "--" still asks for JSON
+        options = argv[: argv.index("--")] if "--" in argv else argv
+        seen = argparse.Namespace(**{**GLOBAL_DEFAULTS, "json": "--json" in options})
+        return _usage_error(exc, seen, parser)
+    handler = _log_to_stderr(args)
     try:
         return int(args.func(args))
     except UsageError as exc:
-        parser.error(str(exc))
+        return _usage_error(exc, args, parser)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     except (KeychainError, OSError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        if args.verbose:
-            if isinstance(exc, KeychainError):
-                print(
-                    f"  status={exc.status} symbol={exc.symbol} operation={exc.operation} "
-                    f"native_code={exc.native_code}",
-                    file=sys.stderr,
-                )
-            traceback.print_exc()
+        _report(exc, args)
         return exit_code(exc)
-    return 0  # pragma: no cover - parser.error exits
+    finally:
+        logging.getLogger("keychain_ext").removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ identity in the macOS keychain is used by Security.framework clients.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -19,6 +20,8 @@ from typing import Any, Optional
 from ._backend import Pkcs11Token
 from .errors import InteractionNotAllowedError, ItemNotFoundError, UnimplementedError
 from .keychain import Identity
+
+log = logging.getLogger(__name__)
 
 ENGINE = "pkcs11"
 
@@ -134,9 +137,18 @@ def setup_pycurl(handle: Any, identity: Identity) -> None:
         raise UnimplementedError(detail=problem, operation="setup_pycurl")
     import pycurl
 
-    # the engine reads the module path when it first loads
-    for key, value in token.env.items():  # PKCS11_MODULE_PATH among them
+    # the engine reads the module path when it first loads: the identity's
+    # module, never one left there for another token
+    for key, value in token.env.items():
         os.environ.setdefault(key, value)
+    if os.environ.get("PKCS11_MODULE_PATH") != token.module:
+        log.debug(
+            "PKCS11_MODULE_PATH was %s: set to %s, the module of '%s'",
+            os.environ.get("PKCS11_MODULE_PATH"),
+            token.module,
+            identity.label,
+        )
+        os.environ["PKCS11_MODULE_PATH"] = token.module
     pin = ""
     if token.pin_file is not None:
         with open(token.pin_file, encoding="utf-8") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import ssl
@@ -12,7 +13,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Union
+from typing import TYPE_CHECKING, Literal, NoReturn, Optional, Union
 
 from . import _provider, _store
 from ._backend import (
@@ -35,6 +36,8 @@ from .errors import (
     ParamError,
     UnimplementedError,
 )
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     P12Source = Union[str, os.PathLike[str], bytes, bytearray, memoryview]
@@ -191,6 +194,10 @@ class Keychain:
     ``Keychain(token=..., pin=...)`` opens any PKCS#11 token by label,
     through ``module`` (default: SoftHSM2).  Environment fallbacks:
     ``KEYCHAIN_EXT_MODULE``, ``KEYCHAIN_EXT_TOKEN``, ``KEYCHAIN_EXT_PIN_FILE``.
+    ``token="keychain_ext"`` without a PIN names the embedded store; a
+    ``pin`` or ``pin_file`` for the embedded store is a ParamError, as are
+    both together.  A relative ``pin_file`` is made absolute; one that
+    group or others can read gets a warning (logger ``keychain_ext``).
     ``init_args``: the module's C_Initialize init string, for modules that
     need one (NSS softoken: ``"configdir='sql:DIR'"``).  Processes using
     one token share its state directory: the lock that serializes them and
@@ -220,7 +227,9 @@ class Keychain:
         AuthFailedError: wrong PIN.
         InteractionRequiredError: no PIN given for an explicit token.
         InteractionNotAllowedError: the token would need a PIN pad.
-        ParamError: a module or PIN given for the macOS keychain.
+        ParamError: a module or PIN given for the macOS keychain, a PIN
+            for the embedded store, or both pin and pin_file.
+        FileNotFoundError, PermissionError: pin_file unreadable.
     """
 
     def __init__(
@@ -261,34 +270,46 @@ class Keychain:
         self._backend: Pkcs11Backend = backend
         module = module or os.environ.get("KEYCHAIN_EXT_MODULE")
         token = token or os.environ.get("KEYCHAIN_EXT_TOKEN")
-        if token is None:
+        if pin is not None and pin_file is not None:
+            raise ParamError(detail="give pin or pin_file, not both", operation="open")
+        if token is None or (token == _store.EMBEDDED_TOKEN and pin is None and pin_file is None):
+            if pin is not None or pin_file is not None:
+                raise ParamError(
+                    detail="the embedded store keeps its own PIN: pin and pin_file are "
+                    "for a token named by token=",
+                    operation="open",
+                )
             self._store = self._open_embedded(module)
         else:
             self.module = module or _store.softhsm2_module()
             self.token = token
             pin_file = pin_file or os.environ.get("KEYCHAIN_EXT_PIN_FILE")
             if pin is None and pin_file is not None:
-                pin = _store.read_secret(Path(pin_file))
-                self.pin_file = Path(os.path.abspath(pin_file))  # clients run elsewhere
-            if pin is None:
-                raise InteractionRequiredError(
-                    detail=f"token '{token}' needs a PIN: pass pin= or pin_file=, "
-                    "or set KEYCHAIN_EXT_PIN_FILE",
-                    operation="open",
-                )
-            self._owned_pin = _Hidden(_secret(pin, "PIN"))
+                # absolute before it is kept or handed to a child (URIs, env)
+                self.pin_file = Path(os.path.abspath(pin_file))
+                pin = _store.read_secret(self.pin_file, "PIN file")
             if "SOFTHSM2_CONF" in os.environ:
                 self.env["SOFTHSM2_CONF"] = os.environ["SOFTHSM2_CONF"]
+            if pin is None:
+                self._no_pin()
+            self._owned_pin = _Hidden(_secret(pin, "PIN"))
             self._store = self._open(self._owned_pin.value.decode("utf-8"))
         self.env["PKCS11_MODULE_PATH"] = self.module
         self.location = Pkcs11Token(
             self.module, self.token, self.pin_file, self.lock_path, dict(self.env)
         )
 
-    def _open(self, pin: str) -> Store:
+    def _open(self, pin: Optional[str]) -> Store:
         state = _store.state_dir(self.token, self._init_args)
         self.lock_path = os.path.join(state, "lock")
-        return self._backend.open(
+        log.debug(
+            "opening token '%s' through %s (token lock %s, waits up to %g s)",
+            self.token,
+            self.module,
+            self.lock_path,
+            self._lock_timeout,
+        )
+        store = self._backend.open(
             self.module,
             self.token,
             pin,
@@ -296,6 +317,19 @@ class Keychain:
             self._init_args,
             self._exclusive,
             self._lock_timeout,
+        )
+        log.debug("opened token '%s'", self.token)
+        return store
+
+    def _no_pin(self) -> NoReturn:
+        """No PIN for a named token: a token that is not there says so
+        first (the C layer looks for it before it wants the PIN)."""
+        with contextlib.suppress(InteractionRequiredError):
+            self._open(None).close()
+        raise InteractionRequiredError(
+            detail=f"token '{self.token}' needs a PIN: pass pin= or pin_file=, "
+            "or set KEYCHAIN_EXT_PIN_FILE",
+            operation="open",
         )
 
     def _open_embedded(self, module: Optional[str]) -> Store:
@@ -313,6 +347,7 @@ class Keychain:
                 if any(store.tokens.iterdir()):
                     raise  # not a first use: never initialize over a token
                 # first use: the SO PIN is not kept; the token is disposable
+                log.debug("creating the embedded store's token in %s", store.tokens)
                 try:
                     self._backend.init_token(self.module, self.token, _store.new_pin(), pin)
                 except BaseException:
@@ -367,6 +402,7 @@ class Keychain:
                 fd = _store.write_secret(path, self._owned_pin.value.decode("utf-8"), hold=True)
                 assert fd is not None
                 held = self._client_files[label, "pin"] = (path, fd)
+                log.debug("wrote the PIN file %s for TLS clients of '%s'", path, label)
             return held[0]
 
     def _provider_files(self, ident: Identity, persistent: bool) -> _provider.ProviderFiles:
@@ -476,7 +512,22 @@ class Keychain:
             | (SHARED if shared else 0)
             | (RECLAIM_STALE if stale == "reclaim" else 0)
         )
+        log.debug(
+            "importing '%s' into token '%s' (ephemeral=%s held=%s shared=%s stale=%s)",
+            label,
+            self.token,
+            ephemeral,
+            held,
+            shared,
+            stale,
+        )
         info = self._store.preauth_key(data, password_bytes, raw_label, flags)
+        log.debug(
+            "created certificate and key '%s' (key id %s, %s)",
+            label,
+            info.key_id.hex(),
+            info.subject,
+        )
         try:
             return self._identity(info)
         except BaseException:  # KeyboardInterrupt included: nothing may stay
@@ -499,11 +550,15 @@ class Keychain:
                 changed.
         """
         raw = _label(label)
+        log.debug("killing '%s' on token '%s' (force=%s)", label, self.token, force)
         try:
             self._store.kill_key(raw, force)
         except ItemNotFoundError:
             if not missing_ok:
                 raise
+            log.debug("nothing labelled '%s' to kill", label)
+        else:
+            log.debug("killed '%s'", label)
         finally:
             with self._lock:
                 held = [self._client_files.pop((label, k), None) for k in ("provider", "pin")]
@@ -517,6 +572,7 @@ class Keychain:
     def lookup(self, label: str) -> Optional[Identity]:
         """The identity under ``label``, or None.  Changes nothing."""
         info = self._store.lookup(_label(label))
+        log.debug("lookup '%s': %s", label, "found" if info else "not found")
         return None if info is None else self._identity(info)
 
     def items(self) -> list[ItemInfo]:
@@ -544,9 +600,11 @@ class Keychain:
             return stale
         removed = []
         for item in stale:
+            log.debug("reclaiming stale '%s'", item.label or "(objects without a label)")
             try:
                 self._store.reclaim_stale(_label(item.label) if item.label else None)
             except (ItemNotFoundError, DuplicateItemError):
+                log.debug("'%s' is gone or taken over: left alone", item.label)
                 continue  # gone already, or taken over by a live process
             removed.append(item)
         return removed

@@ -36,6 +36,7 @@ def cli_env(token: Token, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 def password_file(rsa_client: ClientIdentity, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("pw") / "password"
     path.write_text(rsa_client.password + "\n")
+    path.chmod(0o600)  # others' eyes get a warning (test_cli_conventions)
     return path
 
 

@@ -278,3 +278,23 @@ def test_demo_runs(tmp_path: Path) -> None:
     assert '"client_cn": "demo-client"' in done.stdout
     assert "the token holds nothing" in done.stdout
     assert "the same request now fails" in done.stdout
+
+
+def test_setup_pycurl_replaces_another_module_path(
+    token: Token, pki: PKI, server: MTLSServer, ec_client: ClientIdentity
+) -> None:
+    """A PKCS11_MODULE_PATH left for another module would make the engine
+    load that one: setup_pycurl sets the identity's (issue 13, item 5)."""
+    require_pycurl()
+    script = CHILD.replace("sys.stdin.read()  # wait to be killed", "kc.close()")
+    done = subprocess.run(
+        [sys.executable, "-c", script, token.module, token.label, str(ec_client.p12),
+         server.url, str(pki.ca_cert)],
+        input=f"{token.pin}\n{ec_client.password}\n",
+        env={**os.environ, "PKCS11_MODULE_PATH": "/nonexistent/other-pkcs11.so"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ec_client.cn

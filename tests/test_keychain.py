@@ -198,7 +198,7 @@ def test_duplicate_label_refused_and_existing_untouched(
     with pytest.raises(DuplicateItemError, match="already in the store") as info:
         kc.preauth_key(ec_client.p12, ec_client.password, "dup")
     assert isinstance(info.value, FileExistsError)
-    with pytest.raises(DuplicateItemError, match="under another label"):
+    with pytest.raises(DuplicateItemError, match="under the label 'dup'"):
         kc.preauth_key(rsa_client.p12, rsa_client.password, "dup-same-key")
     assert token.objects() == before
     assert kc.lookup("dup") == first
