@@ -28,16 +28,21 @@
  * search list.  opts->token may name an existing keychain file: it is opened
  * (not created) and used to scope searches and as the import target.
  */
+#include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
 
 #include <CoreFoundation/CoreFoundation.h>
 #include <Security/Security.h>
 
 #include "keychain.h"
+#include "p12_walk.h"
 
 #ifndef KC_VERSION
 #define KC_VERSION "0.0.0"
@@ -52,19 +57,10 @@
     _Pragma("GCC diagnostic ignored \"-Wdeprecated-declarations\"")
 #define KC_DEPRECATED_END _Pragma("GCC diagnostic pop")
 
-/* The key id remembered at import, per label (Crypto.cpp's member `id`). */
-typedef struct kc_key_id {
-    struct kc_key_id *next;
-    char label[KC_LABEL_MAX];
-    uint8_t id[KC_KEY_ID_MAX];
-    size_t len;
-} kc_key_id;
-
 struct kc_keychain {
     pthread_mutex_t lock;       /* serializes calls on this handle */
     SecKeychainRef keychain;    /* opts->token opened, or NULL */
     CFArrayRef search_list;     /* [keychain] or NULL = default list */
-    kc_key_id *ids;
 };
 
 /* The user-interaction flag is process-wide: two handles must not interleave
@@ -153,48 +149,254 @@ static int valid_label(const char *label)
     return label != NULL && label[0] != '\0' && strlen(label) < KC_LABEL_MAX;
 }
 
-/* --- remembered key ids ------------------------------------------------ */
+/* --- owner records ------------------------------------------------------ */
 
-static kc_key_id *find_id(kc_keychain *kc, const char *label)
+/* Who owns an identity lives in a companion item: a generic password of
+ * service "keychain_ext", account = the label, whose kSecAttrGeneric holds
+ * RECORD_TAG " held=H pid=P host=N id=HEX" (no secret data: reading the
+ * attributes never prompts).  kc_preauth_key adds it BEFORE the import
+ * (SecItemAdd refuses a second one: two processes cannot both claim a
+ * label) and completes it with the key id after; kc_kill_key deletes it
+ * last.  A crash in between leaves a record that proves the identity (or
+ * the nothing) under the label ours, and names its dead owner. */
+#define RECORD_SERVICE "keychain_ext"
+#define RECORD_TAG "keychain_ext-owner-v1"
+#define RECORD_MAX 512
+
+typedef struct kc_record {
+    int held;                       /* owned by no process until killed */
+    long long pid;                  /* the owner; 0 when held */
+    char host[KC_HOST_MAX];
+    uint8_t id[KC_KEY_ID_MAX];      /* the imported key's id; 0 long until
+                                       the import completed */
+    size_t id_len;
+} kc_record;
+
+enum { RQ_MATCH, RQ_ONE, RQ_ALL };
+
+static void my_host(char *buf, size_t size)
 {
-    kc_key_id *e;
-
-    for (e = kc->ids; e != NULL; e = e->next)
-        if (strcmp(e->label, label) == 0)
-            return e;
-    return NULL;
+    if (gethostname(buf, size) != 0 || buf[0] == '\0')
+        snprintf(buf, size, "unknown");
+    buf[size - 1] = '\0';
 }
 
-static void forget_id(kc_keychain *kc, const char *label)
+/* The records of label (NULL: all) in the handle's search scope; mode
+ * RQ_MATCH for update/delete, RQ_ONE / RQ_ALL return attributes. */
+static CFDictionaryRef create_record_query(kc_keychain *kc, const char *label,
+                                           int mode)
 {
-    kc_key_id **pp, *e;
+    const void *keys[6], *values[6];
+    CFIndex n = 0;
+    CFStringRef service, account = NULL;
+    CFDictionaryRef query = NULL;
 
-    for (pp = &kc->ids; (e = *pp) != NULL; pp = &e->next) {
-        if (strcmp(e->label, label) == 0) {
-            *pp = e->next;
-            free(e);
-            return;
-        }
+    service = CFStringCreateWithCString(kCFAllocatorDefault, RECORD_SERVICE,
+                                        kCFStringEncodingUTF8);
+    if (service == NULL)
+        return NULL;
+    keys[n] = kSecClass;
+    values[n++] = kSecClassGenericPassword;
+    keys[n] = kSecAttrService;
+    values[n++] = service;
+    if (label != NULL) {
+        account = CFStringCreateWithCString(kCFAllocatorDefault, label,
+                                            kCFStringEncodingUTF8);
+        if (account == NULL)
+            goto cleanup;
+        keys[n] = kSecAttrAccount;
+        values[n++] = account;
     }
+    if (mode != RQ_MATCH) {
+        keys[n] = kSecReturnAttributes;
+        values[n++] = kCFBooleanTrue;
+        keys[n] = kSecMatchLimit;
+        values[n++] = mode == RQ_ALL ? kSecMatchLimitAll : kSecMatchLimitOne;
+    }
+    if (kc->search_list != NULL) {
+        KC_DEPRECATED_BEGIN
+        keys[n] = kSecMatchSearchList;
+        KC_DEPRECATED_END
+        values[n++] = kc->search_list;
+    }
+    query = CFDictionaryCreate(kCFAllocatorDefault, keys, values, n,
+                               &kCFTypeDictionaryKeyCallBacks,
+                               &kCFTypeDictionaryValueCallBacks);
+cleanup:
+    release(account);
+    release(service);
+    return query;
 }
 
-static OSStatus remember_id(kc_keychain *kc, const char *label, CFDataRef id)
+/* Parse a record's attributes; errSecDecode if it is not one of ours. */
+static OSStatus parse_record(CFDictionaryRef attrs, kc_record *rec)
 {
-    kc_key_id *e;
-    CFIndex len = CFDataGetLength(id);
+    CFTypeRef v = CFDictionaryGetValue(attrs, kSecAttrGeneric);
+    char text[RECORD_MAX], idhex[2 * KC_KEY_ID_MAX + 1] = "";
+    CFIndex len;
+    size_t i, n;
 
-    if (len <= 0 || len > KC_KEY_ID_MAX)
+    memset(rec, 0, sizeof *rec);
+    if (v == NULL || CFGetTypeID(v) != CFDataGetTypeID())
         return errSecDecode;
-    e = calloc(1, sizeof *e);
-    if (e == NULL)
-        return errSecAllocate;
-    snprintf(e->label, sizeof e->label, "%s", label);
-    memcpy(e->id, CFDataGetBytePtr(id), (size_t)len);
-    e->len = (size_t)len;
-    forget_id(kc, label);
-    e->next = kc->ids;
-    kc->ids = e;
+    len = CFDataGetLength((CFDataRef)v);
+    if (len <= 0 || len >= RECORD_MAX)
+        return errSecDecode;
+    memcpy(text, CFDataGetBytePtr((CFDataRef)v), (size_t)len);
+    text[len] = '\0';
+    if (sscanf(text, RECORD_TAG " held=%d pid=%lld host=%63s id=%128s",
+               &rec->held, &rec->pid, rec->host, idhex) < 3)
+        return errSecDecode;
+    n = strlen(idhex);
+    if (n % 2 != 0)
+        return errSecDecode;
+    for (i = 0; i < n / 2; i++) {
+        unsigned byte;
+
+        if (sscanf(idhex + 2 * i, "%2x", &byte) != 1)
+            return errSecDecode;
+        rec->id[i] = (uint8_t)byte;
+    }
+    rec->id_len = n / 2;
     return errSecSuccess;
+}
+
+/* The record of label: errSecSuccess, errSecItemNotFound, or an error. */
+static OSStatus read_record(kc_keychain *kc, const char *label,
+                            kc_record *rec)
+{
+    CFDictionaryRef query;
+    CFTypeRef attrs = NULL;
+    OSStatus status;
+
+    memset(rec, 0, sizeof *rec);
+    query = create_record_query(kc, label, RQ_ONE);
+    if (query == NULL)
+        return errSecAllocate;
+    status = SecItemCopyMatching(query, &attrs);
+    CFRelease(query);
+    if (status == errSecSuccess)
+        status = attrs != NULL ? parse_record((CFDictionaryRef)attrs, rec)
+                               : errSecItemNotFound;
+    release(attrs);
+    return status;
+}
+
+/* Add label's record (add) or replace its text. */
+static OSStatus write_record(kc_keychain *kc, const char *label,
+                             const kc_record *rec, int add)
+{
+    char text[RECORD_MAX], idhex[2 * KC_KEY_ID_MAX + 1] = "";
+    CFDataRef data = NULL;
+    CFDictionaryRef query = NULL, attrs = NULL, match = NULL;
+    CFStringRef service = NULL, account = NULL;
+    const void *keys[5], *values[5];
+    CFIndex n = 0;
+    OSStatus status = errSecAllocate;
+    size_t i;
+    int len;
+
+    for (i = 0; i < rec->id_len; i++)
+        snprintf(idhex + 2 * i, 3, "%02x", rec->id[i]);
+    len = snprintf(text, sizeof text, RECORD_TAG " held=%d pid=%lld "
+                   "host=%s id=%s", rec->held, rec->pid, rec->host, idhex);
+    data = CFDataCreate(kCFAllocatorDefault, (const UInt8 *)text, len);
+    if (data == NULL)
+        goto cleanup;
+    if (!add) {
+        keys[0] = kSecAttrGeneric;
+        values[0] = data;
+        attrs = CFDictionaryCreate(kCFAllocatorDefault, keys, values, 1,
+                                   &kCFTypeDictionaryKeyCallBacks,
+                                   &kCFTypeDictionaryValueCallBacks);
+        match = create_record_query(kc, label, RQ_MATCH);
+        if (attrs != NULL && match != NULL)
+            status = SecItemUpdate(match, attrs);
+        goto cleanup;
+    }
+    service = CFStringCreateWithCString(kCFAllocatorDefault, RECORD_SERVICE,
+                                        kCFStringEncodingUTF8);
+    account = CFStringCreateWithCString(kCFAllocatorDefault, label,
+                                        kCFStringEncodingUTF8);
+    if (service == NULL || account == NULL)
+        goto cleanup;
+    keys[n] = kSecClass;
+    values[n++] = kSecClassGenericPassword;
+    keys[n] = kSecAttrService;
+    values[n++] = service;
+    keys[n] = kSecAttrAccount;
+    values[n++] = account;
+    keys[n] = kSecAttrGeneric;
+    values[n++] = data;
+    if (kc->keychain != NULL) {
+        KC_DEPRECATED_BEGIN
+        keys[n] = kSecUseKeychain;
+        KC_DEPRECATED_END
+        values[n++] = kc->keychain;
+    }
+    query = CFDictionaryCreate(kCFAllocatorDefault, keys, values, n,
+                               &kCFTypeDictionaryKeyCallBacks,
+                               &kCFTypeDictionaryValueCallBacks);
+    if (query != NULL)
+        status = SecItemAdd(query, NULL);
+cleanup:
+    release(query);
+    release(match);
+    release(attrs);
+    release(account);
+    release(service);
+    release(data);
+    return status;
+}
+
+static OSStatus delete_record(kc_keychain *kc, const char *label)
+{
+    CFDictionaryRef query = create_record_query(kc, label, RQ_MATCH);
+    OSStatus status;
+
+    if (query == NULL)
+        return errSecAllocate;
+    status = SecItemDelete(query);
+    CFRelease(query);
+    return status;
+}
+
+/* 1 the owner runs (or the identity is held), 0 it is dead, -1 cannot
+ * tell (another host, or no pid).  A reused pid reads as alive: the safe
+ * side. */
+static int owner_alive(const kc_record *rec)
+{
+    char host[KC_HOST_MAX];
+
+    if (rec->held)
+        return 1;
+    my_host(host, sizeof host);
+    if (rec->pid <= 0 || strcmp(host, rec->host) != 0)
+        return -1;
+    if ((pid_t)rec->pid == getpid() || kill((pid_t)rec->pid, 0) == 0)
+        return 1;
+    return errno == ESRCH ? 0 : errno == EPERM ? 1 : -1;
+}
+
+static int record_mine(const kc_record *rec)
+{
+    char host[KC_HOST_MAX];
+
+    my_host(host, sizeof host);
+    return !rec->held && (pid_t)rec->pid == getpid()
+        && strcmp(host, rec->host) == 0;
+}
+
+static void fill_owner(const kc_record *rec, kc_item_info *out)
+{
+    out->ours = 1;
+    out->held = rec->held;
+    out->owners = rec->held ? 0 : 1;
+    out->mine = record_mine(rec);
+    out->owner_pid = rec->held ? 0 : rec->pid;
+    snprintf(out->owner_host, sizeof out->owner_host, "%s",
+             rec->held ? "" : rec->host);
+    out->owner_alive = owner_alive(rec);
 }
 
 /* --- Crypto.cpp helpers ------------------------------------------------ */
@@ -374,10 +576,12 @@ static OSStatus delete_private_key(kc_keychain *kc, CFDataRef id)
 }
 
 /* Undo an import: certificate, then key, of every identity in items.
- * Best effort; the caller already has an error to report. */
-static void rollback_import(kc_keychain *kc, CFArrayRef items)
+ * Best effort (the caller already has an error to report); returns 1 when
+ * everything went. */
+static int rollback_import(kc_keychain *kc, CFArrayRef items)
 {
     CFIndex i, n = CFArrayGetCount(items);
+    int all_gone = 1;
 
     for (i = 0; i < n; i++) {
         CFDictionaryRef item = CFArrayGetValueAtIndex(items, i);
@@ -389,14 +593,17 @@ static void rollback_import(kc_keychain *kc, CFArrayRef items)
                                                         kSecImportItemIdentity);
         if (identity == NULL)
             continue;
-        copy_key_info(identity, &id, NULL);
-        if (SecIdentityCopyCertificate(identity, &cert) == errSecSuccess)
-            delete_certificate(cert);
-        if (id != NULL)
-            delete_private_key(kc, id);
+        if (copy_key_info(identity, &id, NULL) != errSecSuccess)
+            all_gone = 0;
+        if (SecIdentityCopyCertificate(identity, &cert) != errSecSuccess
+            || delete_certificate(cert) != errSecSuccess)
+            all_gone = 0;
+        if (id != NULL && delete_private_key(kc, id) != errSecSuccess)
+            all_gone = 0;
         release(cert);
         release(id);
     }
+    return all_gone;
 }
 
 /* copyIdentityFromPKCS12: SecPKCS12Import of the bytes with the passphrase
@@ -493,7 +700,7 @@ static void fill_info(CFTypeRef found, int is_identity, const char *label,
     CFDataRef id = NULL;
 
     memset(out, 0, sizeof *out);
-    out->owner_alive = -1;  /* Darwin records no owner process */
+    out->owner_alive = -1;  /* no record: nobody known */
     snprintf(out->label, sizeof out->label, "%s", label);
     out->has_certificate = 1;
     if (is_identity) {
@@ -527,13 +734,13 @@ static void fill_info(CFTypeRef found, int is_identity, const char *label,
 }
 
 /* Look up under label without taking the lock: identity first, then a
- * lone certificate (a key left without its certificate is found by kill
- * through the remembered id). */
+ * lone certificate, and the label's owner record. */
 static OSStatus lookup_locked(kc_keychain *kc, const char *label,
                               kc_item_info *out, kc_error *err)
 {
     CFTypeRef found = NULL;
-    OSStatus status;
+    kc_record rec;
+    OSStatus status, rst;
     int is_identity = 1;
 
     status = lookup_keychain_item(kc, kSecClassIdentity, label, &found);
@@ -545,8 +752,19 @@ static OSStatus lookup_locked(kc_keychain *kc, const char *label,
         fail(err, status, "nothing carries the label '%s'", label);
     else if (status != errSecSuccess)
         fail(err, status, "looking up '%s'", label);
-    else if (out != NULL)
+    if (status != errSecSuccess)
+        goto cleanup;
+    rst = read_record(kc, label, &rec);
+    if (rst != errSecSuccess && rst != errSecItemNotFound) {
+        status = fail(err, rst, "reading the owner record of '%s'", label);
+        goto cleanup;
+    }
+    if (out != NULL) {
         fill_info(found, is_identity, label, out);
+        if (rst == errSecSuccess)
+            fill_owner(&rec, out);
+    }
+cleanup:
     release(found);
     return status;
 }
@@ -611,12 +829,129 @@ void kc_close(kc_keychain *kc)
 {
     if (kc == NULL)
         return;
-    while (kc->ids != NULL)
-        forget_id(kc, kc->ids->label);
     release(kc->search_list);
     release(kc->keychain);
     pthread_mutex_destroy(&kc->lock);
     free(kc);
+}
+
+/* Remove what label carries (certificate, then key by the recorded id),
+ * then its record.  Without KC_KILL_FORCE only what a record proves
+ * keychain_ext's and whose owner is this process, nobody (held) or dead. */
+static OSStatus remove_locked(kc_keychain *kc, const char *label, int flags,
+                              kc_error *err)
+{
+    CFTypeRef found = NULL;
+    SecCertificateRef cert = NULL;
+    CFDataRef id = NULL, have = NULL;
+    kc_record rec;
+    OSStatus status, rst, key_status = errSecItemNotFound;
+    int is_identity = 1, force = (flags & KC_KILL_FORCE) != 0, alive;
+
+    status = lookup_keychain_item(kc, kSecClassIdentity, label, &found);
+    if (status == errSecItemNotFound) {
+        is_identity = 0;
+        status = lookup_keychain_item(kc, kSecClassCertificate, label, &found);
+    }
+    if (status != errSecSuccess && status != errSecItemNotFound) {
+        fail(err, status, "looking up '%s'", label);
+        goto cleanup;
+    }
+    rst = read_record(kc, label, &rec);
+    if (rst != errSecSuccess && rst != errSecItemNotFound) {
+        status = fail(err, rst, "reading the owner record of '%s'", label);
+        goto cleanup;
+    }
+    if (rst == errSecItemNotFound && found == NULL) {
+        status = fail(err, errSecItemNotFound,
+                      "nothing carries the label '%s'", label);
+        goto cleanup;
+    }
+    /* Crypto.cpp deleted whatever had the name: only what a record proves
+     * ours, unless forced. */
+    if (rst == errSecItemNotFound && !force) {
+        status = fail(err, errSecInvalidOwnerEdit,
+                      "no keychain_ext owner record names '%s': it was not "
+                      "imported by keychain_ext; not deleted (force to "
+                      "override)", label);
+        goto cleanup;
+    }
+    if (rst == errSecSuccess && !force && !record_mine(&rec)
+        && (alive = owner_alive(&rec)) != 0 && !rec.held) {
+        status = fail(err, errSecInvalidOwnerEdit,
+                      "'%s' belongs to pid %lld on %s, which %s; not deleted "
+                      "(force to override)", label, rec.pid, rec.host,
+                      alive > 0 ? "is running" : "cannot be judged");
+        goto cleanup;
+    }
+    /* The key id: the recorded one, else the identity's own. */
+    if (rst == errSecSuccess && rec.id_len > 0) {
+        id = CFDataCreate(kCFAllocatorDefault, rec.id, (CFIndex)rec.id_len);
+        if (id == NULL) {
+            status = fail(err, errSecAllocate, "copying the key id");
+            goto cleanup;
+        }
+    }
+    if (found != NULL && is_identity) {
+        status = copy_key_info((SecIdentityRef)found, &have, NULL);
+        if (status != errSecSuccess) {
+            fail(err, status, "reading the key id of '%s'", label);
+            goto cleanup;
+        }
+        /* Only the identity we imported is ours: one that merely carries
+         * the name (ours removed by someone else, a new one added) stays. */
+        if (id != NULL && !CFEqual(have, id) && !force) {
+            status = fail(err, errSecInvalidOwnerEdit, "the identity labeled "
+                          "'%s' is not the one keychain_ext imported; not "
+                          "deleted", label);
+            goto cleanup;
+        }
+        if (id == NULL || force) {
+            release(id);
+            id = (CFDataRef)CFRetain(have);
+        }
+    }
+    /* A certificate alone with no record: someone else's (forced here). */
+    if (found != NULL) {
+        if (is_identity) {
+            status = SecIdentityCopyCertificate((SecIdentityRef)found, &cert);
+            if (status != errSecSuccess) {
+                fail(err, status, "getting the certificate of '%s'", label);
+                goto cleanup;
+            }
+        } else {
+            cert = (SecCertificateRef)CFRetain(found);
+        }
+        /* Certificate first, then the key separately (one call for the
+         * pair failed when running as root). */
+        status = delete_certificate(cert);
+        if (status != errSecSuccess) {
+            fail(err, status, "deleting the certificate of '%s'", label);
+            goto cleanup;
+        }
+    }
+    if (id != NULL) {
+        key_status = delete_private_key(kc, id);
+        if (key_status != errSecSuccess && key_status != errSecItemNotFound) {
+            status = fail(err, key_status,
+                          "deleting the private key of '%s'", label);
+            goto cleanup;
+        }
+    }
+    if (rst == errSecSuccess) {
+        status = delete_record(kc, label);
+        if (status != errSecSuccess && status != errSecItemNotFound) {
+            fail(err, status, "deleting the owner record of '%s'", label);
+            goto cleanup;
+        }
+    }
+    status = errSecSuccess;
+cleanup:
+    release(have);
+    release(id);
+    release(cert);
+    release(found);
+    return status;
 }
 
 int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
@@ -632,38 +967,84 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     CFDictionaryRef item;
     CFTypeRef v;
     Boolean previous = true;
-    int flag_changed = 0;
-    OSStatus status, st2;
+    int flag_changed = 0, recorded = 0, left = 0, alive;
+    kc_record rec;
+    OSStatus status, st2, rst;
     char cn_buf[KC_LABEL_MAX];
 
     clear_error(err);
     if (kc == NULL || p12 == NULL || p12_len == 0 || !valid_label(label)
-        || (flags & ~(KC_PREAUTH_EPHEMERAL | KC_PREAUTH_RECLAIM_STALE)) != 0)
+        || (flags & ~(KC_PREAUTH_EPHEMERAL | KC_PREAUTH_RECLAIM_STALE
+                      | KC_PREAUTH_HELD | KC_PREAUTH_SHARED)) != 0)
         return fail(err, errSecParam, "kc_preauth_key: bad argument");
     if (flags & KC_PREAUTH_EPHEMERAL)
         return fail(err, errSecUnimplemented,
                     "ephemeral identities need a PKCS#11 token");
+    if (flags & KC_PREAUTH_SHARED)
+        return fail(err, errSecUnimplemented, "shared identities need a "
+                    "PKCS#11 token (the keychain cannot tell whether a "
+                    "PKCS#12 file holds the identity already there)");
+    /* Every key derivation the import would run is capped first. */
+    status = kc_p12_check_kdf(p12, p12_len, err);
+    if (status != errSecSuccess)
+        return status;
 
     pthread_mutex_lock(&kc->lock);
     pthread_mutex_lock(&interaction_lock);
 
     /* Refuse when the identity (or its certificate) is already there: a
-     * warning beats a popup.  KC_PREAUTH_RECLAIM_STALE cannot help here:
-     * the keychain records no owner process, so nothing is provably stale. */
+     * warning beats a popup.  One whose recorded owner died is removed
+     * first with KC_PREAUTH_RECLAIM_STALE. */
     status = lookup_keychain_item(kc, kSecClassIdentity, label, &existing);
     if (status == errSecItemNotFound)
         status = lookup_keychain_item(kc, kSecClassCertificate, label,
                                       &existing);
-    if (status == errSecSuccess) {
-        status = fail(err, errSecDuplicateItem,
-                      "an identity labeled '%s' is already in the keychain",
-                      label);
-        goto cleanup;
-    }
-    if (status != errSecItemNotFound) {
+    if (status != errSecSuccess && status != errSecItemNotFound) {
         fail(err, status, "looking up '%s'", label);
         goto cleanup;
     }
+    rst = read_record(kc, label, &rec);
+    if (rst != errSecSuccess && rst != errSecItemNotFound) {
+        status = fail(err, rst, "reading the owner record of '%s'", label);
+        goto cleanup;
+    }
+    alive = rst == errSecSuccess ? owner_alive(&rec) : -1;
+    if (status == errSecSuccess || rst == errSecSuccess) {
+        if (rst == errSecSuccess && alive == 0
+            && (existing == NULL || (flags & KC_PREAUTH_RECLAIM_STALE))) {
+            /* a dead owner's identity (reclaim asked), or a record a crash
+             * left with nothing under it */
+            status = remove_locked(kc, label, KC_KILL_FORCE, err);
+            if (status != errSecSuccess)
+                goto cleanup;
+        } else if (rst == errSecSuccess && alive == 0) {
+            status = fail(err, errSecDuplicateItem, "'%s' is taken by an "
+                          "identity whose owner pid %lld died without "
+                          "removing it (reclaim it)", label, rec.pid);
+            goto cleanup;
+        } else {
+            status = fail(err, errSecDuplicateItem,
+                          "an identity labeled '%s' is already in the "
+                          "keychain", label);
+            goto cleanup;
+        }
+    }
+
+    /* The claim comes first: SecItemAdd refuses a second record. */
+    memset(&rec, 0, sizeof rec);
+    rec.held = (flags & KC_PREAUTH_HELD) != 0;
+    if (!rec.held) {
+        rec.pid = (long long)getpid();
+        my_host(rec.host, sizeof rec.host);
+    } else {
+        snprintf(rec.host, sizeof rec.host, "-");
+    }
+    status = write_record(kc, label, &rec, 1);
+    if (status != errSecSuccess) {
+        fail(err, status, "adding the owner record of '%s'", label);
+        goto cleanup;
+    }
+    recorded = 1;
 
     /* Disable interaction around the import only, remembering the value. */
     KC_DEPRECATED_BEGIN
@@ -727,27 +1108,37 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
             goto cleanup;
         }
     }
-    status = remember_id(kc, label, id);
-    if (status != errSecSuccess) {
-        fail(err, status, "remembering the key id of '%s'", label);
+    if (CFDataGetLength(id) <= 0 || CFDataGetLength(id) > KC_KEY_ID_MAX) {
+        status = fail(err, errSecDecode, "the key id of '%s' is %ld bytes",
+                      label, (long)CFDataGetLength(id));
         goto cleanup;
     }
-    if (out != NULL)
+    rec.id_len = (size_t)CFDataGetLength(id);
+    memcpy(rec.id, CFDataGetBytePtr(id), rec.id_len);
+    status = write_record(kc, label, &rec, 0);
+    if (status != errSecSuccess) {
+        fail(err, status, "recording the key id of '%s'", label);
+        goto cleanup;
+    }
+    if (out != NULL) {
         fill_info(identity, 1, label, out);
+        fill_owner(&rec, out);
+    }
 
 cleanup:
     if (flag_changed) {
         KC_DEPRECATED_BEGIN
         st2 = SecKeychainSetUserInteractionAllowed(previous);
         KC_DEPRECATED_END
-        if (st2 != errSecSuccess && status == errSecSuccess) {
+        if (st2 != errSecSuccess && status == errSecSuccess)
             status = fail(err, st2, "restoring the user-interaction flag");
-            forget_id(kc, label);
-        }
     }
-    /* All or nothing: undo an import we cannot stand behind. */
+    /* All or nothing: undo an import we cannot stand behind, then the
+     * claim (a failed rollback keeps the record: it proves the rest ours). */
     if (status != errSecSuccess && items != NULL)
-        rollback_import(kc, items);
+        left = !rollback_import(kc, items);
+    if (status != errSecSuccess && recorded && !left)
+        delete_record(kc, label);
     release(cn);
     release(cert);
     release(id);
@@ -761,110 +1152,13 @@ cleanup:
 int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
                     kc_error *err)
 {
-    CFTypeRef found = NULL;
-    SecCertificateRef cert = NULL;
-    CFDataRef id = NULL;
-    kc_key_id *known;
-    OSStatus status, key_status = errSecItemNotFound;
-    int is_identity = 1;
+    OSStatus status;
 
     clear_error(err);
     if (kc == NULL || !valid_label(label) || (flags & ~KC_KILL_FORCE) != 0)
         return fail(err, errSecParam, "kc_kill_key: bad argument");
     pthread_mutex_lock(&kc->lock);
-
-    status = lookup_keychain_item(kc, kSecClassIdentity, label, &found);
-    if (status == errSecItemNotFound) {
-        is_identity = 0;
-        status = lookup_keychain_item(kc, kSecClassCertificate, label, &found);
-    }
-    if (status != errSecSuccess && status != errSecItemNotFound) {
-        fail(err, status, "looking up '%s'", label);
-        goto cleanup;
-    }
-
-    /* The key id: the one remembered at import, else the identity's own. */
-    known = find_id(kc, label);
-    /* A certificate alone under the label was not imported here (an import
-     * brings certificate and key): someone else's, unless forced. */
-    if (known == NULL && found != NULL && !is_identity &&
-        !(flags & KC_KILL_FORCE)) {
-        status = fail(err, errSecInvalidOwnerEdit,
-                      "the certificate labeled '%s' was not imported by "
-                      "keychain_ext; not deleted (force to override)", label);
-        goto cleanup;
-    }
-    if (known != NULL) {
-        id = CFDataCreate(kCFAllocatorDefault, known->id, (CFIndex)known->len);
-        if (id == NULL) {
-            status = fail(err, errSecAllocate, "copying the key id");
-            goto cleanup;
-        }
-    } else if (found != NULL && is_identity) {
-        status = copy_key_info((SecIdentityRef)found, &id, NULL);
-        if (status != errSecSuccess) {
-            fail(err, status, "reading the key id of '%s'", label);
-            goto cleanup;
-        }
-    }
-
-    /* With a remembered id, only the identity we imported is ours: one
-     * that merely carries the name (ours removed by someone else, a new one
-     * added) is left alone -- Crypto.cpp deleted whatever had the name. */
-    if (known != NULL && found != NULL && is_identity) {
-        CFDataRef have = NULL;
-
-        status = copy_key_info((SecIdentityRef)found, &have, NULL);
-        if (status == errSecSuccess && !CFEqual(have, id))
-            status = errSecInvalidItemRef;
-        release(have);
-        if (status != errSecSuccess) {
-            fail(err, status, "the identity labeled '%s' is not the one "
-                 "imported here; not deleted", label);
-            goto cleanup;
-        }
-    }
-
-    /* Certificate first, then the key separately (one call for the pair
-     * failed when running as root). */
-    if (found != NULL) {
-        if (is_identity) {
-            status = SecIdentityCopyCertificate((SecIdentityRef)found, &cert);
-            if (status != errSecSuccess) {
-                fail(err, status, "getting the certificate of '%s'", label);
-                goto cleanup;
-            }
-        } else {
-            cert = (SecCertificateRef)CFRetain(found);
-        }
-        status = delete_certificate(cert);
-        if (status != errSecSuccess) {
-            fail(err, status, "deleting the certificate of '%s'", label);
-            goto cleanup;
-        }
-    }
-    if (id != NULL) {
-        key_status = delete_private_key(kc, id);
-        if (key_status != errSecSuccess
-            && !(key_status == errSecItemNotFound && found != NULL)) {
-            /* a missing key is fine only if the certificate was there */
-            status = fail(err, key_status,
-                          "deleting the private key of '%s'", label);
-            goto cleanup;
-        }
-    }
-    if (found == NULL && key_status != errSecSuccess) {
-        status = fail(err, errSecItemNotFound,
-                      "nothing carries the label '%s'", label);
-        goto cleanup;
-    }
-    status = errSecSuccess;
-    forget_id(kc, label);
-
-cleanup:
-    release(id);
-    release(cert);
-    release(found);
+    status = remove_locked(kc, label, flags, err);
     pthread_mutex_unlock(&kc->lock);
     return status;
 }
@@ -885,24 +1179,93 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
 
 int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
 {
-    (void)kc;
-    (void)label;
+    kc_record rec;
+    OSStatus status;
+
     clear_error(err);
-    return fail(err, errSecUnimplemented,
-                "the keychain records no owner process: no stale identities");
+    if (kc == NULL)
+        return fail(err, errSecParam, "kc_reclaim_stale: bad argument");
+    if (label == NULL)
+        return fail(err, errSecInvalidOwnerEdit, "the keychain is not "
+                    "keychain_ext's alone: nothing unlabelled is ours");
+    if (!valid_label(label))
+        return fail(err, errSecParam, "kc_reclaim_stale: bad argument");
+    pthread_mutex_lock(&kc->lock);
+    status = read_record(kc, label, &rec);
+    if (status == errSecItemNotFound)
+        fail(err, status, "no owner record names '%s'", label);
+    else if (status != errSecSuccess)
+        fail(err, status, "reading the owner record of '%s'", label);
+    else if (owner_alive(&rec) != 0)
+        status = fail(err, errSecDuplicateItem, "the owner of '%s' runs, "
+                      "cannot be judged, or it is held", label);
+    else
+        status = remove_locked(kc, label, KC_KILL_FORCE, err);
+    pthread_mutex_unlock(&kc->lock);
+    return status;
 }
 
+/* keychain_ext's identities: one entry per owner record (the keychain
+ * holds the user's own identities too; those are not listed). */
 int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
                       size_t *count, kc_error *err)
 {
-    (void)kc;
-    (void)out;
-    (void)cap;
+    CFDictionaryRef query = NULL;
+    CFTypeRef found = NULL;
+    CFIndex i, n;
+    OSStatus status;
+
     clear_error(err);
-    if (count != NULL)
-        *count = 0;
-    return fail(err, errSecUnimplemented,
-                "listing identities is not implemented on Darwin");
+    if (kc == NULL || count == NULL || (cap > 0 && out == NULL))
+        return fail(err, errSecParam, "kc_list_items: bad argument");
+    *count = 0;
+    pthread_mutex_lock(&kc->lock);
+    query = create_record_query(kc, NULL, RQ_ALL);
+    if (query == NULL) {
+        status = fail(err, errSecAllocate, "creating the record query");
+        goto cleanup;
+    }
+    status = SecItemCopyMatching(query, &found);
+    if (status == errSecItemNotFound) {
+        status = errSecSuccess;
+        goto cleanup;
+    }
+    if (status != errSecSuccess) {
+        fail(err, status, "listing the owner records");
+        goto cleanup;
+    }
+    n = CFArrayGetCount((CFArrayRef)found);
+    for (i = 0; i < n; i++) {
+        CFDictionaryRef attrs = CFArrayGetValueAtIndex((CFArrayRef)found, i);
+        CFTypeRef account = CFDictionaryGetValue(attrs, kSecAttrAccount);
+        char label[KC_LABEL_MAX];
+        kc_item_info info;
+        kc_record rec;
+
+        cf_to_cstr((CFStringRef)account, label, sizeof label);
+        if (account == NULL || !valid_label(label)
+            || parse_record(attrs, &rec) != errSecSuccess)
+            continue;   /* not a record of ours */
+        status = lookup_locked(kc, label, &info, err);
+        if (status == errSecItemNotFound) {
+            /* a record with nothing under it: a crash mid-preauth */
+            memset(&info, 0, sizeof info);
+            snprintf(info.label, sizeof info.label, "%s", label);
+            fill_owner(&rec, &info);
+        } else if (status != errSecSuccess) {
+            goto cleanup;
+        }
+        if (*count < cap)
+            out[*count] = info;
+        (*count)++;
+    }
+    status = errSecSuccess;
+    clear_error(err);
+cleanup:
+    release(found);
+    release(query);
+    pthread_mutex_unlock(&kc->lock);
+    return status;
 }
 
 int32_t kc_init_token(const char *module, const char *token,

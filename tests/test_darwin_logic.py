@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOUBLE = os.path.join(ROOT, "tests", "darwin_double")
 SOURCES = [
     os.path.join(ROOT, "csrc", "keychain_darwin.c"),
+    os.path.join(ROOT, "csrc", "p12_walk.c"),
     os.path.join(DOUBLE, "double.c"),
     os.path.join(DOUBLE, "driver.c"),
 ]

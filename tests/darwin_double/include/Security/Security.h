@@ -39,6 +39,12 @@ extern const CFStringRef kSecClass;
 extern const CFStringRef kSecClassIdentity;
 extern const CFStringRef kSecClassCertificate;
 extern const CFStringRef kSecClassKey;
+extern const CFStringRef kSecClassGenericPassword;
+extern const CFStringRef kSecAttrService;
+extern const CFStringRef kSecAttrAccount;
+extern const CFStringRef kSecAttrGeneric;
+extern const CFStringRef kSecReturnAttributes;
+extern const CFStringRef kSecUseKeychain;
 extern const CFStringRef kSecReturnRef;
 extern const CFStringRef kSecMatchLimit;
 extern const CFStringRef kSecMatchLimitOne;
@@ -60,6 +66,8 @@ extern const CFStringRef kSecImportItemKeyID;
 
 OSStatus SecItemCopyMatching(CFDictionaryRef query, CFTypeRef *result);
 OSStatus SecItemDelete(CFDictionaryRef query);
+OSStatus SecItemAdd(CFDictionaryRef attributes, CFTypeRef *result);
+OSStatus SecItemUpdate(CFDictionaryRef query, CFDictionaryRef attributesToUpdate);
 OSStatus SecPKCS12Import(CFDataRef pkcs12_data, CFDictionaryRef options,
                          CFArrayRef *items);
 OSStatus SecAccessCreate(CFStringRef descriptor, CFArrayRef trustedlist,
