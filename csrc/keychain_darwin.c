@@ -1081,22 +1081,6 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
         goto cleanup;
     }
 
-    /* The label must be the certificate's CN, or lookup/kill miss it. */
-    status = SecIdentityCopyCertificate(identity, &cert);
-    if (status == errSecSuccess)
-        status = SecCertificateCopyCommonName(cert, &cn);
-    if (status != errSecSuccess) {
-        fail(err, status, "reading the imported certificate's CN");
-        goto cleanup;
-    }
-    cf_to_cstr(cn, cn_buf, sizeof cn_buf);
-    if (strcmp(cn_buf, label) != 0) {
-        status = fail(err, errSecParam,
-                      "the certificate CN '%s' is not the label '%s'",
-                      cn_buf, label);
-        goto cleanup;
-    }
-
     /* kSecImportItemKeyID may be missing: take the key's own label then. */
     v = CFDictionaryGetValue(item, kSecImportItemKeyID);
     if (v != NULL && CFGetTypeID(v) == CFDataGetTypeID()) {
@@ -1115,11 +1099,29 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     }
     rec.id_len = (size_t)CFDataGetLength(id);
     memcpy(rec.id, CFDataGetBytePtr(id), rec.id_len);
+    /* recorded before anything else can fail: what a failed rollback
+     * leaves, kill finds by this id */
     status = write_record(kc, label, &rec, 0);
     if (status != errSecSuccess) {
         fail(err, status, "recording the key id of '%s'", label);
         goto cleanup;
     }
+    /* The label must be the certificate's CN, or lookup/kill miss it. */
+    status = SecIdentityCopyCertificate(identity, &cert);
+    if (status == errSecSuccess)
+        status = SecCertificateCopyCommonName(cert, &cn);
+    if (status != errSecSuccess) {
+        fail(err, status, "reading the imported certificate's CN");
+        goto cleanup;
+    }
+    cf_to_cstr(cn, cn_buf, sizeof cn_buf);
+    if (strcmp(cn_buf, label) != 0) {
+        status = fail(err, errSecParam,
+                      "the certificate CN '%s' is not the label '%s'",
+                      cn_buf, label);
+        goto cleanup;
+    }
+
     if (out != NULL) {
         fill_info(identity, 1, label, out);
         fill_owner(&rec, out);
