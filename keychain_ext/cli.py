@@ -209,7 +209,11 @@ def cmd_purge(args: argparse.Namespace) -> int:
 def _expand(command: Sequence[str], ident: Identity) -> list[str]:
     """{cert}, {key} and {engine} in CMD become the identity's URIs and the
     engine name; `curl` without placeholders gets the engine arguments."""
-    values = {"cert": ident.cert_uri or "", "key": ident.key_uri or "", "engine": "pkcs11"}
+    values = {
+        "cert": ident.cert_uri or ident.nickname or "",  # macOS: the keychain nickname
+        "key": ident.key_uri or "",
+        "engine": "pkcs11",
+    }
     pattern = re.compile(r"\{(cert|key|engine)\}")
     argv = [pattern.sub(lambda m: values[m.group(1)], arg) for arg in command]
     if os.path.basename(command[0]) == "curl" and not any(pattern.search(a) for a in command):

@@ -112,7 +112,9 @@ class Identity(ItemInfo):
     cannot tell), plus the ``store`` that holds it: a
     :class:`~keychain_ext._backend.Pkcs11Token` (module, token, PIN file,
     lock file, environment for child processes) or a
-    :class:`~keychain_ext._backend.DarwinKeychain`.
+    :class:`~keychain_ext._backend.DarwinKeychain` (keychain file, and
+    the environment that selects Secure Transport in Apple's curl: see
+    :attr:`nickname`).
     """
 
     store: StoreLocation
@@ -128,6 +130,13 @@ class Identity(ItemInfo):
         """PKCS#11 URI of the private key (with the PIN source); None
         unless the store is a PKCS#11 token."""
         return self._uri("private")
+
+    @property
+    def nickname(self) -> Optional[str]:
+        """What Secure Transport curl takes as ``--cert`` (libcurl:
+        CURLOPT_SSLCERT): the certificate's common name, which is the
+        label on macOS; None unless the store is the macOS keychain."""
+        return self.label if isinstance(self.store, DarwinKeychain) else None
 
     def _uri(self, kind: str) -> Optional[str]:
         return self.store.uri(self.label, kind) if isinstance(self.store, Pkcs11Token) else None

@@ -68,7 +68,9 @@ def make_p12() -> Callable[..., bytes]:
         flags: int = 0,
     ) -> bytes:
         buf = ffi.new("char[]", 4096)
-        n = lib.dbl_make_p12(buf, 4096, cn.encode(), password.encode(), key_id, len(key_id), count, flags)
+        n = lib.dbl_make_p12(
+            buf, 4096, cn.encode(), password.encode(), key_id, len(key_id), count, flags
+        )
         assert n > 0
         return bytes(ffi.buffer(buf, n))
 

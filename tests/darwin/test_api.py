@@ -90,7 +90,9 @@ def test_duplicate_label_refused_touching_nothing(kc, make_p12):
     with pytest.raises(DuplicateItemError) as info:
         kc.preauth_key(make_p12(key_id=b"\x02" * 20), PASSWORD, "alice")
     assert isinstance(info.value, FileExistsError)
-    assert not any(c.startswith(("SecPKCS12Import", "SecItemAdd", "SecItemDelete")) for c in calls())
+    assert not any(
+        c.startswith(("SecPKCS12Import", "SecItemAdd", "SecItemDelete")) for c in calls()
+    )
     kc.kill_key("alice")
 
 
@@ -199,7 +201,9 @@ def test_held_identity_survives_its_process_and_anyone_kills_it(kc, make_p12):
 def test_live_owner_refused_dead_owner_reclaimed(kc, make_p12):
     host = os.uname().nodename
     lib.dbl_put(b"alice", KEY_ID, 20, 0, 1, 1)
-    put_record("alice", f"keychain_ext-owner-v1 held=0 pid={os.getppid()} host={host} id={KEY_ID.hex()}")
+    put_record(
+        "alice", f"keychain_ext-owner-v1 held=0 pid={os.getppid()} host={host} id={KEY_ID.hex()}"
+    )
     with pytest.raises(InvalidOwnerEditError, match="is running"):
         kc.kill_key("alice")
     with pytest.raises(DuplicateItemError):
