@@ -57,6 +57,7 @@ SCENARIOS = [
     "scoped_keychain",  # opts->token opens (never creates) and scopes
     "misc_api",  # backend/version strings, unimplemented calls
     "threads",  # one handle shared by four threads
+    "walk_mutations",  # the PKCS#12 walk: every truncation, byte changes
     "selftest_leak_detected",
 ]
 

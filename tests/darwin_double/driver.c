@@ -13,6 +13,7 @@
 
 #include "double_control.h"
 #include "keychain.h"
+#include "p12_walk.h"
 
 static long checks;
 
@@ -663,6 +664,46 @@ static void selftest_leak_detected(void)
     CHECK(dbl_outstanding() == 0, "a released string still counted");
 }
 
+/* The PKCS#12 walk over every truncation and many single-byte changes of
+ * a well-formed file, each in a buffer of exactly its size (ASan and
+ * valgrind see any read past it): it never crashes, accepts only the
+ * whole file, and reports every refusal as errSecDecode with a message. */
+static void walk_mutations(void)
+{
+    static const uint8_t values[] = { 0x00, 0x01, 0x7f, 0x80, 0x81, 0x84,
+                                      0xff, 0x30, 0x24, 0xa0 };
+    kc_error err;
+    uint8_t *copy;
+    size_t len, i, v;
+    int32_t st;
+
+    dbl_reset();
+    make_p12("alice", ID_A, 1, 0);
+    CHECK(kc_p12_check_kdf((const uint8_t *)p12, p12_len, &err) == 0,
+          "the well-formed file: %s", err.message);
+    for (len = 0; len < p12_len; len++) {
+        copy = malloc(len + 1);
+        CHECK(copy != NULL, "malloc");
+        memcpy(copy, p12, len);
+        memset(&err, 0, sizeof err);
+        st = kc_p12_check_kdf(copy, len, &err);
+        CHECK(st == KC_errSecDecode && err.message[0] != '\0',
+              "a %zu-byte prefix was accepted (%d)", len, (int)st);
+        free(copy);
+    }
+    for (i = 0; i < p12_len; i++) {
+        for (v = 0; v < sizeof values; v++) {
+            copy = malloc(p12_len);
+            CHECK(copy != NULL, "malloc");
+            memcpy(copy, p12, p12_len);
+            copy[i] = values[v];
+            st = kc_p12_check_kdf(copy, p12_len, &err);
+            CHECK(st == 0 || st == KC_errSecDecode, "status %d", (int)st);
+            free(copy);
+        }
+    }
+}
+
 /* ... and an over-release aborts (the test expects this to fail). */
 static void selftest_overrelease(void)
 {
@@ -687,6 +728,7 @@ static const struct { const char *name; void (*fn)(void); } scenarios[] = {
     { "scoped_keychain", scoped_keychain },
     { "misc_api", misc_api },
     { "threads", threads },
+    { "walk_mutations", walk_mutations },
     { "selftest_leak_detected", selftest_leak_detected },
     { "selftest_overrelease", selftest_overrelease },
 };
