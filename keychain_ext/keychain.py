@@ -162,8 +162,12 @@ class Keychain:
     IOFailureError.
 
     macOS (Security.framework): ``Keychain()`` uses the user's default
-    keychain search list, ``Keychain(token=PATH)`` the keychain file PATH;
-    there is no module and no PIN.
+    keychain search list, ``Keychain(token=PATH)`` the keychain file PATH
+    (searched only by this handle; the default keychain and the search
+    list are never changed); there is no module and no PIN.  The label is
+    the certificate's common name; owners are recorded in the keychain (a
+    ``keychain_ext`` generic password per label); ``shared`` and
+    ``ephemeral`` raise UnimplementedError (README, "macOS").
 
     Never prompts.  Use as a context manager or call :meth:`close`; closing
     removes the handle's ephemeral identities.  One Keychain may be shared
