@@ -372,3 +372,14 @@ def test_every_kill_call_failing_is_reported_and_a_retry_finishes(kc, make_p12):
             kc.kill_key("alice")
         lib.dbl_fail_call(0, 0)
         assert store_empty(), f"kill call {pos} left items"
+
+
+def test_the_leak_check_can_fail(tmp_path):
+    """What the dbl fixture asserts after every test: an open handle holds
+    CF references (its keychain and search list), closing releases them."""
+    path = str(tmp_path / "k.keychain-db")
+    lib.dbl_add_keychain(path.encode())
+    kc = Keychain(token=path)
+    assert lib.dbl_outstanding() > 0
+    kc.close()
+    assert lib.dbl_outstanding() == 0
