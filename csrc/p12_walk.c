@@ -3,6 +3,7 @@
  * its parent, nesting by MAX_DEPTH, and the bytes of constructed OCTET
  * STRINGs are joined into buffers no larger than the input.
  */
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -147,34 +148,35 @@ static int octets(walk *w, span *in, int depth, span *out)
     return 1;
 }
 
-/* A non-negative INTEGER, saturated above the cap. */
+/* A non-negative INTEGER; LONG_MAX stands for anything larger. */
 static int integer(span *in, int depth, long *value)
 {
     span c;
     size_t i;
+    unsigned long v = 0;
 
     if (!expect(in, depth, T_INTEGER, &c) || c.n == 0 || (c.p[0] & 0x80))
         return 0;
-    *value = 0;
     for (i = 0; i < c.n; i++) {
-        *value = (*value << 8) | c.p[i];
-        if (*value > KC_P12_MAX_ITERATIONS) {
-            *value = KC_P12_MAX_ITERATIONS + 1L;
+        if (v > (unsigned long)LONG_MAX >> 8) {
+            v = (unsigned long)LONG_MAX;
             break;
         }
+        v = (v << 8) | c.p[i];
     }
+    *value = v > (unsigned long)LONG_MAX ? LONG_MAX : (long)v;
     return 1;
 }
 
 static int32_t cap(walk *w, long iterations, const char *what)
 {
-    if (iterations < 1 || iterations > KC_P12_MAX_ITERATIONS)
-        return bad(w, "the PKCS#12 %s asks for %s%ld key derivation "
-                   "iterations (limit %d)", what,
-                   iterations > KC_P12_MAX_ITERATIONS ? "more than " : "",
-                   iterations > KC_P12_MAX_ITERATIONS
-                       ? (long)KC_P12_MAX_ITERATIONS : iterations,
+    if (iterations == LONG_MAX)
+        return bad(w, "the PKCS#12 %s asks for more than %ld key derivation "
+                   "iterations (limit %d)", what, LONG_MAX,
                    KC_P12_MAX_ITERATIONS);
+    if (iterations < 1 || iterations > KC_P12_MAX_ITERATIONS)
+        return bad(w, "the PKCS#12 %s asks for %ld key derivation iterations "
+                   "(limit %d)", what, iterations, KC_P12_MAX_ITERATIONS);
     return KC_errSecSuccess;
 }
 
