@@ -212,7 +212,7 @@ def test_identity_is_the_item_info_and_its_store(kc: Keychain, ec_client: Client
 
     from keychain_ext import DarwinKeychain, Pkcs11Token
     from keychain_ext._backend import ItemInfo, Pkcs11Backend, platform_backend
-    from keychain_ext.curl import curl_args
+    from keychain_ext.curl import curl_args, setup_pycurl
     from keychain_ext.errors import UnimplementedError
 
     assert isinstance(platform_backend(), Pkcs11Backend)  # this build: Linux
@@ -225,8 +225,10 @@ def test_identity_is_the_item_info_and_its_store(kc: Keychain, ec_client: Client
         assert ident.key_uri is not None and "object=seam;type=private" in ident.key_uri
         on_mac = dataclasses.replace(ident, store=DarwinKeychain())
         assert on_mac.cert_uri is None and on_mac.key_uri is None
-        with pytest.raises(UnimplementedError, match="not on a PKCS#11 token"):
-            curl_args(on_mac)
+        assert ident.nickname is None and on_mac.nickname == "seam"
+        assert curl_args(on_mac) == ["--cert", "seam"]  # Secure Transport's nickname
+        with pytest.raises(UnimplementedError, match="pycurl"):
+            setup_pycurl(object(), on_mac)  # no Secure Transport here
     finally:
         kc.kill_key("seam")
 
