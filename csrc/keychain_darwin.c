@@ -835,6 +835,41 @@ void kc_close(kc_keychain *kc)
     free(kc);
 }
 
+/* The user-interaction flag is off around everything that writes or
+ * deletes (a foreign key's ACL would prompt on delete): saved first,
+ * restored to its PREVIOUS value after.  Call under interaction_lock. */
+static OSStatus interaction_off(Boolean *previous, kc_error *err)
+{
+    OSStatus status;
+
+    KC_DEPRECATED_BEGIN
+    status = SecKeychainGetUserInteractionAllowed(previous);
+    KC_DEPRECATED_END
+    if (status != errSecSuccess)
+        return fail(err, status, "reading the user-interaction flag");
+    KC_DEPRECATED_BEGIN
+    status = SecKeychainSetUserInteractionAllowed(false);
+    KC_DEPRECATED_END
+    if (status != errSecSuccess)
+        return fail(err, status, "disabling user interaction");
+    return errSecSuccess;
+}
+
+/* Restore the flag; a failure to do so is reported unless status already
+ * reports one. */
+static OSStatus interaction_restore(Boolean previous, OSStatus status,
+                                    kc_error *err)
+{
+    OSStatus st2;
+
+    KC_DEPRECATED_BEGIN
+    st2 = SecKeychainSetUserInteractionAllowed(previous);
+    KC_DEPRECATED_END
+    if (st2 != errSecSuccess && status == errSecSuccess)
+        return fail(err, st2, "restoring the user-interaction flag");
+    return status;
+}
+
 /* Remove what label carries (certificate, then key by the recorded id),
  * then its record.  Without KC_KILL_FORCE only what a record proves
  * keychain_ext's and whose owner is this process, nobody (held) or dead. */
@@ -969,7 +1004,7 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     Boolean previous = true;
     int flag_changed = 0, recorded = 0, left = 0, alive;
     kc_record rec;
-    OSStatus status, st2, rst;
+    OSStatus status, rst;
     char cn_buf[KC_LABEL_MAX];
 
     clear_error(err);
@@ -991,6 +1026,11 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
 
     pthread_mutex_lock(&kc->lock);
     pthread_mutex_lock(&interaction_lock);
+    /* No prompt from here on: not for the import, not for a reclaim. */
+    status = interaction_off(&previous, err);
+    if (status != errSecSuccess)
+        goto cleanup;
+    flag_changed = 1;
 
     /* Refuse when the identity (or its certificate) is already there: a
      * warning beats a popup.  One whose recorded owner died is removed
@@ -1045,23 +1085,6 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
         goto cleanup;
     }
     recorded = 1;
-
-    /* Disable interaction around the import only, remembering the value. */
-    KC_DEPRECATED_BEGIN
-    status = SecKeychainGetUserInteractionAllowed(&previous);
-    KC_DEPRECATED_END
-    if (status != errSecSuccess) {
-        fail(err, status, "reading the user-interaction flag");
-        goto cleanup;
-    }
-    KC_DEPRECATED_BEGIN
-    status = SecKeychainSetUserInteractionAllowed(false);
-    KC_DEPRECATED_END
-    if (status != errSecSuccess) {
-        fail(err, status, "disabling user interaction");
-        goto cleanup;
-    }
-    flag_changed = 1;
 
     status = copy_identity_from_pkcs12(kc, p12, p12_len, password, label,
                                        &items, err);
@@ -1128,13 +1151,8 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     }
 
 cleanup:
-    if (flag_changed) {
-        KC_DEPRECATED_BEGIN
-        st2 = SecKeychainSetUserInteractionAllowed(previous);
-        KC_DEPRECATED_END
-        if (st2 != errSecSuccess && status == errSecSuccess)
-            status = fail(err, st2, "restoring the user-interaction flag");
-    }
+    if (flag_changed)
+        status = interaction_restore(previous, status, err);
     /* All or nothing: undo an import we cannot stand behind, then the
      * claim (a failed rollback keeps the record: it proves the rest ours). */
     if (status != errSecSuccess && items != NULL)
@@ -1154,13 +1172,20 @@ cleanup:
 int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
                     kc_error *err)
 {
+    Boolean previous = true;
     OSStatus status;
 
     clear_error(err);
     if (kc == NULL || !valid_label(label) || (flags & ~KC_KILL_FORCE) != 0)
         return fail(err, errSecParam, "kc_kill_key: bad argument");
     pthread_mutex_lock(&kc->lock);
-    status = remove_locked(kc, label, flags, err);
+    pthread_mutex_lock(&interaction_lock);
+    status = interaction_off(&previous, err);
+    if (status == errSecSuccess) {
+        status = remove_locked(kc, label, flags, err);
+        status = interaction_restore(previous, status, err);
+    }
+    pthread_mutex_unlock(&interaction_lock);
     pthread_mutex_unlock(&kc->lock);
     return status;
 }
@@ -1181,6 +1206,7 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
 
 int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
 {
+    Boolean previous = true;
     kc_record rec;
     OSStatus status;
 
@@ -1193,6 +1219,7 @@ int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
     if (!valid_label(label))
         return fail(err, errSecParam, "kc_reclaim_stale: bad argument");
     pthread_mutex_lock(&kc->lock);
+    pthread_mutex_lock(&interaction_lock);
     status = read_record(kc, label, &rec);
     if (status == errSecItemNotFound)
         fail(err, status, "no owner record names '%s'", label);
@@ -1201,8 +1228,11 @@ int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
     else if (owner_alive(&rec) != 0)
         status = fail(err, errSecDuplicateItem, "the owner of '%s' runs, "
                       "cannot be judged, or it is held", label);
-    else
+    else if ((status = interaction_off(&previous, err)) == errSecSuccess) {
         status = remove_locked(kc, label, KC_KILL_FORCE, err);
+        status = interaction_restore(previous, status, err);
+    }
+    pthread_mutex_unlock(&interaction_lock);
     pthread_mutex_unlock(&kc->lock);
     return status;
 }
