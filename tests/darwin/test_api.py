@@ -387,3 +387,19 @@ def test_the_leak_check_can_fail(tmp_path):
     assert lib.dbl_outstanding() > 0
     kc.close()
     assert lib.dbl_outstanding() == 0
+
+
+def test_a_live_claim_is_respected_a_dead_one_replaced(kc, make_p12):
+    """A record with nothing under it is another process's import under way
+    (refused), or what a crash left (replaced without asking)."""
+    host = os.uname().nodename
+    put_record("alice", f"keychain_ext-owner-v1 held=0 pid={os.getppid()} host={host} id=")
+    with pytest.raises(DuplicateItemError):
+        kc.preauth_key(make_p12(), PASSWORD, "alice")
+    assert count("c") == 0 and count("g") == 1
+    kc.kill_key("alice", force=True)
+    put_record("alice", f"keychain_ext-owner-v1 held=0 pid={dead_pid()} host={host} id=")
+    ident = kc.preauth_key(make_p12(), PASSWORD, "alice")
+    assert ident.mine and count("g") == 1
+    kc.kill_key("alice")
+    assert store_empty()
