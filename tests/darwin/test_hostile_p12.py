@@ -62,7 +62,9 @@ def test_the_limit_itself_is_accepted(kc):
 
 def test_mac_iterations_capped(kc):
     refused(
-        kc, pfx(data_content(PAYLOAD), mac=mac_data(LIMIT + 1)), "MAC asks for 2000001 key derivation iterations"
+        kc,
+        pfx(data_content(PAYLOAD), mac=mac_data(LIMIT + 1)),
+        "MAC asks for 2000001 key derivation iterations",
     )
 
 
