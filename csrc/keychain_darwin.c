@@ -1193,13 +1193,21 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
 int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
                                 kc_item_info *out, kc_error *err)
 {
+    Boolean previous = true;
     OSStatus status;
 
     clear_error(err);
     if (kc == NULL || !valid_label(label))
         return fail(err, errSecParam, "kc_lookup_keychain_item: bad argument");
     pthread_mutex_lock(&kc->lock);
-    status = lookup_locked(kc, label, out, err);
+    pthread_mutex_lock(&interaction_lock);
+    /* a locked keychain would ask for its password: fail instead */
+    status = interaction_off(&previous, err);
+    if (status == errSecSuccess) {
+        status = lookup_locked(kc, label, out, err);
+        status = interaction_restore(previous, status, err);
+    }
+    pthread_mutex_unlock(&interaction_lock);
     pthread_mutex_unlock(&kc->lock);
     return status;
 }
@@ -1245,6 +1253,8 @@ int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
     CFDictionaryRef query = NULL;
     CFTypeRef found = NULL;
     CFIndex i, n;
+    Boolean previous = true;
+    int flag_changed = 0;
     OSStatus status;
 
     clear_error(err);
@@ -1252,6 +1262,11 @@ int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
         return fail(err, errSecParam, "kc_list_items: bad argument");
     *count = 0;
     pthread_mutex_lock(&kc->lock);
+    pthread_mutex_lock(&interaction_lock);
+    status = interaction_off(&previous, err);
+    if (status != errSecSuccess)
+        goto unlock;
+    flag_changed = 1;
     query = create_record_query(kc, NULL, RQ_ALL);
     if (query == NULL) {
         status = fail(err, errSecAllocate, "creating the record query");
@@ -1296,6 +1311,10 @@ int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
 cleanup:
     release(found);
     release(query);
+    if (flag_changed)
+        status = interaction_restore(previous, status, err);
+unlock:
+    pthread_mutex_unlock(&interaction_lock);
     pthread_mutex_unlock(&kc->lock);
     return status;
 }
