@@ -575,10 +575,42 @@ static OSStatus delete_private_key(kc_keychain *kc, CFDataRef id)
     return status;
 }
 
+/* An item without an identity (a certificate without its key): macOS
+ * imported its certificates all the same.  Those whose CN is the label are
+ * ours (nothing carried the label before the import); other chain
+ * certificates may have been there before and stay.  1 when all went. */
+static int rollback_chain(CFDictionaryRef item, const char *label)
+{
+    CFTypeRef chain = CFDictionaryGetValue(item, kSecImportItemCertChain);
+    CFIndex i, n;
+    int all_gone = 1;
+
+    if (chain == NULL)
+        return 1;
+    n = CFArrayGetCount((CFArrayRef)chain);
+    for (i = 0; i < n; i++) {
+        SecCertificateRef cert = (SecCertificateRef)CFArrayGetValueAtIndex(
+            (CFArrayRef)chain, i);
+        CFStringRef cn = NULL;
+        char buf[KC_LABEL_MAX];
+
+        if (SecCertificateCopyCommonName(cert, &cn) != errSecSuccess) {
+            all_gone = 0;
+            continue;
+        }
+        cf_to_cstr(cn, buf, sizeof buf);
+        release(cn);
+        if (strcmp(buf, label) == 0 && delete_certificate(cert) != errSecSuccess)
+            all_gone = 0;
+    }
+    return all_gone;
+}
+
 /* Undo an import: certificate, then key, of every identity in items.
  * Best effort (the caller already has an error to report); returns 1 when
  * everything went. */
-static int rollback_import(kc_keychain *kc, CFArrayRef items)
+static int rollback_import(kc_keychain *kc, CFArrayRef items,
+                           const char *label)
 {
     CFIndex i, n = CFArrayGetCount(items);
     int all_gone = 1;
@@ -591,8 +623,11 @@ static int rollback_import(kc_keychain *kc, CFArrayRef items)
 
         identity = (SecIdentityRef)CFDictionaryGetValue(item,
                                                         kSecImportItemIdentity);
-        if (identity == NULL)
+        if (identity == NULL) {
+            if (!rollback_chain(item, label))
+                all_gone = 0;
             continue;
+        }
         if (copy_key_info(identity, &id, NULL) != errSecSuccess)
             all_gone = 0;
         if (SecIdentityCopyCertificate(identity, &cert) != errSecSuccess
@@ -1100,7 +1135,8 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     identity = (SecIdentityRef)CFDictionaryGetValue(item,
                                                     kSecImportItemIdentity);
     if (identity == NULL) {
-        status = fail(err, errSecDecode, "the import returned no identity");
+        status = fail(err, errSecDecode, "the PKCS#12 file holds no private "
+                      "key for its certificate");
         goto cleanup;
     }
 
@@ -1156,7 +1192,7 @@ cleanup:
     /* All or nothing: undo an import we cannot stand behind, then the
      * claim (a failed rollback keeps the record: it proves the rest ours). */
     if (status != errSecSuccess && items != NULL)
-        left = !rollback_import(kc, items);
+        left = !rollback_import(kc, items, label);
     if (status != errSecSuccess && recorded && !left)
         delete_record(kc, label);
     release(cn);

@@ -140,6 +140,16 @@ def test_corrupt_p12(kc, data):
     assert store_empty()
 
 
+def test_p12_with_a_certificate_but_no_key(kc, make_p12):
+    """macOS imports the certificate of such a file all the same: it is
+    rolled back (its CN is the label nothing carried before)."""
+    lib.dbl_log_clear()
+    with pytest.raises(DecodeError, match="no private key"):
+        kc.preauth_key(make_p12(flags=lib.DBL_P12_NO_KEY), PASSWORD, "alice")
+    assert any(c.startswith("SecPKCS12Import") for c in calls())
+    assert store_empty()
+
+
 def test_label_must_be_the_certificate_cn(kc, make_p12):
     with pytest.raises(ParamError, match="CN 'carol'"):
         kc.preauth_key(make_p12(cn="carol"), PASSWORD, "alice")

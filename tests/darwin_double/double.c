@@ -90,6 +90,7 @@ CONST_STR(kSecImportExportAccess, "access");
 CONST_STR(kSecImportExportKeychain, "keychain");
 CONST_STR(kSecImportItemIdentity, "identity");
 CONST_STR(kSecImportItemKeyID, "keyid");
+CONST_STR(kSecImportItemCertChain, "chain");
 
 /* --- state --------------------------------------------------------------- */
 
@@ -1035,8 +1036,23 @@ OSStatus SecPKCS12Import(CFDataRef data, CFDictionaryRef options,
         id[0] = (uint8_t)(id[0] + i);
         snprintf(name, sizeof name, i == 0 ? "%s" : "%s-%d", cn, i);
         c = new_cert(name, id, id_len, keychain);
-        k = new_key(id, id_len, keychain, (flags & DBL_P12_EC) ? 2 : 1);
         store_add(c);
+        if (flags & DBL_P12_NO_KEY) {
+            /* a certificate without its key: imported all the same, and
+             * reported as a chain without an identity */
+            const void *one[1];
+            struct obj *chain;
+
+            one[0] = c;
+            chain = new_container(T_ARRAY, NULL, one, 1, 1);
+            ikeys[0] = kSecImportItemCertChain;
+            ivals[0] = chain;
+            entries[i] = new_container(T_DICT, ikeys, ivals, 1, 1);
+            CFRelease(chain);
+            id[0] = (uint8_t)(id[0] - i);
+            continue;
+        }
+        k = new_key(id, id_len, keychain, (flags & DBL_P12_EC) ? 2 : 1);
         store_add(k);
         idn = new_obj(T_IDENTITY);
         idn->cert = (struct obj *)CFRetain(c);

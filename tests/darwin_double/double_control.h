@@ -57,6 +57,7 @@ const char *dbl_record(const char *account);
 /* A fake PKCS#12 blob the double's SecPKCS12Import understands. */
 #define DBL_P12_NO_KEYID  1   /* the item has no kSecImportItemKeyID */
 #define DBL_P12_EC        2   /* an EC key instead of RSA */
+#define DBL_P12_NO_KEY    4   /* a certificate only (no identity) */
 size_t dbl_make_p12(char *buf, size_t cap, const char *cn,
                     const char *password, const uint8_t *id, size_t id_len,
                     int count, int flags);

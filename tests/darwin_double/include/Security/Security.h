@@ -63,6 +63,7 @@ extern const CFStringRef kSecImportExportAccess;
 extern const CFStringRef kSecImportExportKeychain;
 extern const CFStringRef kSecImportItemIdentity;
 extern const CFStringRef kSecImportItemKeyID;
+extern const CFStringRef kSecImportItemCertChain;
 
 OSStatus SecItemCopyMatching(CFDictionaryRef query, CFTypeRef *result);
 OSStatus SecItemDelete(CFDictionaryRef query);
