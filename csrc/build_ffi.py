@@ -75,6 +75,7 @@ if DOUBLE:
     _kwargs: dict[str, list[str]] = {
         "extra_compile_args": [*STRICT, "-D_GNU_SOURCE"],
         "include_dirs": [str(CSRC), str(_double / "include"), str(_double)],
+        "libraries": ["crypto"],  # the double's CC_SHA256
     }
 elif sys.platform == "darwin":
     _sources = DARWIN_SOURCES

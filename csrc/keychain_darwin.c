@@ -38,6 +38,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <CommonCrypto/CommonDigest.h>
 #include <CoreFoundation/CoreFoundation.h>
 #include <Security/Security.h>
 
@@ -153,23 +154,33 @@ static int valid_label(const char *label)
 
 /* Who owns an identity lives in a companion item: a generic password of
  * service "keychain_ext", account = the label, whose kSecAttrGeneric holds
- * RECORD_TAG " held=H pid=P host=N id=HEX" (no secret data: reading the
- * attributes never prompts).  kc_preauth_key adds it BEFORE the import
- * (SecItemAdd refuses a second one: two processes cannot both claim a
- * label) and completes it with the key id after; kc_kill_key deletes it
- * last.  A crash in between leaves a record that proves the identity (or
- * the nothing) under the label ours, and names its dead owner. */
+ * RECORD_TAG " held=H shared=S id=HEX p12=HEX owners=PID@HOST,..." (no
+ * secret data: reading the attributes never prompts).  kc_preauth_key adds
+ * it BEFORE the import (SecItemAdd refuses a second one: two processes
+ * cannot both claim a label) and completes it with the key id after;
+ * kc_kill_key deletes it last.  A crash in between leaves a record that
+ * proves the identity (or the nothing) under the label ours, and names its
+ * dead owners.  p12 is the SHA-256 of the PKCS#12 file imported: a shared
+ * identity is joined only with the same file. */
 #define RECORD_SERVICE "keychain_ext"
 #define RECORD_TAG "keychain_ext-owner-v1"
-#define RECORD_MAX 512
+#define RECORD_MAX 4096
+#define MAX_OWNERS 32
+
+typedef struct kc_owner {
+    long long pid;
+    char host[KC_HOST_MAX];
+} kc_owner;
 
 typedef struct kc_record {
     int held;                       /* owned by no process until killed */
-    long long pid;                  /* the owner; 0 when held */
-    char host[KC_HOST_MAX];
+    int shared;                     /* processes may join */
+    int nowners;                    /* 0 when held */
+    kc_owner owners[MAX_OWNERS];
     uint8_t id[KC_KEY_ID_MAX];      /* the imported key's id; 0 long until
                                        the import completed */
     size_t id_len;
+    uint8_t p12[CC_SHA256_DIGEST_LENGTH];
 } kc_record;
 
 enum { RQ_MATCH, RQ_ONE, RQ_ALL };
@@ -228,13 +239,50 @@ cleanup:
     return query;
 }
 
+/* The value of "name=" in text (up to the next space), as a C string in
+ * buf; NULL if absent or too long. */
+static const char *record_field(const char *text, const char *name,
+                                char *buf, size_t size)
+{
+    const char *p = strstr(text, name);
+    size_t n;
+
+    if (p == NULL)
+        return NULL;
+    p += strlen(name);
+    n = strcspn(p, " ");
+    if (n >= size)
+        return NULL;
+    memcpy(buf, p, n);
+    buf[n] = '\0';
+    return buf;
+}
+
+/* Hex into bytes: exactly *len bytes if want > 0, else up to cap. */
+static int unhex(const char *hex, uint8_t *out, size_t cap, size_t *len)
+{
+    size_t i, n = strlen(hex);
+
+    if (n % 2 != 0 || n / 2 > cap)
+        return 0;
+    for (i = 0; i < n / 2; i++) {
+        unsigned byte;
+
+        if (sscanf(hex + 2 * i, "%2x", &byte) != 1)
+            return 0;
+        out[i] = (uint8_t)byte;
+    }
+    *len = n / 2;
+    return 1;
+}
+
 /* Parse a record's attributes; errSecDecode if it is not one of ours. */
 static OSStatus parse_record(CFDictionaryRef attrs, kc_record *rec)
 {
     CFTypeRef v = CFDictionaryGetValue(attrs, kSecAttrGeneric);
-    char text[RECORD_MAX], idhex[2 * KC_KEY_ID_MAX + 1] = "";
+    char text[RECORD_MAX], field[RECORD_MAX], *owner, *next;
     CFIndex len;
-    size_t i, n;
+    size_t n;
 
     memset(rec, 0, sizeof *rec);
     if (v == NULL || CFGetTypeID(v) != CFDataGetTypeID())
@@ -244,21 +292,54 @@ static OSStatus parse_record(CFDictionaryRef attrs, kc_record *rec)
         return errSecDecode;
     memcpy(text, CFDataGetBytePtr((CFDataRef)v), (size_t)len);
     text[len] = '\0';
-    if (sscanf(text, RECORD_TAG " held=%d pid=%lld host=%63s id=%128s",
-               &rec->held, &rec->pid, rec->host, idhex) < 3)
+    if (strncmp(text, RECORD_TAG " ", strlen(RECORD_TAG) + 1) != 0
+        || sscanf(text, RECORD_TAG " held=%d shared=%d", &rec->held,
+                  &rec->shared) != 2
+        || record_field(text, " id=", field, sizeof field) == NULL
+        || !unhex(field, rec->id, sizeof rec->id, &rec->id_len)
+        || record_field(text, " p12=", field, sizeof field) == NULL
+        || !unhex(field, rec->p12, sizeof rec->p12, &n)
+        || (n != 0 && n != sizeof rec->p12)
+        || record_field(text, " owners=", field, sizeof field) == NULL)
         return errSecDecode;
-    n = strlen(idhex);
-    if (n % 2 != 0)
-        return errSecDecode;
-    for (i = 0; i < n / 2; i++) {
-        unsigned byte;
+    for (owner = field; *owner != '\0'; owner = next) {
+        kc_owner *o = &rec->owners[rec->nowners];
+        char *at;
 
-        if (sscanf(idhex + 2 * i, "%2x", &byte) != 1)
+        next = owner + strcspn(owner, ",");
+        if (*next == ',')
+            *next++ = '\0';
+        at = strchr(owner, '@');
+        if (rec->nowners == MAX_OWNERS || at == NULL
+            || (size_t)(strlen(at + 1)) >= sizeof o->host
+            || sscanf(owner, "%lld@", &o->pid) != 1)
             return errSecDecode;
-        rec->id[i] = (uint8_t)byte;
+        snprintf(o->host, sizeof o->host, "%s", at + 1);
+        rec->nowners++;
     }
-    rec->id_len = n / 2;
     return errSecSuccess;
+}
+
+/* The record's text; 0 when it does not fit. */
+static int format_record(const kc_record *rec, char *text, size_t size)
+{
+    size_t used, i;
+    int n;
+
+    n = snprintf(text, size, RECORD_TAG " held=%d shared=%d id=",
+                 rec->held, rec->shared);
+    for (i = 0; n > 0 && i < rec->id_len; i++)
+        n += snprintf(text + n, size - (size_t)n, "%02x", rec->id[i]);
+    n += snprintf(text + n, size - (size_t)n, " p12=");
+    for (i = 0; i < sizeof rec->p12; i++)
+        n += snprintf(text + n, size - (size_t)n, "%02x", rec->p12[i]);
+    n += snprintf(text + n, size - (size_t)n, " owners=");
+    for (i = 0; i < (size_t)rec->nowners; i++)
+        n += snprintf(text + n, size - (size_t)n, "%s%lld@%s",
+                      i > 0 ? "," : "", rec->owners[i].pid,
+                      rec->owners[i].host);
+    used = (size_t)n;
+    return used < size ? n : 0;
 }
 
 /* The record of label: errSecSuccess, errSecItemNotFound, or an error. */
@@ -286,20 +367,18 @@ static OSStatus read_record(kc_keychain *kc, const char *label,
 static OSStatus write_record(kc_keychain *kc, const char *label,
                              const kc_record *rec, int add)
 {
-    char text[RECORD_MAX], idhex[2 * KC_KEY_ID_MAX + 1] = "";
+    char text[RECORD_MAX];
     CFDataRef data = NULL;
     CFDictionaryRef query = NULL, attrs = NULL, match = NULL;
     CFStringRef service = NULL, account = NULL;
     const void *keys[5], *values[5];
     CFIndex n = 0;
     OSStatus status = errSecAllocate;
-    size_t i;
     int len;
 
-    for (i = 0; i < rec->id_len; i++)
-        snprintf(idhex + 2 * i, 3, "%02x", rec->id[i]);
-    len = snprintf(text, sizeof text, RECORD_TAG " held=%d pid=%lld "
-                   "host=%s id=%s", rec->held, rec->pid, rec->host, idhex);
+    len = format_record(rec, text, sizeof text);
+    if (len == 0)
+        return errSecParam;
     data = CFDataCreate(kCFAllocatorDefault, (const UInt8 *)text, len);
     if (data == NULL)
         goto cleanup;
@@ -361,41 +440,90 @@ static OSStatus delete_record(kc_keychain *kc, const char *label)
     return status;
 }
 
-/* 1 the owner runs (or the identity is held), 0 it is dead, -1 cannot
- * tell (another host, or no pid).  A reused pid reads as alive: the safe
- * side. */
-static int owner_alive(const kc_record *rec)
+/* 1 the owner runs, 0 it is dead, -1 cannot tell (another host, or no
+ * pid).  A reused pid reads as alive: the safe side. */
+static int one_alive(const kc_owner *o)
 {
     char host[KC_HOST_MAX];
 
-    if (rec->held)
-        return 1;
     my_host(host, sizeof host);
-    if (rec->pid <= 0 || strcmp(host, rec->host) != 0)
+    if (o->pid <= 0 || strcmp(host, o->host) != 0)
         return -1;
-    if ((pid_t)rec->pid == getpid() || kill((pid_t)rec->pid, 0) == 0)
+    if ((pid_t)o->pid == getpid() || kill((pid_t)o->pid, 0) == 0)
         return 1;
     return errno == ESRCH ? 0 : errno == EPERM ? 1 : -1;
 }
 
-static int record_mine(const kc_record *rec)
+static int is_me(const kc_owner *o)
 {
     char host[KC_HOST_MAX];
 
     my_host(host, sizeof host);
-    return !rec->held && (pid_t)rec->pid == getpid()
-        && strcmp(host, rec->host) == 0;
+    return (pid_t)o->pid == getpid() && strcmp(host, o->host) == 0;
+}
+
+/* Over the owners other than this process (all: others_only 0): 1 one
+ * runs (or the identity is held), -1 none runs but one cannot be judged,
+ * 0 all are dead (or there are none). */
+static int owners_alive(const kc_record *rec, int others_only)
+{
+    int i, verdict = 0, a;
+
+    if (rec->held)
+        return 1;
+    for (i = 0; i < rec->nowners; i++) {
+        if (others_only && is_me(&rec->owners[i]))
+            continue;
+        a = one_alive(&rec->owners[i]);
+        if (a > 0)
+            return 1;
+        if (a < 0)
+            verdict = -1;
+    }
+    return verdict;
+}
+
+static int owner_alive(const kc_record *rec)
+{
+    return rec->nowners == 0 && !rec->held ? -1 : owners_alive(rec, 0);
+}
+
+/* This process's index among the owners, or -1. */
+static int my_index(const kc_record *rec)
+{
+    int i;
+
+    for (i = 0; i < rec->nowners; i++)
+        if (is_me(&rec->owners[i]))
+            return i;
+    return -1;
+}
+
+static void drop_owner(kc_record *rec, int i)
+{
+    memmove(&rec->owners[i], &rec->owners[i + 1],
+            (size_t)(rec->nowners - i - 1) * sizeof rec->owners[0]);
+    rec->nowners--;
 }
 
 static void fill_owner(const kc_record *rec, kc_item_info *out)
 {
+    const kc_owner *shown = NULL;
+    int i;
+
     out->ours = 1;
     out->held = rec->held;
-    out->owners = rec->held ? 0 : 1;
-    out->mine = record_mine(rec);
-    out->owner_pid = rec->held ? 0 : rec->pid;
+    out->shared = rec->shared;
+    out->owners = rec->nowners;
+    out->mine = my_index(rec) >= 0;
+    for (i = 0; i < rec->nowners && shown == NULL; i++)
+        if (one_alive(&rec->owners[i]) > 0)
+            shown = &rec->owners[i];
+    if (shown == NULL && rec->nowners > 0)
+        shown = &rec->owners[0];
+    out->owner_pid = shown != NULL ? shown->pid : 0;
     snprintf(out->owner_host, sizeof out->owner_host, "%s",
-             rec->held ? "" : rec->host);
+             shown != NULL ? shown->host : "");
     out->owner_alive = owner_alive(rec);
 }
 
@@ -946,11 +1074,25 @@ static OSStatus remove_locked(kc_keychain *kc, const char *label, int flags,
                       "override)", label);
         goto cleanup;
     }
-    if (rst == errSecSuccess && !force && !record_mine(&rec)
-        && (alive = owner_alive(&rec)) != 0 && !rec.held) {
+    if (rst == errSecSuccess && !force && !rec.held
+        && (alive = owners_alive(&rec, 1)) != 0) {
+        int me = my_index(&rec), i;
+        const kc_owner *o = &rec.owners[0];
+
+        if (me >= 0 && rec.shared) {
+            /* this process gives it up; the other owners keep it */
+            drop_owner(&rec, me);
+            status = write_record(kc, label, &rec, 0);
+            if (status != errSecSuccess)
+                fail(err, status, "leaving the owners of '%s'", label);
+            goto cleanup;
+        }
+        for (i = 0; i < rec.nowners; i++)
+            if (!is_me(&rec.owners[i]) && one_alive(&rec.owners[i]) != 0)
+                o = &rec.owners[i];
         status = fail(err, errSecInvalidOwnerEdit,
                       "'%s' belongs to pid %lld on %s, which %s; not deleted "
-                      "(force to override)", label, rec.pid, rec.host,
+                      "(force to override)", label, o->pid, o->host,
                       alive > 0 ? "is running" : "cannot be judged");
         goto cleanup;
     }
@@ -1024,6 +1166,32 @@ cleanup:
     return status;
 }
 
+/* Join a shared identity made from the same file: dead owners leave, this
+ * process comes in (once), and *out describes it. */
+static OSStatus join_locked(kc_keychain *kc, const char *label,
+                            kc_record *rec, kc_item_info *out, kc_error *err)
+{
+    OSStatus status;
+    int i;
+
+    for (i = rec->nowners - 1; i >= 0; i--)
+        if (one_alive(&rec->owners[i]) == 0)
+            drop_owner(rec, i);
+    if (my_index(rec) < 0) {
+        if (rec->nowners == MAX_OWNERS)
+            return fail(err, errSecParam, "'%s' has %d owners already",
+                        label, MAX_OWNERS);
+        rec->owners[rec->nowners].pid = (long long)getpid();
+        my_host(rec->owners[rec->nowners].host,
+                sizeof rec->owners[rec->nowners].host);
+        rec->nowners++;
+    }
+    status = write_record(kc, label, rec, 0);
+    if (status != errSecSuccess)
+        return fail(err, status, "joining the owners of '%s'", label);
+    return lookup_locked(kc, label, out, err);
+}
+
 int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
                        const char *password, const char *label, int flags,
                        kc_item_info *out, kc_error *err)
@@ -1038,9 +1206,11 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     CFTypeRef v;
     Boolean previous = true;
     int flag_changed = 0, recorded = 0, left = 0, alive;
+    int existing_is_identity = 1;
     kc_record rec;
     OSStatus status, rst;
     char cn_buf[KC_LABEL_MAX];
+    uint8_t digest[CC_SHA256_DIGEST_LENGTH];
 
     clear_error(err);
     if (kc == NULL || p12 == NULL || p12_len == 0 || !valid_label(label)
@@ -1050,14 +1220,14 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     if (flags & KC_PREAUTH_EPHEMERAL)
         return fail(err, errSecUnimplemented,
                     "ephemeral identities need a PKCS#11 token");
-    if (flags & KC_PREAUTH_SHARED)
-        return fail(err, errSecUnimplemented, "shared identities need a "
-                    "PKCS#11 token (the keychain cannot tell whether a "
-                    "PKCS#12 file holds the identity already there)");
+    if ((flags & KC_PREAUTH_HELD) && (flags & KC_PREAUTH_SHARED))
+        return fail(err, errSecParam, "an identity is held or shared");
     /* Every key derivation the import would run is capped first. */
     status = kc_p12_check_kdf(p12, p12_len, err);
     if (status != errSecSuccess)
         return status;
+    /* The same file is the same identity: what a shared join compares. */
+    CC_SHA256(p12, (CC_LONG)p12_len, digest);
 
     pthread_mutex_lock(&kc->lock);
     pthread_mutex_lock(&interaction_lock);
@@ -1071,9 +1241,11 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
      * warning beats a popup.  One whose recorded owner died is removed
      * first with KC_PREAUTH_RECLAIM_STALE. */
     status = lookup_keychain_item(kc, kSecClassIdentity, label, &existing);
-    if (status == errSecItemNotFound)
+    if (status == errSecItemNotFound) {
+        existing_is_identity = 0;
         status = lookup_keychain_item(kc, kSecClassCertificate, label,
                                       &existing);
+    }
     if (status != errSecSuccess && status != errSecItemNotFound) {
         fail(err, status, "looking up '%s'", label);
         goto cleanup;
@@ -1084,6 +1256,12 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
         goto cleanup;
     }
     alive = rst == errSecSuccess ? owner_alive(&rec) : -1;
+    if (status == errSecSuccess && existing_is_identity
+        && rst == errSecSuccess && (flags & KC_PREAUTH_SHARED) && rec.shared
+        && memcmp(rec.p12, digest, sizeof digest) == 0) {
+        status = join_locked(kc, label, &rec, out, err);
+        goto cleanup;
+    }
     if (status == errSecSuccess || rst == errSecSuccess) {
         if (rst == errSecSuccess && alive == 0
             && (existing == NULL || (flags & KC_PREAUTH_RECLAIM_STALE))) {
@@ -1095,7 +1273,8 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
         } else if (rst == errSecSuccess && alive == 0) {
             status = fail(err, errSecDuplicateItem, "'%s' is taken by an "
                           "identity whose owner pid %lld died without "
-                          "removing it (reclaim it)", label, rec.pid);
+                          "removing it (reclaim it)", label,
+                          rec.nowners > 0 ? rec.owners[0].pid : 0LL);
             goto cleanup;
         } else {
             status = fail(err, errSecDuplicateItem,
@@ -1108,11 +1287,12 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     /* The claim comes first: SecItemAdd refuses a second record. */
     memset(&rec, 0, sizeof rec);
     rec.held = (flags & KC_PREAUTH_HELD) != 0;
+    rec.shared = (flags & KC_PREAUTH_SHARED) != 0;
+    memcpy(rec.p12, digest, sizeof rec.p12);
     if (!rec.held) {
-        rec.pid = (long long)getpid();
-        my_host(rec.host, sizeof rec.host);
-    } else {
-        snprintf(rec.host, sizeof rec.host, "-");
+        rec.owners[0].pid = (long long)getpid();
+        my_host(rec.owners[0].host, sizeof rec.owners[0].host);
+        rec.nowners = 1;
     }
     status = write_record(kc, label, &rec, 1);
     if (status != errSecSuccess) {

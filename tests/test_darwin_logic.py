@@ -71,7 +71,7 @@ def _gcc():
 
 def _build(tmp_path_factory, name, extra=()):
     out = str(tmp_path_factory.mktemp("darwin-logic") / name)
-    cmd = [_gcc(), *CFLAGS, *extra, *SOURCES, "-pthread", "-o", out]
+    cmd = [_gcc(), *CFLAGS, *extra, *SOURCES, "-pthread", "-lcrypto", "-o", out]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, "build failed:\n" + proc.stderr
     # -Werror: the backend and the double compile without a warning

@@ -16,6 +16,7 @@ of ``_native`` (plain ``pytest`` on Linux) nothing here is collected.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -96,6 +97,25 @@ def count(cls: str, keychain: int = -1) -> int:
 def record(label: str) -> str | None:
     text = lib.dbl_record(label.encode())
     return None if text == ffi.NULL else ffi.string(text).decode()
+
+
+def owner_text(
+    *pids: int,
+    held: bool = False,
+    shared: bool = False,
+    key_id: bytes = b"",
+    p12: bytes = b"",
+    host: str = "",
+) -> str:
+    """An owner record as csrc/keychain_darwin.c writes it; p12: the file
+    whose SHA-256 it records (a shared identity is joined with it only)."""
+    host = host or os.uname().nodename
+    owners = ",".join(f"{pid}@{host}" for pid in pids)
+    digest = hashlib.sha256(p12).hexdigest() if p12 else "00" * 32
+    return (
+        f"keychain_ext-owner-v1 held={int(held)} shared={int(shared)} id={key_id.hex()} "
+        f"p12={digest} owners={owners}"
+    )
 
 
 def put_record(label: str, text: str, keychain: int = 0) -> None:

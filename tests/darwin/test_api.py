@@ -32,6 +32,7 @@ from .conftest import (
     calls,
     count,
     lib,
+    owner_text,
     put_record,
     record,
     store_empty,
@@ -169,11 +170,40 @@ def test_bad_label_refused_before_the_keychain(kc, make_p12, label, error):
     assert calls() == []
 
 
-def test_ephemeral_and_shared_need_pkcs11(kc, make_p12):
+def test_ephemeral_needs_pkcs11(kc, make_p12):
     with pytest.raises(UnimplementedError):
         kc.preauth_key(make_p12(), PASSWORD, "alice", ephemeral=True)
-    with pytest.raises(UnimplementedError):
-        kc.preauth_key(make_p12(), PASSWORD, "alice", shared=True)
+    assert store_empty()
+
+
+def test_shared_identity_joined_with_the_same_file_only(kc, make_p12):
+    """Workers of one service share an identity: a live worker (our parent
+    here) owns it, this process joins with the same PKCS#12 file (nothing
+    imported), leaves it to the other on kill; another file is refused."""
+    p12 = make_p12()
+    lib.dbl_put(b"alice", KEY_ID, 20, 0, 1, 1)
+    put_record("alice", owner_text(os.getppid(), shared=True, key_id=KEY_ID, p12=p12))
+    lib.dbl_log_clear()
+    ident = kc.preauth_key(p12, PASSWORD, "alice", shared=True)
+    assert not any(c.startswith("SecPKCS12Import") for c in calls())
+    assert ident.shared and ident.mine and ident.owners == 2 and ident.key_id == KEY_ID
+    assert kc.preauth_key(p12, PASSWORD, "alice", shared=True).owners == 2  # once
+    with pytest.raises(DuplicateItemError):
+        kc.preauth_key(make_p12(password="other"), "other", "alice", shared=True)
+    kc.kill_key("alice")  # this process leaves; the other owner keeps it
+    left = kc.lookup("alice")
+    assert left is not None and left.owners == 1 and not left.mine
+    assert (count("c"), count("k"), count("g")) == (1, 1, 1)
+    with pytest.raises(InvalidOwnerEditError, match="is running"):
+        kc.kill_key("alice")
+    kc.kill_key("alice", force=True)
+    assert store_empty()
+
+
+def test_shared_identity_made_here_goes_with_its_last_owner(kc, make_p12):
+    ident = kc.preauth_key(make_p12(), PASSWORD, "alice", shared=True)
+    assert ident.shared and ident.owners == 1 and "shared=1" in (record("alice") or "")
+    kc.kill_key("alice")
     assert store_empty()
 
 
@@ -209,11 +239,8 @@ def test_held_identity_survives_its_process_and_anyone_kills_it(kc, make_p12):
 
 
 def test_live_owner_refused_dead_owner_reclaimed(kc, make_p12):
-    host = os.uname().nodename
     lib.dbl_put(b"alice", KEY_ID, 20, 0, 1, 1)
-    put_record(
-        "alice", f"keychain_ext-owner-v1 held=0 pid={os.getppid()} host={host} id={KEY_ID.hex()}"
-    )
+    put_record("alice", owner_text(os.getppid(), key_id=KEY_ID))
     with pytest.raises(InvalidOwnerEditError, match="is running"):
         kc.kill_key("alice")
     with pytest.raises(DuplicateItemError):
@@ -223,21 +250,20 @@ def test_live_owner_refused_dead_owner_reclaimed(kc, make_p12):
 
     pid = dead_pid()
     lib.dbl_put(b"alice", KEY_ID, 20, 0, 1, 1)
-    put_record("alice", f"keychain_ext-owner-v1 held=0 pid={pid} host={host} id={KEY_ID.hex()}")
+    put_record("alice", owner_text(pid, key_id=KEY_ID))
     with pytest.raises(DuplicateItemError, match=f"pid {pid} died"):
         kc.preauth_key(make_p12(), PASSWORD, "alice")
     ident = kc.preauth_key(make_p12(), PASSWORD, "alice", stale="reclaim")
-    assert ident.mine and f"pid={os.getpid()}" in (record("alice") or "")
+    assert ident.mine and f"owners={os.getpid()}@" in (record("alice") or "")
     kc.kill_key("alice")
     assert store_empty()
 
 
 def test_purge_removes_dead_owners_identities_only(kc, make_p12):
-    host = os.uname().nodename
     pid = dead_pid()
     lib.dbl_put(b"dead", KEY_ID, 20, 0, 1, 1)
-    put_record("dead", f"keychain_ext-owner-v1 held=0 pid={pid} host={host} id={KEY_ID.hex()}")
-    put_record("crashed", f"keychain_ext-owner-v1 held=0 pid={pid} host={host} id=")
+    put_record("dead", owner_text(pid, key_id=KEY_ID))
+    put_record("crashed", owner_text(pid))
     kc.preauth_key(make_p12(cn="live", key_id=b"\x0c" * 20), PASSWORD, "live")
     stale = {i.label for i in kc.purge()}
     assert stale == {"dead", "crashed"}
@@ -250,7 +276,7 @@ def test_identity_replaced_behind_our_back_is_left_alone(kc, make_p12):
     kc.preauth_key(make_p12(), PASSWORD, "alice")
     kc.kill_key("alice")  # gone, then someone else's identity takes the name
     lib.dbl_put(b"alice", b"\x0f" * 20, 20, 0, 1, 1)
-    put_record("alice", f"keychain_ext-owner-v1 held=1 pid=0 host=- id={KEY_ID.hex()}")
+    put_record("alice", owner_text(held=True, key_id=KEY_ID))
     with pytest.raises(InvalidOwnerEditError, match="not the one"):
         kc.kill_key("alice")
     assert (count("c"), count("k")) == (1, 1)
@@ -402,13 +428,12 @@ def test_the_leak_check_can_fail(tmp_path):
 def test_a_live_claim_is_respected_a_dead_one_replaced(kc, make_p12):
     """A record with nothing under it is another process's import under way
     (refused), or what a crash left (replaced without asking)."""
-    host = os.uname().nodename
-    put_record("alice", f"keychain_ext-owner-v1 held=0 pid={os.getppid()} host={host} id=")
+    put_record("alice", owner_text(os.getppid()))
     with pytest.raises(DuplicateItemError):
         kc.preauth_key(make_p12(), PASSWORD, "alice")
     assert count("c") == 0 and count("g") == 1
     kc.kill_key("alice", force=True)
-    put_record("alice", f"keychain_ext-owner-v1 held=0 pid={dead_pid()} host={host} id=")
+    put_record("alice", owner_text(dead_pid()))
     ident = kc.preauth_key(make_p12(), PASSWORD, "alice")
     assert ident.mine and count("g") == 1
     kc.kill_key("alice")

@@ -13,7 +13,7 @@ import pytest
 
 from keychain_ext import cli
 
-from .conftest import KEY_ID, PASSWORD, calls, count, lib, record, store_empty
+from .conftest import KEY_ID, PASSWORD, calls, count, lib, owner_text, record, store_empty
 
 
 @pytest.fixture
@@ -159,9 +159,8 @@ def test_purge_and_forced_kill(files, capsys):
 
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    host = os.uname().nodename
     lib.dbl_put(b"alice", KEY_ID, 20, 0, 1, 1)
-    text = f"keychain_ext-owner-v1 held=0 pid={proc.pid} host={host} id={KEY_ID.hex()}".encode()
+    text = owner_text(proc.pid, key_id=KEY_ID).encode()
     lib.dbl_put_record(b"keychain_ext", b"alice", text, len(text), 0)
     lib.dbl_put(b"bob", b"\x0b" * 20, 20, 0, 1, 1)  # the user's own
     assert cli.main(["purge"]) == 0

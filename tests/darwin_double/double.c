@@ -16,6 +16,9 @@
 #include <string.h>
 #include <strings.h>
 
+#include <CommonCrypto/CommonDigest.h>
+#include <openssl/sha.h>
+
 #include "double_control.h"
 
 #define MAGIC 0x4b434442u   /* "KCDB" */
@@ -1077,6 +1080,13 @@ OSStatus SecPKCS12Import(CFDataRef data, CFDictionaryRef options,
     free(entries);
     *items = (CFArrayRef)arr;
     return errSecSuccess;
+}
+
+/* --- CommonCrypto -------------------------------------------------------- */
+
+unsigned char *CC_SHA256(const void *data, CC_LONG len, unsigned char *md)
+{
+    return SHA256(data, len, md);
 }
 
 /* --- control ------------------------------------------------------------- */
