@@ -76,8 +76,8 @@
 #define KC_PREAUTH_SHARED         8  /* several processes may own it: if the
                                         label holds this same identity,
                                         shared, join its owners; it goes
-                                        with the last owner (PKCS#11 only;
-                                        errSecUnimplemented on Darwin) */
+                                        with the last owner (Darwin: the
+                                        same PKCS#12 file, by SHA-256) */
 
 /* kc_kill_key flags. */
 #define KC_KILL_FORCE  1  /* remove it even if another live process owns it
@@ -167,9 +167,10 @@ void kc_close(kc_keychain *kc);
  *  - nothing is removed unless a lease or the session proves it ours and
  *    its owners are dead, or its owner asks (kc_kill_key).
  * Darwin: the lease is an owner record in the keychain itself, a generic
- * password (service "keychain_ext", account = label) added before the
- * import and deleted last; an owner is alive while kill(pid, 0) finds it
- * on this host (another host: cannot tell).  No state_dir, no lock file. */
+ * password (service "keychain_ext", account = label: held, owners, key
+ * id, the PKCS#12 file's SHA-256) added before the import and deleted
+ * last; an owner is alive while kill(pid, 0) finds it on this host
+ * (another host: cannot tell).  No state_dir, no lock file. */
 
 /* Crypto.cpp preAuthKey: import the identity in the PKCS#12 bytes under
  * label so it can be used without a prompt, owned by this process (flags:

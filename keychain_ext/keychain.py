@@ -166,8 +166,9 @@ class Keychain:
     (searched only by this handle; the default keychain and the search
     list are never changed); there is no module and no PIN.  The label is
     the certificate's common name; owners are recorded in the keychain (a
-    ``keychain_ext`` generic password per label); ``shared`` and
-    ``ephemeral`` raise UnimplementedError (README, "macOS").
+    ``keychain_ext`` generic password per label); ``shared`` joins only
+    with the same PKCS#12 file; ``ephemeral`` raises UnimplementedError
+    (README, "macOS").
 
     Never prompts.  Use as a context manager or call :meth:`close`; closing
     removes the handle's ephemeral identities.  One Keychain may be shared
