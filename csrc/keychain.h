@@ -106,7 +106,8 @@ typedef struct kc_options {
                                 process using the token: the lock that
                                 serializes them and the leases that say who
                                 owns each token identity.  NULL: no lock, and
-                                only ephemeral identities can be made */
+                                only ephemeral identities can be made.
+                                Darwin: the lock only (NULL: none) */
     int exclusive;           /* PKCS#11: only keychain_ext uses this token (the
                                 embedded store), so objects a crash left
                                 without a label are provably ours */
@@ -170,7 +171,8 @@ void kc_close(kc_keychain *kc);
  * password (service "keychain_ext", account = label: held, owners, key
  * id, the PKCS#12 file's SHA-256) added before the import and deleted
  * last; an owner is alive while kill(pid, 0) finds it on this host
- * (another host: cannot tell).  No state_dir, no lock file. */
+ * (another host: cannot tell).  opts.state_dir, if given, holds the lock
+ * file processes changing owner records flock (waiting without a bound). */
 
 /* Crypto.cpp preAuthKey: import the identity in the PKCS#12 bytes under
  * label so it can be used without a prompt, owned by this process (flags:

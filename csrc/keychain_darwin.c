@@ -29,12 +29,14 @@
  * (not created) and used to scope searches and as the import target.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -62,6 +64,7 @@ struct kc_keychain {
     pthread_mutex_t lock;       /* serializes calls on this handle */
     SecKeychainRef keychain;    /* opts->token opened, or NULL */
     CFArrayRef search_list;     /* [keychain] or NULL = default list */
+    int lock_fd;                /* opts->state_dir/lock, or -1 */
 };
 
 /* The user-interaction flag is process-wide: two handles must not interleave
@@ -961,6 +964,24 @@ int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
         free(kc);
         return fail(err, errSecAllocate, "kc_open: pthread_mutex_init");
     }
+    kc->lock_fd = -1;
+    if (opts != NULL && opts->state_dir != NULL && opts->state_dir[0] != '\0') {
+        /* every process changing owner records serializes on this file */
+        char path[4096];
+
+        if (snprintf(path, sizeof path, "%s/lock", opts->state_dir)
+            >= (int)sizeof path) {
+            status = fail(err, errSecParam, "kc_open: state_dir too long");
+            goto cleanup;
+        }
+        kc->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW,
+                           0600);
+        if (kc->lock_fd < 0) {
+            status = fail_native(err, errSecIO, errno, "opening the lock "
+                                 "file in '%s'", opts->state_dir);
+            goto cleanup;
+        }
+    }
     if (opts != NULL && opts->token != NULL && opts->token[0] != '\0') {
         /* Open, never create: SecKeychainOpen succeeds for a missing file,
          * SecKeychainGetStatus tells whether it exists. */
@@ -994,6 +1015,8 @@ void kc_close(kc_keychain *kc)
         return;
     release(kc->search_list);
     release(kc->keychain);
+    if (kc->lock_fd >= 0)
+        close(kc->lock_fd);
     pthread_mutex_destroy(&kc->lock);
     free(kc);
 }
@@ -1031,6 +1054,23 @@ static OSStatus interaction_restore(Boolean previous, OSStatus status,
     if (st2 != errSecSuccess && status == errSecSuccess)
         return fail(err, st2, "restoring the user-interaction flag");
     return status;
+}
+
+/* The store lock (opts->state_dir/lock): owner records are read, changed
+ * and written back under it, so processes joining or leaving at the same
+ * instant cannot lose each other's entries.  No lock file: no-op. */
+static OSStatus store_lock(kc_keychain *kc, kc_error *err)
+{
+    while (kc->lock_fd >= 0 && flock(kc->lock_fd, LOCK_EX) != 0)
+        if (errno != EINTR)
+            return fail_native(err, errSecIO, errno, "locking the store");
+    return errSecSuccess;
+}
+
+static void store_unlock(kc_keychain *kc)
+{
+    if (kc->lock_fd >= 0)
+        flock(kc->lock_fd, LOCK_UN);
 }
 
 /* Remove what label carries (certificate, then key by the recorded id),
@@ -1206,7 +1246,7 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     CFTypeRef v;
     Boolean previous = true;
     int flag_changed = 0, recorded = 0, left = 0, alive;
-    int existing_is_identity = 1;
+    int existing_is_identity = 1, locked = 0;
     kc_record rec;
     OSStatus status, rst;
     char cn_buf[KC_LABEL_MAX];
@@ -1236,6 +1276,10 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     if (status != errSecSuccess)
         goto cleanup;
     flag_changed = 1;
+    status = store_lock(kc, err);
+    if (status != errSecSuccess)
+        goto cleanup;
+    locked = 1;
 
     /* Refuse when the identity (or its certificate) is already there: a
      * warning beats a popup.  One whose recorded owner died is removed
@@ -1375,6 +1419,8 @@ cleanup:
         left = !rollback_import(kc, items, label);
     if (status != errSecSuccess && recorded && !left)
         delete_record(kc, label);
+    if (locked)
+        store_unlock(kc);
     release(cn);
     release(cert);
     release(id);
@@ -1398,7 +1444,11 @@ int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
     pthread_mutex_lock(&interaction_lock);
     status = interaction_off(&previous, err);
     if (status == errSecSuccess) {
-        status = remove_locked(kc, label, flags, err);
+        status = store_lock(kc, err);
+        if (status == errSecSuccess) {
+            status = remove_locked(kc, label, flags, err);
+            store_unlock(kc);
+        }
         status = interaction_restore(previous, status, err);
     }
     pthread_mutex_unlock(&interaction_lock);
@@ -1444,6 +1494,9 @@ int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
         return fail(err, errSecParam, "kc_reclaim_stale: bad argument");
     pthread_mutex_lock(&kc->lock);
     pthread_mutex_lock(&interaction_lock);
+    status = store_lock(kc, err);
+    if (status != errSecSuccess)
+        goto unlock;
     status = read_record(kc, label, &rec);
     if (status == errSecItemNotFound)
         fail(err, status, "no owner record names '%s'", label);
@@ -1456,6 +1509,8 @@ int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
         status = remove_locked(kc, label, KC_KILL_FORCE, err);
         status = interaction_restore(previous, status, err);
     }
+    store_unlock(kc);
+unlock:
     pthread_mutex_unlock(&interaction_lock);
     pthread_mutex_unlock(&kc->lock);
     return status;

@@ -148,9 +148,11 @@ class DarwinBackend:
 
     name = "darwin"
 
-    def open(self, keychain: Optional[str]) -> Store:
-        """A keychain file, or None: the user's default keychain search list."""
-        return native.NativeBackend().open(None, keychain, None, None)
+    def open(self, keychain: Optional[str], state_dir: Optional[str] = None) -> Store:
+        """A keychain file, or None: the user's default keychain search
+        list; ``state_dir`` holds the lock every process changing owner
+        records takes (None: none)."""
+        return native.NativeBackend().open(None, keychain, None, state_dir)
 
 
 def platform_backend() -> Union[Pkcs11Backend, DarwinBackend]:

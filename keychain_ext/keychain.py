@@ -219,7 +219,10 @@ class Keychain:
                 )
             self.module, self.token = "", token or ""
             self.location: StoreLocation = DarwinKeychain(token or None)
-            self._store = backend.open(token or None)
+            # processes changing this keychain's owner records share a lock
+            state = _store.state_dir(f"macos-keychain:{token or ''}")
+            self.lock_path = os.path.join(state, "lock")
+            self._store = backend.open(token or None, state)
             return
         self._backend: Pkcs11Backend = backend
         module = module or os.environ.get("KEYCHAIN_EXT_MODULE")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -27,6 +28,9 @@ import keychain_ext
 from keychain_ext import _native_backend
 
 BUILD = os.environ.get("KEYCHAIN_EXT_DOUBLE_BUILD", "")
+if BUILD:
+    # the store lock's directory: never the user's keychain_ext directory
+    os.environ["KEYCHAIN_EXT_HOME"] = tempfile.mkdtemp(prefix="keychain-ext-darwin-")
 lib: Any = _native_backend.lib
 ffi: Any = _native_backend.ffi
 UNDER_DOUBLE = (

@@ -438,3 +438,30 @@ def test_a_live_claim_is_respected_a_dead_one_replaced(kc, make_p12):
     assert ident.mine and count("g") == 1
     kc.kill_key("alice")
     assert store_empty()
+
+
+def test_owner_records_change_under_the_store_lock(kc, make_p12):
+    """Another process holding the store lock (a flock on the lock file in
+    the keychain's state directory) holds preauth back: owner records are
+    read, changed and written under it, so workers joining a shared
+    identity at the same instant cannot lose each other's entries."""
+    import fcntl
+
+    assert kc.lock_path and oct(os.stat(kc.lock_path).st_mode & 0o777) == "0o600"
+    other = os.open(kc.lock_path, os.O_RDWR)  # another open file: another holder
+    fcntl.flock(other, fcntl.LOCK_EX)
+    lib.dbl_log_clear()
+    done = threading.Event()
+    worker = threading.Thread(
+        target=lambda: (kc.preauth_key(make_p12(), PASSWORD, "alice"), done.set())
+    )
+    worker.start()
+    try:
+        assert not done.wait(0.5), "preauth went on while another process held the lock"
+        assert count("g") == 0 and count("c") == 0
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+    worker.join()
+    assert done.is_set() and count("g") == 1
+    kc.kill_key("alice")

@@ -22,6 +22,7 @@ typedef UInt32 SecKeychainStatus;
 enum {
     errSecSuccess = 0,
     errSecUnimplemented = -4,
+    errSecIO = -36,
     errSecParam = -50,
     errSecAllocate = -108,
     errSecNoSuchKeychain = -25294,
