@@ -236,8 +236,9 @@ def test_identity_is_the_item_info_and_its_store(kc: Keychain, ec_client: Client
 def test_darwin_facade(monkeypatch: pytest.MonkeyPatch) -> None:
     """On macOS the same Keychain opens a keychain file (or the search list)
     through kc_open with no module and no PIN, and its identities name it.
-    The Darwin backend itself is compiled and run on a Mac only: a stand-in
-    store takes its place here."""
+    A stand-in store takes the backend's place here; the backend itself runs
+    over the Security.framework test double in tests/darwin (make
+    test-darwin-double) and on a Mac in tests/macos."""
     from keychain_ext import DarwinKeychain
     from keychain_ext import keychain as facade
     from keychain_ext._backend import DarwinBackend, ItemInfo
@@ -256,7 +257,8 @@ def test_darwin_facade(monkeypatch: pytest.MonkeyPatch) -> None:
             opened.append("closed")
 
     class Darwin(DarwinBackend):
-        def open(self, keychain: object) -> Store:  # type: ignore[override]
+        def open(self, keychain: object, state_dir: object = None) -> Store:  # type: ignore[override]
+            assert state_dir is not None  # the store lock's directory
             opened.append(keychain)
             return Store()
 
