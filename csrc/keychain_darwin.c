@@ -1206,6 +1206,16 @@ cleanup:
     return status;
 }
 
+/* Undo a failed preauth: the import, then the claim if nothing is left. */
+static void undo_preauth(kc_keychain *kc, CFArrayRef items, int recorded,
+                         const char *label)
+{
+    int left = items != NULL && !rollback_import(kc, items, label);
+
+    if (recorded && !left)
+        delete_record(kc, label);
+}
+
 /* Join a shared identity made from the same file: dead owners leave, this
  * process comes in (once), and *out describes it. */
 static OSStatus join_locked(kc_keychain *kc, const char *label,
@@ -1245,7 +1255,7 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     CFDictionaryRef item;
     CFTypeRef v;
     Boolean previous = true;
-    int flag_changed = 0, recorded = 0, left = 0, alive;
+    int flag_changed = 0, recorded = 0, alive;
     int existing_is_identity = 1, locked = 0;
     kc_record rec;
     OSStatus status, rst;
@@ -1411,14 +1421,18 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     }
 
 cleanup:
-    if (flag_changed)
+    /* All or nothing, with interaction still off: undo an import we cannot
+     * stand behind, then the claim (kept if the rollback failed: it proves
+     * the rest ours).  A flag that cannot be restored undoes it too. */
+    if (status != errSecSuccess)
+        undo_preauth(kc, items, recorded, label);
+    if (flag_changed) {
+        OSStatus before = status;
+
         status = interaction_restore(previous, status, err);
-    /* All or nothing: undo an import we cannot stand behind, then the
-     * claim (a failed rollback keeps the record: it proves the rest ours). */
-    if (status != errSecSuccess && items != NULL)
-        left = !rollback_import(kc, items, label);
-    if (status != errSecSuccess && recorded && !left)
-        delete_record(kc, label);
+        if (before == errSecSuccess && status != errSecSuccess)
+            undo_preauth(kc, items, recorded, label);
+    }
     if (locked)
         store_unlock(kc);
     release(cn);

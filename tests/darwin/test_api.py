@@ -152,9 +152,14 @@ def test_p12_with_a_certificate_but_no_key(kc, make_p12):
 
 
 def test_label_must_be_the_certificate_cn(kc, make_p12):
+    lib.dbl_log_clear()
     with pytest.raises(ParamError, match="CN 'carol'"):
         kc.preauth_key(make_p12(cn="carol"), PASSWORD, "alice")
     assert store_empty()
+    # the rollback ran before user interaction was allowed again
+    log = calls()
+    restored = log.index("SecKeychainSetUserInteractionAllowed(1)")
+    assert max(i for i, c in enumerate(log) if c.startswith("SecItemDelete")) < restored
 
 
 @pytest.mark.parametrize(
