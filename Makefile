@@ -1,7 +1,7 @@
 # The two set-up commands of README.md: `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: deps demo test bench clean
+.PHONY: deps demo test test-darwin-double bench clean
 
 deps:
 	scripts/install-deps
@@ -12,6 +12,12 @@ demo: deps
 
 test: deps
 	$(PY) -m pytest -q
+
+# The macOS backend (csrc/keychain_darwin.c) built over the Security.framework
+# test double into a throwaway copy of the package, and the public-API and
+# CLI tests of tests/darwin run against it (the tree's own _native is untouched).
+test-darwin-double: deps
+	PY=$(PY) scripts/test-darwin-double
 
 bench: deps
 	$(PY) -m pip install -q -e '.[bench]'

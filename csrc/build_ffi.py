@@ -7,6 +7,7 @@ backend is chosen by platform: Security.framework on macOS, a PKCS#11 token
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -28,12 +29,13 @@ def _version() -> str:
     return match.group(1)
 
 
-def _cdef() -> str:
-    lines = (CSRC / "keychain.h").read_text().splitlines()
+def _cdef(header: Path = CSRC / "keychain.h") -> str:
+    """A header's declarations, minus its guard and #include lines."""
+    lines = header.read_text().splitlines()
     keep = [
         line
         for line in lines
-        if not re.match(r"\s*#\s*(ifndef|endif|include|define\s+KEYCHAIN_EXT_KEYCHAIN_H)", line)
+        if not re.match(r"\s*#\s*(ifndef|endif|include|define\s+\w+_H\b)", line)
     ]
     return "\n".join(keep)
 
@@ -55,11 +57,29 @@ ffibuilder.cdef(_cdef())
 # Harnesses that compile the backend themselves (fuzzing, memcheck, the
 # benchmark's C driver) take this list too.
 PKCS11_SOURCES = [CSRC / "keychain_pkcs11.c", *sorted(CSRC.glob("p11_*.c"))]
-DARWIN_SOURCES = [CSRC / "keychain_darwin.c"]
+DARWIN_SOURCES = [CSRC / "keychain_darwin.c", CSRC / "p12_walk.c"]
 
-if sys.platform == "darwin":
-    _sources = DARWIN_SOURCES
+# Tests only (make test-darwin-double): KEYCHAIN_EXT_DARWIN_DOUBLE names the
+# Security.framework TEST DOUBLE's directory (tests/darwin_double); the
+# Darwin backend is then built over it on any platform, and the double's
+# control calls (double_control.h) join the cdef so tests can drive it.
+DOUBLE = os.environ.get("KEYCHAIN_EXT_DARWIN_DOUBLE")
+_header = '#include "keychain.h"'
+
+if DOUBLE:
+    _double = Path(DOUBLE).resolve()
+    ffibuilder.cdef("typedef unsigned char Boolean; typedef int32_t OSStatus;")
+    ffibuilder.cdef(_cdef(_double / "double_control.h"))
+    _header += '\n#include "double_control.h"'
+    _sources = [*DARWIN_SOURCES, _double / "double.c"]
     _kwargs: dict[str, list[str]] = {
+        "extra_compile_args": [*STRICT, "-D_GNU_SOURCE"],
+        "include_dirs": [str(CSRC), str(_double / "include"), str(_double)],
+        "libraries": ["crypto"],  # the double's CC_SHA256
+    }
+elif sys.platform == "darwin":
+    _sources = DARWIN_SOURCES
+    _kwargs = {
         "extra_compile_args": STRICT,
         "extra_link_args": ["-framework", "Security", "-framework", "CoreFoundation"],
     }
@@ -70,11 +90,11 @@ else:
         "libraries": ["crypto", "dl", "pthread"],
     }
 
+_kwargs.setdefault("include_dirs", [str(CSRC.relative_to(ROOT))])
 ffibuilder.set_source(
     "keychain_ext._native",
-    '#include "keychain.h"',
-    sources=[str(s.relative_to(ROOT)) for s in _sources],
-    include_dirs=[str(CSRC.relative_to(ROOT))],
+    _header,
+    sources=[str(s if DOUBLE else s.relative_to(ROOT)) for s in _sources],
     define_macros=[("KC_VERSION", f'"{_version()}"')],
     **_kwargs,
 )

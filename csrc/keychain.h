@@ -76,7 +76,8 @@
 #define KC_PREAUTH_SHARED         8  /* several processes may own it: if the
                                         label holds this same identity,
                                         shared, join its owners; it goes
-                                        with the last owner */
+                                        with the last owner (Darwin: the
+                                        same PKCS#12 file, by SHA-256) */
 
 /* kc_kill_key flags. */
 #define KC_KILL_FORCE  1  /* remove it even if another live process owns it
@@ -105,7 +106,8 @@ typedef struct kc_options {
                                 process using the token: the lock that
                                 serializes them and the leases that say who
                                 owns each token identity.  NULL: no lock, and
-                                only ephemeral identities can be made */
+                                only ephemeral identities can be made.
+                                Darwin: the lock only (NULL: none) */
     int exclusive;           /* PKCS#11: only keychain_ext uses this token (the
                                 embedded store), so objects a crash left
                                 without a label are provably ours */
@@ -164,7 +166,13 @@ void kc_close(kc_keychain *kc);
  *    which counts as alive;
  *  - session (ephemeral) objects belong to the process that sees them;
  *  - nothing is removed unless a lease or the session proves it ours and
- *    its owners are dead, or its owner asks (kc_kill_key). */
+ *    its owners are dead, or its owner asks (kc_kill_key).
+ * Darwin: the lease is an owner record in the keychain itself, a generic
+ * password (service "keychain_ext", account = label: held, owners, key
+ * id, the PKCS#12 file's SHA-256) added before the import and deleted
+ * last; an owner is alive while kill(pid, 0) finds it on this host
+ * (another host: cannot tell).  opts.state_dir, if given, holds the lock
+ * file processes changing owner records flock (waiting without a bound). */
 
 /* Crypto.cpp preAuthKey: import the identity in the PKCS#12 bytes under
  * label so it can be used without a prompt, owned by this process (flags:
@@ -204,16 +212,16 @@ int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
  * label NULL, on an exclusive store only, removes the objects a process
  * killed inside C_CreateObject can leave (no label, no id, no value) and
  * the owner files of dead processes; errSecItemNotFound if there was
- * nothing, errSecInvalidOwnerEdit on a store that is not exclusive.
- * errSecUnimplemented where there are no leases (Darwin). */
+ * nothing, errSecInvalidOwnerEdit on a store that is not exclusive (the
+ * macOS keychain never is). */
 int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err);
 
 /* Every identity in the store that this library can see, one entry per
  * label (certificate, key and lease grouped), including incomplete ones
  * left by a crash (has_certificate or has_private_key 0).  Fills up to cap
  * entries and sets *count to the number present (which may exceed cap: call
- * again with a larger buffer).  errSecUnimplemented where the store cannot
- * enumerate. */
+ * again with a larger buffer).  Darwin: keychain_ext's identities only
+ * (one per owner record), not the user's own. */
 int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
                       size_t *count, kc_error *err);
 

@@ -28,16 +28,24 @@
  * search list.  opts->token may name an existing keychain file: it is opened
  * (not created) and used to scope searches and as the import target.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/types.h>
+#include <unistd.h>
 
+#include <CommonCrypto/CommonDigest.h>
 #include <CoreFoundation/CoreFoundation.h>
 #include <Security/Security.h>
 
 #include "keychain.h"
+#include "p12_walk.h"
 
 #ifndef KC_VERSION
 #define KC_VERSION "0.0.0"
@@ -52,19 +60,11 @@
     _Pragma("GCC diagnostic ignored \"-Wdeprecated-declarations\"")
 #define KC_DEPRECATED_END _Pragma("GCC diagnostic pop")
 
-/* The key id remembered at import, per label (Crypto.cpp's member `id`). */
-typedef struct kc_key_id {
-    struct kc_key_id *next;
-    char label[KC_LABEL_MAX];
-    uint8_t id[KC_KEY_ID_MAX];
-    size_t len;
-} kc_key_id;
-
 struct kc_keychain {
     pthread_mutex_t lock;       /* serializes calls on this handle */
     SecKeychainRef keychain;    /* opts->token opened, or NULL */
     CFArrayRef search_list;     /* [keychain] or NULL = default list */
-    kc_key_id *ids;
+    int lock_fd;                /* opts->state_dir/lock, or -1 */
 };
 
 /* The user-interaction flag is process-wide: two handles must not interleave
@@ -153,48 +153,381 @@ static int valid_label(const char *label)
     return label != NULL && label[0] != '\0' && strlen(label) < KC_LABEL_MAX;
 }
 
-/* --- remembered key ids ------------------------------------------------ */
+/* --- owner records ------------------------------------------------------ */
 
-static kc_key_id *find_id(kc_keychain *kc, const char *label)
+/* Who owns an identity lives in a companion item: a generic password of
+ * service "keychain_ext", account = the label, whose kSecAttrGeneric holds
+ * RECORD_TAG " held=H shared=S id=HEX p12=HEX owners=PID@HOST,..." (no
+ * secret data: reading the attributes never prompts).  kc_preauth_key adds
+ * it BEFORE the import (SecItemAdd refuses a second one: two processes
+ * cannot both claim a label) and completes it with the key id after;
+ * kc_kill_key deletes it last.  A crash in between leaves a record that
+ * proves the identity (or the nothing) under the label ours, and names its
+ * dead owners.  p12 is the SHA-256 of the PKCS#12 file imported: a shared
+ * identity is joined only with the same file. */
+#define RECORD_SERVICE "keychain_ext"
+#define RECORD_TAG "keychain_ext-owner-v1"
+#define RECORD_MAX 4096
+#define MAX_OWNERS 32
+
+typedef struct kc_owner {
+    long long pid;
+    char host[KC_HOST_MAX];
+} kc_owner;
+
+typedef struct kc_record {
+    int held;                       /* owned by no process until killed */
+    int shared;                     /* processes may join */
+    int nowners;                    /* 0 when held */
+    kc_owner owners[MAX_OWNERS];
+    uint8_t id[KC_KEY_ID_MAX];      /* the imported key's id; 0 long until
+                                       the import completed */
+    size_t id_len;
+    uint8_t p12[CC_SHA256_DIGEST_LENGTH];
+} kc_record;
+
+enum { RQ_MATCH, RQ_ONE, RQ_ALL };
+
+static void my_host(char *buf, size_t size)
 {
-    kc_key_id *e;
-
-    for (e = kc->ids; e != NULL; e = e->next)
-        if (strcmp(e->label, label) == 0)
-            return e;
-    return NULL;
+    if (gethostname(buf, size) != 0 || buf[0] == '\0')
+        snprintf(buf, size, "unknown");
+    buf[size - 1] = '\0';
 }
 
-static void forget_id(kc_keychain *kc, const char *label)
+/* The records of label (NULL: all) in the handle's search scope; mode
+ * RQ_MATCH for update/delete, RQ_ONE / RQ_ALL return attributes. */
+static CFDictionaryRef create_record_query(kc_keychain *kc, const char *label,
+                                           int mode)
 {
-    kc_key_id **pp, *e;
+    const void *keys[6], *values[6];
+    CFIndex n = 0;
+    CFStringRef service, account = NULL;
+    CFDictionaryRef query = NULL;
 
-    for (pp = &kc->ids; (e = *pp) != NULL; pp = &e->next) {
-        if (strcmp(e->label, label) == 0) {
-            *pp = e->next;
-            free(e);
-            return;
-        }
+    service = CFStringCreateWithCString(kCFAllocatorDefault, RECORD_SERVICE,
+                                        kCFStringEncodingUTF8);
+    if (service == NULL)
+        return NULL;
+    keys[n] = kSecClass;
+    values[n++] = kSecClassGenericPassword;
+    keys[n] = kSecAttrService;
+    values[n++] = service;
+    if (label != NULL) {
+        account = CFStringCreateWithCString(kCFAllocatorDefault, label,
+                                            kCFStringEncodingUTF8);
+        if (account == NULL)
+            goto cleanup;
+        keys[n] = kSecAttrAccount;
+        values[n++] = account;
     }
+    if (mode != RQ_MATCH) {
+        keys[n] = kSecReturnAttributes;
+        values[n++] = kCFBooleanTrue;
+        keys[n] = kSecMatchLimit;
+        values[n++] = mode == RQ_ALL ? kSecMatchLimitAll : kSecMatchLimitOne;
+    }
+    if (kc->search_list != NULL) {
+        KC_DEPRECATED_BEGIN
+        keys[n] = kSecMatchSearchList;
+        KC_DEPRECATED_END
+        values[n++] = kc->search_list;
+    }
+    query = CFDictionaryCreate(kCFAllocatorDefault, keys, values, n,
+                               &kCFTypeDictionaryKeyCallBacks,
+                               &kCFTypeDictionaryValueCallBacks);
+cleanup:
+    release(account);
+    release(service);
+    return query;
 }
 
-static OSStatus remember_id(kc_keychain *kc, const char *label, CFDataRef id)
+/* The value of "name=" in text (up to the next space), as a C string in
+ * buf; NULL if absent or too long. */
+static const char *record_field(const char *text, const char *name,
+                                char *buf, size_t size)
 {
-    kc_key_id *e;
-    CFIndex len = CFDataGetLength(id);
+    const char *p = strstr(text, name);
+    size_t n;
 
-    if (len <= 0 || len > KC_KEY_ID_MAX)
+    if (p == NULL)
+        return NULL;
+    p += strlen(name);
+    n = strcspn(p, " ");
+    if (n >= size)
+        return NULL;
+    memcpy(buf, p, n);
+    buf[n] = '\0';
+    return buf;
+}
+
+/* Hex into bytes: exactly *len bytes if want > 0, else up to cap. */
+static int unhex(const char *hex, uint8_t *out, size_t cap, size_t *len)
+{
+    size_t i, n = strlen(hex);
+
+    if (n % 2 != 0 || n / 2 > cap)
+        return 0;
+    for (i = 0; i < n / 2; i++) {
+        unsigned byte;
+
+        if (sscanf(hex + 2 * i, "%2x", &byte) != 1)
+            return 0;
+        out[i] = (uint8_t)byte;
+    }
+    *len = n / 2;
+    return 1;
+}
+
+/* Parse a record's attributes; errSecDecode if it is not one of ours. */
+static OSStatus parse_record(CFDictionaryRef attrs, kc_record *rec)
+{
+    CFTypeRef v = CFDictionaryGetValue(attrs, kSecAttrGeneric);
+    char text[RECORD_MAX], field[RECORD_MAX], *owner, *next;
+    CFIndex len;
+    size_t n;
+
+    memset(rec, 0, sizeof *rec);
+    if (v == NULL || CFGetTypeID(v) != CFDataGetTypeID())
         return errSecDecode;
-    e = calloc(1, sizeof *e);
-    if (e == NULL)
-        return errSecAllocate;
-    snprintf(e->label, sizeof e->label, "%s", label);
-    memcpy(e->id, CFDataGetBytePtr(id), (size_t)len);
-    e->len = (size_t)len;
-    forget_id(kc, label);
-    e->next = kc->ids;
-    kc->ids = e;
+    len = CFDataGetLength((CFDataRef)v);
+    if (len <= 0 || len >= RECORD_MAX)
+        return errSecDecode;
+    memcpy(text, CFDataGetBytePtr((CFDataRef)v), (size_t)len);
+    text[len] = '\0';
+    if (strncmp(text, RECORD_TAG " ", strlen(RECORD_TAG) + 1) != 0
+        || sscanf(text, RECORD_TAG " held=%d shared=%d", &rec->held,
+                  &rec->shared) != 2
+        || record_field(text, " id=", field, sizeof field) == NULL
+        || !unhex(field, rec->id, sizeof rec->id, &rec->id_len)
+        || record_field(text, " p12=", field, sizeof field) == NULL
+        || !unhex(field, rec->p12, sizeof rec->p12, &n)
+        || (n != 0 && n != sizeof rec->p12)
+        || record_field(text, " owners=", field, sizeof field) == NULL)
+        return errSecDecode;
+    for (owner = field; *owner != '\0'; owner = next) {
+        kc_owner *o = &rec->owners[rec->nowners];
+        char *at;
+
+        next = owner + strcspn(owner, ",");
+        if (*next == ',')
+            *next++ = '\0';
+        at = strchr(owner, '@');
+        if (rec->nowners == MAX_OWNERS || at == NULL
+            || (size_t)(strlen(at + 1)) >= sizeof o->host
+            || sscanf(owner, "%lld@", &o->pid) != 1)
+            return errSecDecode;
+        snprintf(o->host, sizeof o->host, "%s", at + 1);
+        rec->nowners++;
+    }
     return errSecSuccess;
+}
+
+/* The record's text; 0 when it does not fit. */
+static int format_record(const kc_record *rec, char *text, size_t size)
+{
+    size_t used, i;
+    int n;
+
+    n = snprintf(text, size, RECORD_TAG " held=%d shared=%d id=",
+                 rec->held, rec->shared);
+    for (i = 0; n > 0 && i < rec->id_len; i++)
+        n += snprintf(text + n, size - (size_t)n, "%02x", rec->id[i]);
+    n += snprintf(text + n, size - (size_t)n, " p12=");
+    for (i = 0; i < sizeof rec->p12; i++)
+        n += snprintf(text + n, size - (size_t)n, "%02x", rec->p12[i]);
+    n += snprintf(text + n, size - (size_t)n, " owners=");
+    for (i = 0; i < (size_t)rec->nowners; i++)
+        n += snprintf(text + n, size - (size_t)n, "%s%lld@%s",
+                      i > 0 ? "," : "", rec->owners[i].pid,
+                      rec->owners[i].host);
+    used = (size_t)n;
+    return used < size ? n : 0;
+}
+
+/* The record of label: errSecSuccess, errSecItemNotFound, or an error. */
+static OSStatus read_record(kc_keychain *kc, const char *label,
+                            kc_record *rec)
+{
+    CFDictionaryRef query;
+    CFTypeRef attrs = NULL;
+    OSStatus status;
+
+    memset(rec, 0, sizeof *rec);
+    query = create_record_query(kc, label, RQ_ONE);
+    if (query == NULL)
+        return errSecAllocate;
+    status = SecItemCopyMatching(query, &attrs);
+    CFRelease(query);
+    if (status == errSecSuccess)
+        status = attrs != NULL ? parse_record((CFDictionaryRef)attrs, rec)
+                               : errSecItemNotFound;
+    release(attrs);
+    return status;
+}
+
+/* Add label's record (add) or replace its text. */
+static OSStatus write_record(kc_keychain *kc, const char *label,
+                             const kc_record *rec, int add)
+{
+    char text[RECORD_MAX];
+    CFDataRef data = NULL;
+    CFDictionaryRef query = NULL, attrs = NULL, match = NULL;
+    CFStringRef service = NULL, account = NULL;
+    const void *keys[5], *values[5];
+    CFIndex n = 0;
+    OSStatus status = errSecAllocate;
+    int len;
+
+    len = format_record(rec, text, sizeof text);
+    if (len == 0)
+        return errSecParam;
+    data = CFDataCreate(kCFAllocatorDefault, (const UInt8 *)text, len);
+    if (data == NULL)
+        goto cleanup;
+    if (!add) {
+        keys[0] = kSecAttrGeneric;
+        values[0] = data;
+        attrs = CFDictionaryCreate(kCFAllocatorDefault, keys, values, 1,
+                                   &kCFTypeDictionaryKeyCallBacks,
+                                   &kCFTypeDictionaryValueCallBacks);
+        match = create_record_query(kc, label, RQ_MATCH);
+        if (attrs != NULL && match != NULL)
+            status = SecItemUpdate(match, attrs);
+        goto cleanup;
+    }
+    service = CFStringCreateWithCString(kCFAllocatorDefault, RECORD_SERVICE,
+                                        kCFStringEncodingUTF8);
+    account = CFStringCreateWithCString(kCFAllocatorDefault, label,
+                                        kCFStringEncodingUTF8);
+    if (service == NULL || account == NULL)
+        goto cleanup;
+    keys[n] = kSecClass;
+    values[n++] = kSecClassGenericPassword;
+    keys[n] = kSecAttrService;
+    values[n++] = service;
+    keys[n] = kSecAttrAccount;
+    values[n++] = account;
+    keys[n] = kSecAttrGeneric;
+    values[n++] = data;
+    if (kc->keychain != NULL) {
+        KC_DEPRECATED_BEGIN
+        keys[n] = kSecUseKeychain;
+        KC_DEPRECATED_END
+        values[n++] = kc->keychain;
+    }
+    query = CFDictionaryCreate(kCFAllocatorDefault, keys, values, n,
+                               &kCFTypeDictionaryKeyCallBacks,
+                               &kCFTypeDictionaryValueCallBacks);
+    if (query != NULL)
+        status = SecItemAdd(query, NULL);
+cleanup:
+    release(query);
+    release(match);
+    release(attrs);
+    release(account);
+    release(service);
+    release(data);
+    return status;
+}
+
+static OSStatus delete_record(kc_keychain *kc, const char *label)
+{
+    CFDictionaryRef query = create_record_query(kc, label, RQ_MATCH);
+    OSStatus status;
+
+    if (query == NULL)
+        return errSecAllocate;
+    status = SecItemDelete(query);
+    CFRelease(query);
+    return status;
+}
+
+/* 1 the owner runs, 0 it is dead, -1 cannot tell (another host, or no
+ * pid).  A reused pid reads as alive: the safe side. */
+static int one_alive(const kc_owner *o)
+{
+    char host[KC_HOST_MAX];
+
+    my_host(host, sizeof host);
+    if (o->pid <= 0 || strcmp(host, o->host) != 0)
+        return -1;
+    if ((pid_t)o->pid == getpid() || kill((pid_t)o->pid, 0) == 0)
+        return 1;
+    return errno == ESRCH ? 0 : errno == EPERM ? 1 : -1;
+}
+
+static int is_me(const kc_owner *o)
+{
+    char host[KC_HOST_MAX];
+
+    my_host(host, sizeof host);
+    return (pid_t)o->pid == getpid() && strcmp(host, o->host) == 0;
+}
+
+/* Over the owners other than this process (all: others_only 0): 1 one
+ * runs (or the identity is held), -1 none runs but one cannot be judged,
+ * 0 all are dead (or there are none). */
+static int owners_alive(const kc_record *rec, int others_only)
+{
+    int i, verdict = 0, a;
+
+    if (rec->held)
+        return 1;
+    for (i = 0; i < rec->nowners; i++) {
+        if (others_only && is_me(&rec->owners[i]))
+            continue;
+        a = one_alive(&rec->owners[i]);
+        if (a > 0)
+            return 1;
+        if (a < 0)
+            verdict = -1;
+    }
+    return verdict;
+}
+
+static int owner_alive(const kc_record *rec)
+{
+    return rec->nowners == 0 && !rec->held ? -1 : owners_alive(rec, 0);
+}
+
+/* This process's index among the owners, or -1. */
+static int my_index(const kc_record *rec)
+{
+    int i;
+
+    for (i = 0; i < rec->nowners; i++)
+        if (is_me(&rec->owners[i]))
+            return i;
+    return -1;
+}
+
+static void drop_owner(kc_record *rec, int i)
+{
+    memmove(&rec->owners[i], &rec->owners[i + 1],
+            (size_t)(rec->nowners - i - 1) * sizeof rec->owners[0]);
+    rec->nowners--;
+}
+
+static void fill_owner(const kc_record *rec, kc_item_info *out)
+{
+    const kc_owner *shown = NULL;
+    int i;
+
+    out->ours = 1;
+    out->held = rec->held;
+    out->shared = rec->shared;
+    out->owners = rec->nowners;
+    out->mine = my_index(rec) >= 0;
+    for (i = 0; i < rec->nowners && shown == NULL; i++)
+        if (one_alive(&rec->owners[i]) > 0)
+            shown = &rec->owners[i];
+    if (shown == NULL && rec->nowners > 0)
+        shown = &rec->owners[0];
+    out->owner_pid = shown != NULL ? shown->pid : 0;
+    snprintf(out->owner_host, sizeof out->owner_host, "%s",
+             shown != NULL ? shown->host : "");
+    out->owner_alive = owner_alive(rec);
 }
 
 /* --- Crypto.cpp helpers ------------------------------------------------ */
@@ -373,11 +706,45 @@ static OSStatus delete_private_key(kc_keychain *kc, CFDataRef id)
     return status;
 }
 
+/* An item without an identity (a certificate without its key): macOS
+ * imported its certificates all the same.  Those whose CN is the label are
+ * ours (nothing carried the label before the import); other chain
+ * certificates may have been there before and stay.  1 when all went. */
+static int rollback_chain(CFDictionaryRef item, const char *label)
+{
+    CFTypeRef chain = CFDictionaryGetValue(item, kSecImportItemCertChain);
+    CFIndex i, n;
+    int all_gone = 1;
+
+    if (chain == NULL)
+        return 1;
+    n = CFArrayGetCount((CFArrayRef)chain);
+    for (i = 0; i < n; i++) {
+        SecCertificateRef cert = (SecCertificateRef)CFArrayGetValueAtIndex(
+            (CFArrayRef)chain, i);
+        CFStringRef cn = NULL;
+        char buf[KC_LABEL_MAX];
+
+        if (SecCertificateCopyCommonName(cert, &cn) != errSecSuccess) {
+            all_gone = 0;
+            continue;
+        }
+        cf_to_cstr(cn, buf, sizeof buf);
+        release(cn);
+        if (strcmp(buf, label) == 0 && delete_certificate(cert) != errSecSuccess)
+            all_gone = 0;
+    }
+    return all_gone;
+}
+
 /* Undo an import: certificate, then key, of every identity in items.
- * Best effort; the caller already has an error to report. */
-static void rollback_import(kc_keychain *kc, CFArrayRef items)
+ * Best effort (the caller already has an error to report); returns 1 when
+ * everything went. */
+static int rollback_import(kc_keychain *kc, CFArrayRef items,
+                           const char *label)
 {
     CFIndex i, n = CFArrayGetCount(items);
+    int all_gone = 1;
 
     for (i = 0; i < n; i++) {
         CFDictionaryRef item = CFArrayGetValueAtIndex(items, i);
@@ -387,16 +754,22 @@ static void rollback_import(kc_keychain *kc, CFArrayRef items)
 
         identity = (SecIdentityRef)CFDictionaryGetValue(item,
                                                         kSecImportItemIdentity);
-        if (identity == NULL)
+        if (identity == NULL) {
+            if (!rollback_chain(item, label))
+                all_gone = 0;
             continue;
-        copy_key_info(identity, &id, NULL);
-        if (SecIdentityCopyCertificate(identity, &cert) == errSecSuccess)
-            delete_certificate(cert);
-        if (id != NULL)
-            delete_private_key(kc, id);
+        }
+        if (copy_key_info(identity, &id, NULL) != errSecSuccess)
+            all_gone = 0;
+        if (SecIdentityCopyCertificate(identity, &cert) != errSecSuccess
+            || delete_certificate(cert) != errSecSuccess)
+            all_gone = 0;
+        if (id != NULL && delete_private_key(kc, id) != errSecSuccess)
+            all_gone = 0;
         release(cert);
         release(id);
     }
+    return all_gone;
 }
 
 /* copyIdentityFromPKCS12: SecPKCS12Import of the bytes with the passphrase
@@ -493,7 +866,7 @@ static void fill_info(CFTypeRef found, int is_identity, const char *label,
     CFDataRef id = NULL;
 
     memset(out, 0, sizeof *out);
-    out->owner_alive = -1;  /* Darwin records no owner process */
+    out->owner_alive = -1;  /* no record: nobody known */
     snprintf(out->label, sizeof out->label, "%s", label);
     out->has_certificate = 1;
     if (is_identity) {
@@ -527,13 +900,13 @@ static void fill_info(CFTypeRef found, int is_identity, const char *label,
 }
 
 /* Look up under label without taking the lock: identity first, then a
- * lone certificate (a key left without its certificate is found by kill
- * through the remembered id). */
+ * lone certificate, and the label's owner record. */
 static OSStatus lookup_locked(kc_keychain *kc, const char *label,
                               kc_item_info *out, kc_error *err)
 {
     CFTypeRef found = NULL;
-    OSStatus status;
+    kc_record rec;
+    OSStatus status, rst;
     int is_identity = 1;
 
     status = lookup_keychain_item(kc, kSecClassIdentity, label, &found);
@@ -545,8 +918,19 @@ static OSStatus lookup_locked(kc_keychain *kc, const char *label,
         fail(err, status, "nothing carries the label '%s'", label);
     else if (status != errSecSuccess)
         fail(err, status, "looking up '%s'", label);
-    else if (out != NULL)
+    if (status != errSecSuccess)
+        goto cleanup;
+    rst = read_record(kc, label, &rec);
+    if (rst != errSecSuccess && rst != errSecItemNotFound) {
+        status = fail(err, rst, "reading the owner record of '%s'", label);
+        goto cleanup;
+    }
+    if (out != NULL) {
         fill_info(found, is_identity, label, out);
+        if (rst == errSecSuccess)
+            fill_owner(&rec, out);
+    }
+cleanup:
     release(found);
     return status;
 }
@@ -580,6 +964,24 @@ int32_t kc_open(const kc_options *opts, kc_keychain **out, kc_error *err)
         free(kc);
         return fail(err, errSecAllocate, "kc_open: pthread_mutex_init");
     }
+    kc->lock_fd = -1;
+    if (opts != NULL && opts->state_dir != NULL && opts->state_dir[0] != '\0') {
+        /* every process changing owner records serializes on this file */
+        char path[4096];
+
+        if (snprintf(path, sizeof path, "%s/lock", opts->state_dir)
+            >= (int)sizeof path) {
+            status = fail(err, errSecParam, "kc_open: state_dir too long");
+            goto cleanup;
+        }
+        kc->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW,
+                           0600);
+        if (kc->lock_fd < 0) {
+            status = fail_native(err, errSecIO, errno, "opening the lock "
+                                 "file in '%s'", opts->state_dir);
+            goto cleanup;
+        }
+    }
     if (opts != NULL && opts->token != NULL && opts->token[0] != '\0') {
         /* Open, never create: SecKeychainOpen succeeds for a missing file,
          * SecKeychainGetStatus tells whether it exists. */
@@ -611,12 +1013,233 @@ void kc_close(kc_keychain *kc)
 {
     if (kc == NULL)
         return;
-    while (kc->ids != NULL)
-        forget_id(kc, kc->ids->label);
     release(kc->search_list);
     release(kc->keychain);
+    if (kc->lock_fd >= 0)
+        close(kc->lock_fd);
     pthread_mutex_destroy(&kc->lock);
     free(kc);
+}
+
+/* The user-interaction flag is off around everything that writes or
+ * deletes (a foreign key's ACL would prompt on delete): saved first,
+ * restored to its PREVIOUS value after.  Call under interaction_lock. */
+static OSStatus interaction_off(Boolean *previous, kc_error *err)
+{
+    OSStatus status;
+
+    KC_DEPRECATED_BEGIN
+    status = SecKeychainGetUserInteractionAllowed(previous);
+    KC_DEPRECATED_END
+    if (status != errSecSuccess)
+        return fail(err, status, "reading the user-interaction flag");
+    KC_DEPRECATED_BEGIN
+    status = SecKeychainSetUserInteractionAllowed(false);
+    KC_DEPRECATED_END
+    if (status != errSecSuccess)
+        return fail(err, status, "disabling user interaction");
+    return errSecSuccess;
+}
+
+/* Restore the flag; a failure to do so is reported unless status already
+ * reports one. */
+static OSStatus interaction_restore(Boolean previous, OSStatus status,
+                                    kc_error *err)
+{
+    OSStatus st2;
+
+    KC_DEPRECATED_BEGIN
+    st2 = SecKeychainSetUserInteractionAllowed(previous);
+    KC_DEPRECATED_END
+    if (st2 != errSecSuccess && status == errSecSuccess)
+        return fail(err, st2, "restoring the user-interaction flag");
+    return status;
+}
+
+/* The store lock (opts->state_dir/lock): owner records are read, changed
+ * and written back under it, so processes joining or leaving at the same
+ * instant cannot lose each other's entries.  No lock file: no-op. */
+static OSStatus store_lock(kc_keychain *kc, kc_error *err)
+{
+    while (kc->lock_fd >= 0 && flock(kc->lock_fd, LOCK_EX) != 0)
+        if (errno != EINTR)
+            return fail_native(err, errSecIO, errno, "locking the store");
+    return errSecSuccess;
+}
+
+static void store_unlock(kc_keychain *kc)
+{
+    if (kc->lock_fd >= 0)
+        flock(kc->lock_fd, LOCK_UN);
+}
+
+/* Remove what label carries (certificate, then key by the recorded id),
+ * then its record.  Without KC_KILL_FORCE only what a record proves
+ * keychain_ext's and whose owner is this process, nobody (held) or dead. */
+static OSStatus remove_locked(kc_keychain *kc, const char *label, int flags,
+                              kc_error *err)
+{
+    CFTypeRef found = NULL;
+    SecCertificateRef cert = NULL;
+    CFDataRef id = NULL, have = NULL;
+    kc_record rec;
+    OSStatus status, rst, key_status = errSecItemNotFound;
+    int is_identity = 1, force = (flags & KC_KILL_FORCE) != 0, alive;
+
+    status = lookup_keychain_item(kc, kSecClassIdentity, label, &found);
+    if (status == errSecItemNotFound) {
+        is_identity = 0;
+        status = lookup_keychain_item(kc, kSecClassCertificate, label, &found);
+    }
+    if (status != errSecSuccess && status != errSecItemNotFound) {
+        fail(err, status, "looking up '%s'", label);
+        goto cleanup;
+    }
+    rst = read_record(kc, label, &rec);
+    if (rst != errSecSuccess && rst != errSecItemNotFound) {
+        status = fail(err, rst, "reading the owner record of '%s'", label);
+        goto cleanup;
+    }
+    if (rst == errSecItemNotFound && found == NULL) {
+        status = fail(err, errSecItemNotFound,
+                      "nothing carries the label '%s'", label);
+        goto cleanup;
+    }
+    /* Crypto.cpp deleted whatever had the name: only what a record proves
+     * ours, unless forced. */
+    if (rst == errSecItemNotFound && !force) {
+        status = fail(err, errSecInvalidOwnerEdit,
+                      "no keychain_ext owner record names '%s': it was not "
+                      "imported by keychain_ext; not deleted (force to "
+                      "override)", label);
+        goto cleanup;
+    }
+    if (rst == errSecSuccess && !force && !rec.held
+        && (alive = owners_alive(&rec, 1)) != 0) {
+        int me = my_index(&rec), i;
+        const kc_owner *o = &rec.owners[0];
+
+        if (me >= 0 && rec.shared) {
+            /* this process gives it up; the other owners keep it */
+            drop_owner(&rec, me);
+            status = write_record(kc, label, &rec, 0);
+            if (status != errSecSuccess)
+                fail(err, status, "leaving the owners of '%s'", label);
+            goto cleanup;
+        }
+        for (i = 0; i < rec.nowners; i++)
+            if (!is_me(&rec.owners[i]) && one_alive(&rec.owners[i]) != 0)
+                o = &rec.owners[i];
+        status = fail(err, errSecInvalidOwnerEdit,
+                      "'%s' belongs to pid %lld on %s, which %s; not deleted "
+                      "(force to override)", label, o->pid, o->host,
+                      alive > 0 ? "is running" : "cannot be judged");
+        goto cleanup;
+    }
+    /* The key id: the recorded one, else the identity's own. */
+    if (rst == errSecSuccess && rec.id_len > 0) {
+        id = CFDataCreate(kCFAllocatorDefault, rec.id, (CFIndex)rec.id_len);
+        if (id == NULL) {
+            status = fail(err, errSecAllocate, "copying the key id");
+            goto cleanup;
+        }
+    }
+    if (found != NULL && is_identity) {
+        status = copy_key_info((SecIdentityRef)found, &have, NULL);
+        if (status != errSecSuccess) {
+            fail(err, status, "reading the key id of '%s'", label);
+            goto cleanup;
+        }
+        /* Only the identity we imported is ours: one that merely carries
+         * the name (ours removed by someone else, a new one added) stays. */
+        if (id != NULL && !CFEqual(have, id) && !force) {
+            status = fail(err, errSecInvalidOwnerEdit, "the identity labeled "
+                          "'%s' is not the one keychain_ext imported; not "
+                          "deleted", label);
+            goto cleanup;
+        }
+        if (id == NULL || force) {
+            release(id);
+            id = (CFDataRef)CFRetain(have);
+        }
+    }
+    /* A certificate alone with no record: someone else's (forced here). */
+    if (found != NULL) {
+        if (is_identity) {
+            status = SecIdentityCopyCertificate((SecIdentityRef)found, &cert);
+            if (status != errSecSuccess) {
+                fail(err, status, "getting the certificate of '%s'", label);
+                goto cleanup;
+            }
+        } else {
+            cert = (SecCertificateRef)CFRetain(found);
+        }
+        /* Certificate first, then the key separately (one call for the
+         * pair failed when running as root). */
+        status = delete_certificate(cert);
+        if (status != errSecSuccess) {
+            fail(err, status, "deleting the certificate of '%s'", label);
+            goto cleanup;
+        }
+    }
+    if (id != NULL) {
+        key_status = delete_private_key(kc, id);
+        if (key_status != errSecSuccess && key_status != errSecItemNotFound) {
+            status = fail(err, key_status,
+                          "deleting the private key of '%s'", label);
+            goto cleanup;
+        }
+    }
+    if (rst == errSecSuccess) {
+        status = delete_record(kc, label);
+        if (status != errSecSuccess && status != errSecItemNotFound) {
+            fail(err, status, "deleting the owner record of '%s'", label);
+            goto cleanup;
+        }
+    }
+    status = errSecSuccess;
+cleanup:
+    release(have);
+    release(id);
+    release(cert);
+    release(found);
+    return status;
+}
+
+/* Undo a failed preauth: the import, then the claim if nothing is left. */
+static void undo_preauth(kc_keychain *kc, CFArrayRef items, int recorded,
+                         const char *label)
+{
+    int left = items != NULL && !rollback_import(kc, items, label);
+
+    if (recorded && !left)
+        delete_record(kc, label);
+}
+
+/* Join a shared identity made from the same file: dead owners leave, this
+ * process comes in (once), and *out describes it. */
+static OSStatus join_locked(kc_keychain *kc, const char *label,
+                            kc_record *rec, kc_item_info *out, kc_error *err)
+{
+    OSStatus status;
+    int i;
+
+    for (i = rec->nowners - 1; i >= 0; i--)
+        if (one_alive(&rec->owners[i]) == 0)
+            drop_owner(rec, i);
+    if (my_index(rec) < 0) {
+        if (rec->nowners == MAX_OWNERS)
+            return fail(err, errSecParam, "'%s' has %d owners already",
+                        label, MAX_OWNERS);
+        rec->owners[rec->nowners].pid = (long long)getpid();
+        my_host(rec->owners[rec->nowners].host,
+                sizeof rec->owners[rec->nowners].host);
+        rec->nowners++;
+    }
+    status = write_record(kc, label, rec, 0);
+    if (status != errSecSuccess)
+        return fail(err, status, "joining the owners of '%s'", label);
+    return lookup_locked(kc, label, out, err);
 }
 
 int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
@@ -632,55 +1255,105 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     CFDictionaryRef item;
     CFTypeRef v;
     Boolean previous = true;
-    int flag_changed = 0;
-    OSStatus status, st2;
+    int flag_changed = 0, recorded = 0, alive;
+    int existing_is_identity = 1, locked = 0;
+    kc_record rec;
+    OSStatus status, rst;
     char cn_buf[KC_LABEL_MAX];
+    uint8_t digest[CC_SHA256_DIGEST_LENGTH];
 
     clear_error(err);
     if (kc == NULL || p12 == NULL || p12_len == 0 || !valid_label(label)
-        || (flags & ~(KC_PREAUTH_EPHEMERAL | KC_PREAUTH_RECLAIM_STALE)) != 0)
+        || (flags & ~(KC_PREAUTH_EPHEMERAL | KC_PREAUTH_RECLAIM_STALE
+                      | KC_PREAUTH_HELD | KC_PREAUTH_SHARED)) != 0)
         return fail(err, errSecParam, "kc_preauth_key: bad argument");
     if (flags & KC_PREAUTH_EPHEMERAL)
         return fail(err, errSecUnimplemented,
                     "ephemeral identities need a PKCS#11 token");
+    if ((flags & KC_PREAUTH_HELD) && (flags & KC_PREAUTH_SHARED))
+        return fail(err, errSecParam, "an identity is held or shared");
+    /* Every key derivation the import would run is capped first. */
+    status = kc_p12_check_kdf(p12, p12_len, err);
+    if (status != errSecSuccess)
+        return status;
+    /* The same file is the same identity: what a shared join compares. */
+    CC_SHA256(p12, (CC_LONG)p12_len, digest);
 
     pthread_mutex_lock(&kc->lock);
     pthread_mutex_lock(&interaction_lock);
+    /* No prompt from here on: not for the import, not for a reclaim. */
+    status = interaction_off(&previous, err);
+    if (status != errSecSuccess)
+        goto cleanup;
+    flag_changed = 1;
+    status = store_lock(kc, err);
+    if (status != errSecSuccess)
+        goto cleanup;
+    locked = 1;
 
     /* Refuse when the identity (or its certificate) is already there: a
-     * warning beats a popup.  KC_PREAUTH_RECLAIM_STALE cannot help here:
-     * the keychain records no owner process, so nothing is provably stale. */
+     * warning beats a popup.  One whose recorded owner died is removed
+     * first with KC_PREAUTH_RECLAIM_STALE. */
     status = lookup_keychain_item(kc, kSecClassIdentity, label, &existing);
-    if (status == errSecItemNotFound)
+    if (status == errSecItemNotFound) {
+        existing_is_identity = 0;
         status = lookup_keychain_item(kc, kSecClassCertificate, label,
                                       &existing);
-    if (status == errSecSuccess) {
-        status = fail(err, errSecDuplicateItem,
-                      "an identity labeled '%s' is already in the keychain",
-                      label);
-        goto cleanup;
     }
-    if (status != errSecItemNotFound) {
+    if (status != errSecSuccess && status != errSecItemNotFound) {
         fail(err, status, "looking up '%s'", label);
         goto cleanup;
     }
+    rst = read_record(kc, label, &rec);
+    if (rst != errSecSuccess && rst != errSecItemNotFound) {
+        status = fail(err, rst, "reading the owner record of '%s'", label);
+        goto cleanup;
+    }
+    alive = rst == errSecSuccess ? owner_alive(&rec) : -1;
+    if (status == errSecSuccess && existing_is_identity
+        && rst == errSecSuccess && (flags & KC_PREAUTH_SHARED) && rec.shared
+        && memcmp(rec.p12, digest, sizeof digest) == 0) {
+        status = join_locked(kc, label, &rec, out, err);
+        goto cleanup;
+    }
+    if (status == errSecSuccess || rst == errSecSuccess) {
+        if (rst == errSecSuccess && alive == 0
+            && (existing == NULL || (flags & KC_PREAUTH_RECLAIM_STALE))) {
+            /* a dead owner's identity (reclaim asked), or a record a crash
+             * left with nothing under it */
+            status = remove_locked(kc, label, KC_KILL_FORCE, err);
+            if (status != errSecSuccess)
+                goto cleanup;
+        } else if (rst == errSecSuccess && alive == 0) {
+            status = fail(err, errSecDuplicateItem, "'%s' is taken by an "
+                          "identity whose owner pid %lld died without "
+                          "removing it (reclaim it)", label,
+                          rec.nowners > 0 ? rec.owners[0].pid : 0LL);
+            goto cleanup;
+        } else {
+            status = fail(err, errSecDuplicateItem,
+                          "an identity labeled '%s' is already in the "
+                          "keychain", label);
+            goto cleanup;
+        }
+    }
 
-    /* Disable interaction around the import only, remembering the value. */
-    KC_DEPRECATED_BEGIN
-    status = SecKeychainGetUserInteractionAllowed(&previous);
-    KC_DEPRECATED_END
+    /* The claim comes first: SecItemAdd refuses a second record. */
+    memset(&rec, 0, sizeof rec);
+    rec.held = (flags & KC_PREAUTH_HELD) != 0;
+    rec.shared = (flags & KC_PREAUTH_SHARED) != 0;
+    memcpy(rec.p12, digest, sizeof rec.p12);
+    if (!rec.held) {
+        rec.owners[0].pid = (long long)getpid();
+        my_host(rec.owners[0].host, sizeof rec.owners[0].host);
+        rec.nowners = 1;
+    }
+    status = write_record(kc, label, &rec, 1);
     if (status != errSecSuccess) {
-        fail(err, status, "reading the user-interaction flag");
+        fail(err, status, "adding the owner record of '%s'", label);
         goto cleanup;
     }
-    KC_DEPRECATED_BEGIN
-    status = SecKeychainSetUserInteractionAllowed(false);
-    KC_DEPRECATED_END
-    if (status != errSecSuccess) {
-        fail(err, status, "disabling user interaction");
-        goto cleanup;
-    }
-    flag_changed = 1;
+    recorded = 1;
 
     status = copy_identity_from_pkcs12(kc, p12, p12_len, password, label,
                                        &items, err);
@@ -696,10 +1369,36 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     identity = (SecIdentityRef)CFDictionaryGetValue(item,
                                                     kSecImportItemIdentity);
     if (identity == NULL) {
-        status = fail(err, errSecDecode, "the import returned no identity");
+        status = fail(err, errSecDecode, "the PKCS#12 file holds no private "
+                      "key for its certificate");
         goto cleanup;
     }
 
+    /* kSecImportItemKeyID may be missing: take the key's own label then. */
+    v = CFDictionaryGetValue(item, kSecImportItemKeyID);
+    if (v != NULL && CFGetTypeID(v) == CFDataGetTypeID()) {
+        id = (CFDataRef)CFRetain(v);
+    } else {
+        status = copy_key_info(identity, &id, NULL);
+        if (status != errSecSuccess) {
+            fail(err, status, "reading the imported key's id");
+            goto cleanup;
+        }
+    }
+    if (CFDataGetLength(id) <= 0 || CFDataGetLength(id) > KC_KEY_ID_MAX) {
+        status = fail(err, errSecDecode, "the key id of '%s' is %ld bytes",
+                      label, (long)CFDataGetLength(id));
+        goto cleanup;
+    }
+    rec.id_len = (size_t)CFDataGetLength(id);
+    memcpy(rec.id, CFDataGetBytePtr(id), rec.id_len);
+    /* recorded before anything else can fail: what a failed rollback
+     * leaves, kill finds by this id */
+    status = write_record(kc, label, &rec, 0);
+    if (status != errSecSuccess) {
+        fail(err, status, "recording the key id of '%s'", label);
+        goto cleanup;
+    }
     /* The label must be the certificate's CN, or lookup/kill miss it. */
     status = SecIdentityCopyCertificate(identity, &cert);
     if (status == errSecSuccess)
@@ -716,38 +1415,26 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
         goto cleanup;
     }
 
-    /* kSecImportItemKeyID may be missing: take the key's own label then. */
-    v = CFDictionaryGetValue(item, kSecImportItemKeyID);
-    if (v != NULL && CFGetTypeID(v) == CFDataGetTypeID()) {
-        id = (CFDataRef)CFRetain(v);
-    } else {
-        status = copy_key_info(identity, &id, NULL);
-        if (status != errSecSuccess) {
-            fail(err, status, "reading the imported key's id");
-            goto cleanup;
-        }
-    }
-    status = remember_id(kc, label, id);
-    if (status != errSecSuccess) {
-        fail(err, status, "remembering the key id of '%s'", label);
-        goto cleanup;
-    }
-    if (out != NULL)
+    if (out != NULL) {
         fill_info(identity, 1, label, out);
+        fill_owner(&rec, out);
+    }
 
 cleanup:
+    /* All or nothing, with interaction still off: undo an import we cannot
+     * stand behind, then the claim (kept if the rollback failed: it proves
+     * the rest ours).  A flag that cannot be restored undoes it too. */
+    if (status != errSecSuccess)
+        undo_preauth(kc, items, recorded, label);
     if (flag_changed) {
-        KC_DEPRECATED_BEGIN
-        st2 = SecKeychainSetUserInteractionAllowed(previous);
-        KC_DEPRECATED_END
-        if (st2 != errSecSuccess && status == errSecSuccess) {
-            status = fail(err, st2, "restoring the user-interaction flag");
-            forget_id(kc, label);
-        }
+        OSStatus before = status;
+
+        status = interaction_restore(previous, status, err);
+        if (before == errSecSuccess && status != errSecSuccess)
+            undo_preauth(kc, items, recorded, label);
     }
-    /* All or nothing: undo an import we cannot stand behind. */
-    if (status != errSecSuccess && items != NULL)
-        rollback_import(kc, items);
+    if (locked)
+        store_unlock(kc);
     release(cn);
     release(cert);
     release(id);
@@ -761,110 +1448,24 @@ cleanup:
 int32_t kc_kill_key(kc_keychain *kc, const char *label, int flags,
                     kc_error *err)
 {
-    CFTypeRef found = NULL;
-    SecCertificateRef cert = NULL;
-    CFDataRef id = NULL;
-    kc_key_id *known;
-    OSStatus status, key_status = errSecItemNotFound;
-    int is_identity = 1;
+    Boolean previous = true;
+    OSStatus status;
 
     clear_error(err);
     if (kc == NULL || !valid_label(label) || (flags & ~KC_KILL_FORCE) != 0)
         return fail(err, errSecParam, "kc_kill_key: bad argument");
     pthread_mutex_lock(&kc->lock);
-
-    status = lookup_keychain_item(kc, kSecClassIdentity, label, &found);
-    if (status == errSecItemNotFound) {
-        is_identity = 0;
-        status = lookup_keychain_item(kc, kSecClassCertificate, label, &found);
-    }
-    if (status != errSecSuccess && status != errSecItemNotFound) {
-        fail(err, status, "looking up '%s'", label);
-        goto cleanup;
-    }
-
-    /* The key id: the one remembered at import, else the identity's own. */
-    known = find_id(kc, label);
-    /* A certificate alone under the label was not imported here (an import
-     * brings certificate and key): someone else's, unless forced. */
-    if (known == NULL && found != NULL && !is_identity &&
-        !(flags & KC_KILL_FORCE)) {
-        status = fail(err, errSecInvalidOwnerEdit,
-                      "the certificate labeled '%s' was not imported by "
-                      "keychain_ext; not deleted (force to override)", label);
-        goto cleanup;
-    }
-    if (known != NULL) {
-        id = CFDataCreate(kCFAllocatorDefault, known->id, (CFIndex)known->len);
-        if (id == NULL) {
-            status = fail(err, errSecAllocate, "copying the key id");
-            goto cleanup;
+    pthread_mutex_lock(&interaction_lock);
+    status = interaction_off(&previous, err);
+    if (status == errSecSuccess) {
+        status = store_lock(kc, err);
+        if (status == errSecSuccess) {
+            status = remove_locked(kc, label, flags, err);
+            store_unlock(kc);
         }
-    } else if (found != NULL && is_identity) {
-        status = copy_key_info((SecIdentityRef)found, &id, NULL);
-        if (status != errSecSuccess) {
-            fail(err, status, "reading the key id of '%s'", label);
-            goto cleanup;
-        }
+        status = interaction_restore(previous, status, err);
     }
-
-    /* With a remembered id, only the identity we imported is ours: one
-     * that merely carries the name (ours removed by someone else, a new one
-     * added) is left alone -- Crypto.cpp deleted whatever had the name. */
-    if (known != NULL && found != NULL && is_identity) {
-        CFDataRef have = NULL;
-
-        status = copy_key_info((SecIdentityRef)found, &have, NULL);
-        if (status == errSecSuccess && !CFEqual(have, id))
-            status = errSecInvalidItemRef;
-        release(have);
-        if (status != errSecSuccess) {
-            fail(err, status, "the identity labeled '%s' is not the one "
-                 "imported here; not deleted", label);
-            goto cleanup;
-        }
-    }
-
-    /* Certificate first, then the key separately (one call for the pair
-     * failed when running as root). */
-    if (found != NULL) {
-        if (is_identity) {
-            status = SecIdentityCopyCertificate((SecIdentityRef)found, &cert);
-            if (status != errSecSuccess) {
-                fail(err, status, "getting the certificate of '%s'", label);
-                goto cleanup;
-            }
-        } else {
-            cert = (SecCertificateRef)CFRetain(found);
-        }
-        status = delete_certificate(cert);
-        if (status != errSecSuccess) {
-            fail(err, status, "deleting the certificate of '%s'", label);
-            goto cleanup;
-        }
-    }
-    if (id != NULL) {
-        key_status = delete_private_key(kc, id);
-        if (key_status != errSecSuccess
-            && !(key_status == errSecItemNotFound && found != NULL)) {
-            /* a missing key is fine only if the certificate was there */
-            status = fail(err, key_status,
-                          "deleting the private key of '%s'", label);
-            goto cleanup;
-        }
-    }
-    if (found == NULL && key_status != errSecSuccess) {
-        status = fail(err, errSecItemNotFound,
-                      "nothing carries the label '%s'", label);
-        goto cleanup;
-    }
-    status = errSecSuccess;
-    forget_id(kc, label);
-
-cleanup:
-    release(id);
-    release(cert);
-    release(found);
+    pthread_mutex_unlock(&interaction_lock);
     pthread_mutex_unlock(&kc->lock);
     return status;
 }
@@ -872,37 +1473,135 @@ cleanup:
 int32_t kc_lookup_keychain_item(kc_keychain *kc, const char *label,
                                 kc_item_info *out, kc_error *err)
 {
+    Boolean previous = true;
     OSStatus status;
 
     clear_error(err);
     if (kc == NULL || !valid_label(label))
         return fail(err, errSecParam, "kc_lookup_keychain_item: bad argument");
     pthread_mutex_lock(&kc->lock);
-    status = lookup_locked(kc, label, out, err);
+    pthread_mutex_lock(&interaction_lock);
+    /* a locked keychain would ask for its password: fail instead */
+    status = interaction_off(&previous, err);
+    if (status == errSecSuccess) {
+        status = lookup_locked(kc, label, out, err);
+        status = interaction_restore(previous, status, err);
+    }
+    pthread_mutex_unlock(&interaction_lock);
     pthread_mutex_unlock(&kc->lock);
     return status;
 }
 
 int32_t kc_reclaim_stale(kc_keychain *kc, const char *label, kc_error *err)
 {
-    (void)kc;
-    (void)label;
+    Boolean previous = true;
+    kc_record rec;
+    OSStatus status;
+
     clear_error(err);
-    return fail(err, errSecUnimplemented,
-                "the keychain records no owner process: no stale identities");
+    if (kc == NULL)
+        return fail(err, errSecParam, "kc_reclaim_stale: bad argument");
+    if (label == NULL)
+        return fail(err, errSecInvalidOwnerEdit, "the keychain is not "
+                    "keychain_ext's alone: nothing unlabelled is ours");
+    if (!valid_label(label))
+        return fail(err, errSecParam, "kc_reclaim_stale: bad argument");
+    pthread_mutex_lock(&kc->lock);
+    pthread_mutex_lock(&interaction_lock);
+    status = store_lock(kc, err);
+    if (status != errSecSuccess)
+        goto unlock;
+    status = read_record(kc, label, &rec);
+    if (status == errSecItemNotFound)
+        fail(err, status, "no owner record names '%s'", label);
+    else if (status != errSecSuccess)
+        fail(err, status, "reading the owner record of '%s'", label);
+    else if (owner_alive(&rec) != 0)
+        status = fail(err, errSecDuplicateItem, "the owner of '%s' runs, "
+                      "cannot be judged, or it is held", label);
+    else if ((status = interaction_off(&previous, err)) == errSecSuccess) {
+        status = remove_locked(kc, label, KC_KILL_FORCE, err);
+        status = interaction_restore(previous, status, err);
+    }
+    store_unlock(kc);
+unlock:
+    pthread_mutex_unlock(&interaction_lock);
+    pthread_mutex_unlock(&kc->lock);
+    return status;
 }
 
+/* keychain_ext's identities: one entry per owner record (the keychain
+ * holds the user's own identities too; those are not listed). */
 int32_t kc_list_items(kc_keychain *kc, kc_item_info *out, size_t cap,
                       size_t *count, kc_error *err)
 {
-    (void)kc;
-    (void)out;
-    (void)cap;
+    CFDictionaryRef query = NULL;
+    CFTypeRef found = NULL;
+    CFIndex i, n;
+    Boolean previous = true;
+    int flag_changed = 0;
+    OSStatus status;
+
     clear_error(err);
-    if (count != NULL)
-        *count = 0;
-    return fail(err, errSecUnimplemented,
-                "listing identities is not implemented on Darwin");
+    if (kc == NULL || count == NULL || (cap > 0 && out == NULL))
+        return fail(err, errSecParam, "kc_list_items: bad argument");
+    *count = 0;
+    pthread_mutex_lock(&kc->lock);
+    pthread_mutex_lock(&interaction_lock);
+    status = interaction_off(&previous, err);
+    if (status != errSecSuccess)
+        goto unlock;
+    flag_changed = 1;
+    query = create_record_query(kc, NULL, RQ_ALL);
+    if (query == NULL) {
+        status = fail(err, errSecAllocate, "creating the record query");
+        goto cleanup;
+    }
+    status = SecItemCopyMatching(query, &found);
+    if (status == errSecItemNotFound) {
+        status = errSecSuccess;
+        goto cleanup;
+    }
+    if (status != errSecSuccess) {
+        fail(err, status, "listing the owner records");
+        goto cleanup;
+    }
+    n = CFArrayGetCount((CFArrayRef)found);
+    for (i = 0; i < n; i++) {
+        CFDictionaryRef attrs = CFArrayGetValueAtIndex((CFArrayRef)found, i);
+        CFTypeRef account = CFDictionaryGetValue(attrs, kSecAttrAccount);
+        char label[KC_LABEL_MAX];
+        kc_item_info info;
+        kc_record rec;
+
+        cf_to_cstr((CFStringRef)account, label, sizeof label);
+        if (account == NULL || !valid_label(label)
+            || parse_record(attrs, &rec) != errSecSuccess)
+            continue;   /* not a record of ours */
+        status = lookup_locked(kc, label, &info, err);
+        if (status == errSecItemNotFound) {
+            /* a record with nothing under it: a crash mid-preauth */
+            memset(&info, 0, sizeof info);
+            snprintf(info.label, sizeof info.label, "%s", label);
+            fill_owner(&rec, &info);
+        } else if (status != errSecSuccess) {
+            goto cleanup;
+        }
+        if (*count < cap)
+            out[*count] = info;
+        (*count)++;
+    }
+    status = errSecSuccess;
+    clear_error(err);
+cleanup:
+    release(found);
+    release(query);
+    if (flag_changed)
+        status = interaction_restore(previous, status, err);
+unlock:
+    pthread_mutex_unlock(&interaction_lock);
+    pthread_mutex_unlock(&kc->lock);
+    return status;
 }
 
 int32_t kc_init_token(const char *module, const char *token,

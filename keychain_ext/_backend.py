@@ -30,6 +30,7 @@ __all__ = [
     "ItemInfo",
     "Pkcs11Backend",
     "Pkcs11Token",
+    "SECURE_TRANSPORT_ENV",
     "Store",
     "StoreLocation",
     "platform_backend",
@@ -93,12 +94,30 @@ class Pkcs11Token:
         return pkcs11_uri(self.token, label, kind, self.pin_file)
 
 
+# Apple's /usr/bin/curl and /usr/lib/libcurl are built with several TLS
+# backends (LibreSSL the default, Secure Transport beside it): only Secure
+# Transport reads the keychain, and this selects it (curl's MultiSSL).
+SECURE_TRANSPORT_ENV: Mapping[str, str] = {"CURL_SSL_BACKEND": "secure-transport"}
+
+
 @dataclass(frozen=True)
 class DarwinKeychain:
-    """A macOS keychain: a keychain file, or None for the user's default
-    keychain search list."""
+    """A macOS keychain, as a TLS client reaches an identity in it.
+
+    Attributes:
+        path: a keychain file, or None for the user's default keychain
+            search list (the only keychains curl searches).
+        env: environment a child process needs: Secure Transport selected
+            in Apple's multi-backend curl and libcurl.
+
+    A client names the identity by its nickname, the certificate's common
+    name (the label): curl ``--cert NICKNAME`` and libcurl
+    ``CURLOPT_SSLCERT`` with Secure Transport.  No PIN, no password: the
+    key's access list lets the importing application use it.
+    """
 
     path: Optional[str] = None
+    env: Mapping[str, str] = field(default_factory=lambda: dict(SECURE_TRANSPORT_ENV))
 
 
 StoreLocation = Union[Pkcs11Token, DarwinKeychain]
@@ -132,9 +151,11 @@ class DarwinBackend:
 
     name = "darwin"
 
-    def open(self, keychain: Optional[str]) -> Store:
-        """A keychain file, or None: the user's default keychain search list."""
-        return native.NativeBackend().open(None, keychain, None, None)
+    def open(self, keychain: Optional[str], state_dir: Optional[str] = None) -> Store:
+        """A keychain file, or None: the user's default keychain search
+        list; ``state_dir`` holds the lock every process changing owner
+        records takes (None: none)."""
+        return native.NativeBackend().open(None, keychain, None, state_dir)
 
 
 def platform_backend() -> Union[Pkcs11Backend, DarwinBackend]:

@@ -282,10 +282,14 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def _expand(command: Sequence[str], ident: Identity, env: dict[str, str]) -> list[str]:
     """{cert}, {key} and {engine} in CMD become the identity's URIs and the
-    engine name; `curl` without placeholders gets --cert/--key (the provider's
-    files, read with the OPENSSL_CONF in env), or the engine arguments where
-    the provider is missing."""
-    values = {"cert": ident.cert_uri or "", "key": ident.key_uri or "", "engine": "pkcs11"}
+    engine name (macOS: {cert} is the keychain nickname); `curl` without
+    placeholders gets --cert/--key (the provider's files, read with the
+    OPENSSL_CONF in env), or curl_args (the engine's, or the nickname)."""
+    values = {
+        "cert": ident.cert_uri or ident.nickname or "",
+        "key": ident.key_uri or "",
+        "engine": "pkcs11",
+    }
     pattern = re.compile(r"\{(cert|key|engine)\}")
     argv = [pattern.sub(lambda m: values[m.group(1)], arg) for arg in command]
     if os.path.basename(command[0]) == "curl" and not any(pattern.search(a) for a in command):

@@ -1,13 +1,18 @@
 """Hand a pre-authorized identity to curl (command line), pycurl, or any
 OpenSSL 3 program in a child process.
 
-curl_args and setup_pycurl go through OpenSSL's ``pkcs11`` engine (Debian:
-libengine-pkcs11-openssl) with the certificate and key named by PKCS#11
-URIs (RFC 7512); client_env also hands a child OpenSSL 3's pkcs11 provider
-(see keychain_ext._provider) where it is installed.  The PIN never
-travels in argv: the URIs carry ``pin-source=file:`` pointing at a 0600 file,
-and pycurl gets it through KEYPASSWD, in memory.  PKCS#11 tokens only: an
-identity in the macOS keychain is used by Security.framework clients.
+PKCS#11 tokens: curl_args and setup_pycurl go through OpenSSL's ``pkcs11``
+engine (Debian: libengine-pkcs11-openssl) with the certificate and key named
+by PKCS#11 URIs (RFC 7512); client_env also hands a child OpenSSL 3's pkcs11
+provider (see keychain_ext._provider) where it is installed.  The PIN never
+travels in argv: the URIs carry ``pin-source=file:`` pointing at a 0600
+file, and pycurl gets it through KEYPASSWD, in memory.
+
+The macOS keychain: curl and libcurl with Secure Transport name the identity
+by its nickname (``--cert LABEL``, CURLOPT_SSLCERT); Apple's curl carries
+Secure Transport beside its default LibreSSL and CURL_SSL_BACKEND selects
+it.  There is no secret to hand over.  OpenSSL-based curls (Homebrew, PyPI
+pycurl wheels) cannot reach the keychain (README, "macOS").
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from ._backend import Pkcs11Token
+from ._backend import DarwinKeychain, Pkcs11Token
 from .errors import InteractionNotAllowedError, ItemNotFoundError, UnimplementedError
 from .keychain import Identity
 
@@ -62,6 +67,8 @@ def curl_args(identity: Identity) -> list[str]:
             process cannot see session objects).
         UnimplementedError: the identity is not on a PKCS#11 token.
     """
+    if isinstance(identity.store, DarwinKeychain):
+        return ["--cert", identity.label]  # Secure Transport's nickname
     token = _require_shared(identity, "a curl process")
     return [
         "--engine", ENGINE,
@@ -81,9 +88,18 @@ def client_env(
     KEYCHAIN_EXT_CERT (PEM certificate), KEYCHAIN_EXT_KEY (the provider's PEM
     naming the key) and OPENSSL_CONF (a configuration activating the
     provider, which includes the one this process's children would read;
-    ``persistent``: see Identity.provider_files).  Holds no PIN."""
-    token = _require_shared(identity, "a child process")
+    ``persistent``: see Identity.provider_files).  Holds no PIN.  macOS:
+    Secure Transport selected (CURL_SSL_BACKEND), KEYCHAIN_EXT_LABEL and
+    KEYCHAIN_EXT_KEYCHAIN (a keychain file, if the identity is not in the
+    search list)."""
     env = dict(os.environ if base is None else base)
+    if isinstance(identity.store, DarwinKeychain):
+        env.update(identity.store.env)
+        env["KEYCHAIN_EXT_LABEL"] = identity.label
+        if identity.store.path:
+            env["KEYCHAIN_EXT_KEYCHAIN"] = identity.store.path
+        return env
+    token = _require_shared(identity, "a child process")
     env.update(token.env)
     env.update(
         KEYCHAIN_EXT_LABEL=identity.label,
@@ -106,12 +122,22 @@ def client_env(
     return env
 
 
-def pycurl_problem() -> Optional[str]:
-    """Why pycurl cannot use the pkcs11 engine here, or None if it can."""
+def pycurl_problem(darwin: bool = False) -> Optional[str]:
+    """Why pycurl cannot use the pkcs11 engine here (``darwin``: the
+    keychain through Secure Transport), or None if it can."""
     try:
         import pycurl
     except ImportError:
         return f"pycurl is not installed: {PYCURL_HELP}"
+    if darwin:
+        # "(SecureTransport)" in parentheses: built in but not selected
+        if "SecureTransport" not in pycurl.version or "(SecureTransport)" in pycurl.version:
+            return (
+                f"pycurl's libcurl does not use Secure Transport ({pycurl.version}): "
+                "build pycurl against Apple's libcurl (pip install --no-binary pycurl "
+                "pycurl) and set CURL_SSL_BACKEND=secure-transport before importing it"
+            )
+        return None
     package_dir = os.path.dirname(os.path.dirname(pycurl.__file__ or ""))
     if any(n.startswith("pycurl") and n.endswith(".libs") for n in os.listdir(package_dir)):
         return f"pycurl is the PyPI wheel: {PYCURL_HELP}"
@@ -124,18 +150,24 @@ def setup_pycurl(handle: Any, identity: Identity) -> None:
     """Set the options that make a ``pycurl.Curl`` handle authenticate with
     ``identity``: SSLENGINE, SSLCERT/SSLKEY as PKCS#11 URIs of type ENG, and
     KEYPASSWD (the PIN, in memory).  Ephemeral identities work here: the
-    engine shares this process's PKCS#11 module.
+    engine shares this process's PKCS#11 module.  macOS: SSLCERT is the
+    identity's keychain nickname (libcurl with Secure Transport).
 
     Raises:
         UnimplementedError: pycurl cannot load the engine (PyPI wheel);
             the message says how to install one that can; or the identity
             is not on a PKCS#11 token.
     """
-    token = _token(identity, "setup_pycurl")
-    problem = pycurl_problem()
+    darwin = isinstance(identity.store, DarwinKeychain)
+    problem = pycurl_problem(darwin)
     if problem:
         raise UnimplementedError(detail=problem, operation="setup_pycurl")
     import pycurl
+
+    if darwin:
+        handle.setopt(pycurl.SSLCERT, identity.label)  # the keychain nickname
+        return
+    token = _token(identity, "setup_pycurl")
 
     # the engine reads the module path when it first loads: the identity's
     # module, never one left there for another token

@@ -119,7 +119,9 @@ class Identity(ItemInfo):
     cannot tell), plus the ``store`` that holds it: a
     :class:`~keychain_ext._backend.Pkcs11Token` (module, token, PIN file,
     lock file, environment for child processes) or a
-    :class:`~keychain_ext._backend.DarwinKeychain`.
+    :class:`~keychain_ext._backend.DarwinKeychain` (keychain file, and
+    the environment that selects Secure Transport in Apple's curl: see
+    :attr:`nickname`).
     """
 
     store: StoreLocation
@@ -182,6 +184,13 @@ class Identity(ItemInfo):
         unless the store is a PKCS#11 token."""
         return self._uri("private")
 
+    @property
+    def nickname(self) -> Optional[str]:
+        """What Secure Transport curl takes as ``--cert`` (libcurl:
+        CURLOPT_SSLCERT): the certificate's common name, which is the
+        label on macOS; None unless the store is the macOS keychain."""
+        return self.label if isinstance(self.store, DarwinKeychain) else None
+
     def _uri(self, kind: str) -> Optional[str]:
         return self.store.uri(self.label, kind) if isinstance(self.store, Pkcs11Token) else None
 
@@ -210,8 +219,13 @@ class Keychain:
     IOFailureError.
 
     macOS (Security.framework): ``Keychain()`` uses the user's default
-    keychain search list, ``Keychain(token=PATH)`` the keychain file PATH;
-    there is no module and no PIN.
+    keychain search list, ``Keychain(token=PATH)`` the keychain file PATH
+    (searched only by this handle; the default keychain and the search
+    list are never changed); there is no module and no PIN.  The label is
+    the certificate's common name; owners are recorded in the keychain (a
+    ``keychain_ext`` generic password per label); ``shared`` joins only
+    with the same PKCS#12 file; ``ephemeral`` raises UnimplementedError
+    (README, "macOS").
 
     Never prompts.  Use as a context manager or call :meth:`close`; closing
     removes the handle's ephemeral identities.  One Keychain may be shared
@@ -265,7 +279,10 @@ class Keychain:
                 )
             self.module, self.token = "", token or ""
             self.location: StoreLocation = DarwinKeychain(token or None)
-            self._store = backend.open(token or None)
+            # processes changing this keychain's owner records share a lock
+            state = _store.state_dir(f"macos-keychain:{token or ''}")
+            self.lock_path = os.path.join(state, "lock")
+            self._store = backend.open(token or None, state)
             return
         self._backend: Pkcs11Backend = backend
         module = module or os.environ.get("KEYCHAIN_EXT_MODULE")

@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOUBLE = os.path.join(ROOT, "tests", "darwin_double")
 SOURCES = [
     os.path.join(ROOT, "csrc", "keychain_darwin.c"),
+    os.path.join(ROOT, "csrc", "p12_walk.c"),
     os.path.join(DOUBLE, "double.c"),
     os.path.join(DOUBLE, "driver.c"),
 ]
@@ -56,6 +57,7 @@ SCENARIOS = [
     "scoped_keychain",  # opts->token opens (never creates) and scopes
     "misc_api",  # backend/version strings, unimplemented calls
     "threads",  # one handle shared by four threads
+    "walk_mutations",  # the PKCS#12 walk: every truncation, byte changes
     "selftest_leak_detected",
 ]
 
@@ -69,7 +71,7 @@ def _gcc():
 
 def _build(tmp_path_factory, name, extra=()):
     out = str(tmp_path_factory.mktemp("darwin-logic") / name)
-    cmd = [_gcc(), *CFLAGS, *extra, *SOURCES, "-pthread", "-o", out]
+    cmd = [_gcc(), *CFLAGS, *extra, *SOURCES, "-pthread", "-lcrypto", "-o", out]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, "build failed:\n" + proc.stderr
     # -Werror: the backend and the double compile without a warning
@@ -184,3 +186,120 @@ def test_double_says_it_is_a_double():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def test_p12_walk_fuzz_smoke(tmp_path):
+    """csrc/p12_walk.c under libFuzzer, ASan and UBSan for a few seconds,
+    seeded with real PKCS#12 files (PBES2/AES and legacy 3DES, as
+    cryptography writes them).  Outside CI a missing libFuzzer skips."""
+    clang = shutil.which(os.environ.get("CLANG", "clang")) or shutil.which("clang-14")
+    exe = str(tmp_path / "fuzz_p12_walk")
+    cmd = [
+        clang or "clang",
+        "-g",
+        "-O1",
+        "-fsanitize=fuzzer,address,undefined",
+        "-fno-sanitize-recover=undefined",
+        "-I",
+        os.path.join(ROOT, "csrc"),
+        os.path.join(ROOT, "csrc", "p12_walk.c"),
+        os.path.join(ROOT, "tests", "fuzz", "fuzz_p12_walk.c"),
+        "-o",
+        exe,
+    ]
+    build = subprocess.run(cmd, capture_output=True, text=True) if clang else None
+    if build is None or build.returncode != 0:
+        why = "clang with libFuzzer is required: " + (build.stderr[-300:] if build else "no clang")
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import pkcs12
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fuzz")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, pbes in enumerate(
+        [pkcs12.PBES.PBESv2SHA256AndAES256CBC, pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC]
+    ):
+        enc = (
+            serialization.PrivateFormat.PKCS12.encryption_builder()
+            .kdf_rounds(1)
+            .key_cert_algorithm(pbes)
+            .build(b"pw")
+        )
+        (corpus / f"seed{i}").write_bytes(
+            pkcs12.serialize_key_and_certificates(b"fuzz", key, cert, None, enc)
+        )
+    proc = _run([exe, "-max_total_time=5", "-max_len=4096", str(corpus)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ERROR:" not in proc.stderr, proc.stderr[-3000:]
+    done = re.search(r"Done (\d+) runs", proc.stderr)
+    assert done and int(done.group(1)) > 1000, proc.stderr[-1000:]
+
+
+def test_p12_walk_accepts_real_files_and_caps_iterations(tmp_path):
+    """The walk reads what real producers write -- OpenSSL (default,
+    -legacy, -nomac, unencrypted) and NSS pk12util (BER: indefinite
+    lengths, constructed OCTET STRINGs, 600,000 iterations) -- and refuses
+    2,000,001 iterations with errSecDecode."""
+    exe = str(tmp_path / "walk_files")
+    build = subprocess.run(
+        [_gcc(), "-Wall", "-Wextra", "-Werror", "-I", os.path.join(ROOT, "csrc"),
+         os.path.join(ROOT, "csrc", "p12_walk.c"), os.path.join(DOUBLE, "walk_files.c"),
+         "-o", exe],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+
+    def sh(*cmd):
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0, (cmd, proc.stderr)
+
+    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "k.pem",
+       "-out", "c.pem", "-subj", "/CN=alice", "-days", "1")  # fmt: skip
+    export = ["openssl", "pkcs12", "-export", "-in", "c.pem", "-inkey", "k.pem",
+              "-passout", "pass:pw", "-name", "alice"]  # fmt: skip
+    good = {
+        "default.p12": [],
+        "legacy.p12": ["-legacy"],
+        "nomac.p12": ["-nomac"],
+        "plain.p12": ["-keypbe", "NONE", "-certpbe", "NONE"],
+    }
+    for name, extra in good.items():
+        sh(*export, *extra, "-out", name)
+    sh(*export, "-iter", "2000001", "-out", "hostile.p12")
+    if shutil.which("pk12util") and shutil.which("certutil"):
+        os.mkdir(tmp_path / "nssdb")
+        sh("certutil", "-N", "-d", "sql:nssdb", "--empty-password")
+        sh("pk12util", "-i", "default.p12", "-d", "sql:nssdb", "-W", "pw")
+        sh("pk12util", "-o", "nss.p12", "-n", "alice", "-d", "sql:nssdb", "-W", "pw")
+        assert (tmp_path / "nss.p12").read_bytes()[:2] == b"\x30\x80"  # BER
+        good["nss.p12"] = []
+    elif os.environ.get("CI"):
+        pytest.fail("NSS tools (pk12util, certutil) are required in CI")
+    proc = _run([exe, *(str(tmp_path / n) for n in [*good, "hostile.p12"])])
+    assert proc.returncode == 0, proc.stderr
+    verdict = {line.split(" ", 2)[1].rsplit("/", 1)[1]: line for line in proc.stdout.splitlines()}
+    for name in good:
+        assert verdict[name].startswith("0 "), verdict[name]
+    assert verdict["hostile.p12"].startswith("-26275 "), verdict["hostile.p12"]
+    assert "2000001 key derivation iterations" in verdict["hostile.p12"]

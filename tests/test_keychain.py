@@ -212,7 +212,7 @@ def test_identity_is_the_item_info_and_its_store(kc: Keychain, ec_client: Client
 
     from keychain_ext import DarwinKeychain, Pkcs11Token
     from keychain_ext._backend import ItemInfo, Pkcs11Backend, platform_backend
-    from keychain_ext.curl import curl_args
+    from keychain_ext.curl import curl_args, setup_pycurl
     from keychain_ext.errors import UnimplementedError
 
     assert isinstance(platform_backend(), Pkcs11Backend)  # this build: Linux
@@ -225,8 +225,10 @@ def test_identity_is_the_item_info_and_its_store(kc: Keychain, ec_client: Client
         assert ident.key_uri is not None and "object=seam;type=private" in ident.key_uri
         on_mac = dataclasses.replace(ident, store=DarwinKeychain())
         assert on_mac.cert_uri is None and on_mac.key_uri is None
-        with pytest.raises(UnimplementedError, match="not on a PKCS#11 token"):
-            curl_args(on_mac)
+        assert ident.nickname is None and on_mac.nickname == "seam"
+        assert curl_args(on_mac) == ["--cert", "seam"]  # Secure Transport's nickname
+        with pytest.raises(UnimplementedError, match="pycurl"):
+            setup_pycurl(object(), on_mac)  # no Secure Transport here
     finally:
         kc.kill_key("seam")
 
@@ -234,8 +236,9 @@ def test_identity_is_the_item_info_and_its_store(kc: Keychain, ec_client: Client
 def test_darwin_facade(monkeypatch: pytest.MonkeyPatch) -> None:
     """On macOS the same Keychain opens a keychain file (or the search list)
     through kc_open with no module and no PIN, and its identities name it.
-    The Darwin backend itself is compiled and run on a Mac only: a stand-in
-    store takes its place here."""
+    A stand-in store takes the backend's place here; the backend itself runs
+    over the Security.framework test double in tests/darwin (make
+    test-darwin-double) and on a Mac in tests/macos."""
     from keychain_ext import DarwinKeychain
     from keychain_ext import keychain as facade
     from keychain_ext._backend import DarwinBackend, ItemInfo
@@ -254,7 +257,8 @@ def test_darwin_facade(monkeypatch: pytest.MonkeyPatch) -> None:
             opened.append("closed")
 
     class Darwin(DarwinBackend):
-        def open(self, keychain: object) -> Store:  # type: ignore[override]
+        def open(self, keychain: object, state_dir: object = None) -> Store:  # type: ignore[override]
+            assert state_dir is not None  # the store lock's directory
             opened.append(keychain)
             return Store()
 

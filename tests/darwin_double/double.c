@@ -16,12 +16,15 @@
 #include <string.h>
 #include <strings.h>
 
+#include <CommonCrypto/CommonDigest.h>
+#include <openssl/sha.h>
+
 #include "double_control.h"
 
 #define MAGIC 0x4b434442u   /* "KCDB" */
 
 enum type { T_STRING = 1, T_DATA, T_ARRAY, T_DICT, T_BOOL, T_ALLOC,
-            T_KEYCHAIN, T_ACCESS, T_IDENTITY, T_CERT, T_KEY };
+            T_KEYCHAIN, T_ACCESS, T_IDENTITY, T_CERT, T_KEY, T_GENP };
 
 struct obj {
     unsigned magic;
@@ -30,8 +33,10 @@ struct obj {
     int immortal;               /* constants: never counted or freed */
     int dead;
     struct obj *all_next;       /* every created object, for dbl_reset */
-    char *str;                  /* T_STRING text, T_CERT cn, T_KEYCHAIN path */
-    uint8_t *bytes;             /* T_DATA bytes, T_CERT/T_KEY key id */
+    char *str;                  /* T_STRING text, T_CERT cn, T_KEYCHAIN path,
+                                   T_GENP account */
+    uint8_t *bytes;             /* T_DATA bytes, T_CERT/T_KEY key id,
+                                   T_GENP kSecAttrGeneric */
     size_t len;
     const void **keys, **vals;  /* T_ARRAY (vals), T_DICT */
     long n;
@@ -39,11 +44,13 @@ struct obj {
     int keychain;               /* T_CERT/T_KEY/T_KEYCHAIN: keychain index */
     int key_type;               /* T_KEY: 1 RSA, 2 EC */
     struct obj *cert, *key;     /* T_IDENTITY */
+    char *svc;                  /* T_GENP kSecAttrService */
 };
 
 #define CONST_OBJ(var, t, text) \
     static struct obj var##_obj = { MAGIC, t, 1, 1, 0, NULL, (char *)text, \
-                                    NULL, 0, NULL, NULL, 0, 0, 0, 0, NULL, NULL }
+                                    NULL, 0, NULL, NULL, 0, 0, 0, 0, NULL, NULL, \
+                                    NULL }
 #define CONST_STR(name, text) \
     CONST_OBJ(name, T_STRING, text); \
     const CFStringRef name = (CFStringRef)&name##_obj
@@ -62,6 +69,12 @@ CONST_STR(kSecClass, "class");
 CONST_STR(kSecClassIdentity, "idnt");
 CONST_STR(kSecClassCertificate, "cert");
 CONST_STR(kSecClassKey, "keys");
+CONST_STR(kSecClassGenericPassword, "genp");
+CONST_STR(kSecAttrService, "svce");
+CONST_STR(kSecAttrAccount, "acct");
+CONST_STR(kSecAttrGeneric, "gena");
+CONST_STR(kSecReturnAttributes, "r_Attributes");
+CONST_STR(kSecUseKeychain, "u_Keychain");
 CONST_STR(kSecReturnRef, "r_Ref");
 CONST_STR(kSecMatchLimit, "m_Limit");
 CONST_STR(kSecMatchLimitOne, "m_LimitOne");
@@ -80,6 +93,7 @@ CONST_STR(kSecImportExportAccess, "access");
 CONST_STR(kSecImportExportKeychain, "keychain");
 CONST_STR(kSecImportItemIdentity, "identity");
 CONST_STR(kSecImportItemKeyID, "keyid");
+CONST_STR(kSecImportItemCertChain, "chain");
 
 /* --- state --------------------------------------------------------------- */
 
@@ -436,10 +450,13 @@ static struct obj *find_key(const uint8_t *id, size_t len, int keychain)
     return NULL;
 }
 
+static struct obj *string_of(const char *s);
+
 /* The parsed form of a query dictionary. */
 struct query {
     struct obj *cls, *limit, *subject, *search, *items, *app_label, *kclass;
-    int return_ref;
+    struct obj *service, *account, *generic, *use_keychain;
+    int return_ref, return_attrs;
 };
 
 static void parse_query(CFDictionaryRef q, struct query *out, const char *who)
@@ -468,12 +485,33 @@ static void parse_query(CFDictionaryRef q, struct query *out, const char *who)
             out->app_label = check(v, T_DATA, who);
         else if (k == kSecAttrKeyClass)
             out->kclass = v;
+        else if (k == kSecAttrService)
+            out->service = check(v, T_STRING, who);
+        else if (k == kSecAttrAccount)
+            out->account = check(v, T_STRING, who);
+        else if (k == kSecAttrGeneric)
+            out->generic = check(v, T_DATA, who);
+        else if (k == kSecReturnAttributes)
+            out->return_attrs = (v == &bool_true_obj);
+        else if (k == kSecUseKeychain)
+            out->use_keychain = check(v, T_KEYCHAIN, who);
         else
             die("%s: query key '%s' is not supported by the double", who,
                 check(k, T_STRING, who)->str);
     }
+    if (strcmp(who, "SecItemUpdate attributes") == 0)
+        return;     /* what to change: checked by SecItemUpdate */
     if (out->cls == NULL)
         die("%s: query without kSecClass", who);
+    if (out->cls == &kSecClassGenericPassword_obj
+        && (out->service == NULL || out->subject != NULL
+            || out->app_label != NULL || out->kclass != NULL))
+        die("%s: a generic password is found by service (and account)", who);
+    if (out->cls != &kSecClassGenericPassword_obj
+        && (out->service != NULL || out->account != NULL
+            || out->generic != NULL || out->return_attrs))
+        die("%s: service, account, generic and return-attributes are used "
+            "with generic passwords only", who);
 }
 
 static int in_search(const struct query *q, int keychain)
@@ -494,6 +532,138 @@ static const char *class_name(const struct obj *cls)
     return cls->str;
 }
 
+static int record_matches(const struct query *q, const struct obj *o)
+{
+    return o->type == T_GENP && in_search(q, o->keychain)
+        && strcmp(o->svc, q->service->str) == 0
+        && (q->account == NULL || strcmp(o->str, q->account->str) == 0);
+}
+
+/* A record's attributes: account, service and generic (if set). */
+static struct obj *record_attrs(const struct obj *o)
+{
+    struct obj *acct = string_of(o->str), *svc = string_of(o->svc), *gen = NULL;
+    struct obj *d;
+    const void *keys[3], *vals[3];
+    long n = 2;
+
+    keys[0] = kSecAttrAccount;
+    vals[0] = acct;
+    keys[1] = kSecAttrService;
+    vals[1] = svc;
+    if (o->bytes != NULL) {
+        gen = new_obj(T_DATA);
+        gen->bytes = (uint8_t *)dup_bytes(o->bytes, o->len);
+        gen->len = o->len;
+        keys[2] = kSecAttrGeneric;
+        vals[2] = gen;
+        n = 3;
+    }
+    d = new_container(T_DICT, keys, vals, n, 1);
+    CFRelease(acct);
+    CFRelease(svc);
+    if (gen != NULL)
+        CFRelease(gen);
+    return d;
+}
+
+/* Generic passwords: attributes only (never the secret data, which could
+ * prompt), one dictionary or an array of them. */
+static OSStatus copy_records(const struct query *q, CFTypeRef *result)
+{
+    const void *found[MAX_ITEMS];
+    long n = 0, j;
+    int i, all = q->limit == &kSecMatchLimitAll_obj;
+    OSStatus st;
+
+    if (!q->return_attrs || q->return_ref || result == NULL
+        || (q->limit != &kSecMatchLimitOne_obj && !all))
+        die("SecItemCopyMatching: records are read as attributes, limit "
+            "one or all");
+    st = call("SecItemCopyMatching", "genp %s", q->account != NULL
+              ? q->account->str : "*");
+    if (st != errSecSuccess)
+        return st;
+    for (i = 0; i < nstore; i++) {
+        if (!record_matches(q, store[i]))
+            continue;
+        found[n++] = record_attrs(store[i]);
+        if (!all)
+            break;
+    }
+    if (n == 0)
+        return errSecItemNotFound;
+    if (!all) {
+        *result = found[0];
+        return errSecSuccess;
+    }
+    *result = new_container(T_ARRAY, NULL, found, n, 1);
+    for (j = 0; j < n; j++)
+        CFRelease(found[j]);
+    return errSecSuccess;
+}
+
+OSStatus SecItemAdd(CFDictionaryRef attributes, CFTypeRef *result)
+{
+    struct query q;
+    int i, keychain = 0;
+    OSStatus st;
+
+    parse_query(attributes, &q, "SecItemAdd");
+    if (q.cls != &kSecClassGenericPassword_obj || q.account == NULL
+        || q.search != NULL || q.limit != NULL || q.return_ref
+        || q.return_attrs || result != NULL)
+        die("SecItemAdd: the double adds generic passwords (service, "
+            "account, generic, use-keychain), returning nothing");
+    st = call("SecItemAdd", "genp %s", q.account->str);
+    if (st != errSecSuccess)
+        return st;
+    if (q.use_keychain != NULL) {
+        if (q.use_keychain->keychain < 0)
+            return errSecNoSuchKeychain;
+        keychain = q.use_keychain->keychain;
+    }
+    for (i = 0; i < nstore; i++)
+        if (store[i]->type == T_GENP && store[i]->keychain == keychain
+            && strcmp(store[i]->svc, q.service->str) == 0
+            && strcmp(store[i]->str, q.account->str) == 0)
+            return errSecDuplicateItem;
+    dbl_put_record(q.service->str, q.account->str,
+                   q.generic != NULL ? q.generic->bytes : NULL,
+                   q.generic != NULL ? q.generic->len : 0, keychain);
+    return errSecSuccess;
+}
+
+OSStatus SecItemUpdate(CFDictionaryRef query, CFDictionaryRef attributes)
+{
+    struct query q, a;
+    int i, n = 0;
+    OSStatus st;
+
+    parse_query(query, &q, "SecItemUpdate");
+    parse_query(attributes, &a, "SecItemUpdate attributes");
+    if (q.cls != &kSecClassGenericPassword_obj || q.account == NULL
+        || q.limit != NULL || q.return_ref || q.return_attrs
+        || a.cls != NULL || a.generic == NULL || a.service != NULL
+        || a.account != NULL || a.search != NULL)
+        die("SecItemUpdate: the double updates one record's generic "
+            "attribute");
+    st = call("SecItemUpdate", "genp %s", q.account->str);
+    if (st != errSecSuccess)
+        return st;
+    for (i = 0; i < nstore; i++) {
+        struct obj *o = store[i];
+
+        if (!record_matches(&q, o))
+            continue;
+        free(o->bytes);
+        o->bytes = (uint8_t *)dup_bytes(a.generic->bytes, a.generic->len);
+        o->len = a.generic->len;
+        n++;
+    }
+    return n ? errSecSuccess : errSecItemNotFound;
+}
+
 OSStatus SecItemCopyMatching(CFDictionaryRef query, CFTypeRef *result)
 {
     struct query q;
@@ -501,6 +671,8 @@ OSStatus SecItemCopyMatching(CFDictionaryRef query, CFTypeRef *result)
     int i;
 
     parse_query(query, &q, "SecItemCopyMatching");
+    if (q.cls == &kSecClassGenericPassword_obj)
+        return copy_records(&q, result);
     if (!q.return_ref || q.limit != &kSecMatchLimitOne_obj || result == NULL)
         die("SecItemCopyMatching: the double supports return-ref, limit-one");
     st = call("SecItemCopyMatching", "%s %s", class_name(q.cls),
@@ -585,6 +757,20 @@ OSStatus SecItemDelete(CFDictionaryRef query)
             if (k->type == T_KEY && in_search(&q, k->keychain)
                 && k->len == q.app_label->len
                 && memcmp(k->bytes, q.app_label->bytes, k->len) == 0) {
+                store_remove(i);
+                deleted++;
+            }
+        }
+        return deleted ? errSecSuccess : errSecItemNotFound;
+    }
+    if (q.cls == &kSecClassGenericPassword_obj) {
+        if (q.account == NULL)
+            die("SecItemDelete: records are deleted one account at a time");
+        st = call("SecItemDelete", "genp %s", q.account->str);
+        if (st != errSecSuccess)
+            return st;
+        for (i = nstore - 1; i >= 0; i--) {
+            if (record_matches(&q, store[i])) {
                 store_remove(i);
                 deleted++;
             }
@@ -810,7 +996,11 @@ OSStatus SecPKCS12Import(CFDataRef data, CFDictionaryRef options,
             return errSecNoSuchKeychain;
         keychain = target->keychain;
     }
-    blob = dup_bytes(d->bytes, d->len);
+    /* the text of dbl_make_p12, inside its DER wrapping */
+    blob = memmem(d->bytes, d->len, "DBLP12\n", 7);
+    blob = blob != NULL ? dup_bytes(blob, d->len - (size_t)((uint8_t *)blob
+                                                            - d->bytes))
+                        : dup_bytes("", 0);
     if (strncmp(blob, "DBLP12\n", 7) != 0
         || field(blob, "cn", cn, sizeof cn) == NULL
         || field(blob, "pass", pw, sizeof pw) == NULL
@@ -849,8 +1039,23 @@ OSStatus SecPKCS12Import(CFDataRef data, CFDictionaryRef options,
         id[0] = (uint8_t)(id[0] + i);
         snprintf(name, sizeof name, i == 0 ? "%s" : "%s-%d", cn, i);
         c = new_cert(name, id, id_len, keychain);
-        k = new_key(id, id_len, keychain, (flags & DBL_P12_EC) ? 2 : 1);
         store_add(c);
+        if (flags & DBL_P12_NO_KEY) {
+            /* a certificate without its key: imported all the same, and
+             * reported as a chain without an identity */
+            const void *one[1];
+            struct obj *chain;
+
+            one[0] = c;
+            chain = new_container(T_ARRAY, NULL, one, 1, 1);
+            ikeys[0] = kSecImportItemCertChain;
+            ivals[0] = chain;
+            entries[i] = new_container(T_DICT, ikeys, ivals, 1, 1);
+            CFRelease(chain);
+            id[0] = (uint8_t)(id[0] - i);
+            continue;
+        }
+        k = new_key(id, id_len, keychain, (flags & DBL_P12_EC) ? 2 : 1);
         store_add(k);
         idn = new_obj(T_IDENTITY);
         idn->cert = (struct obj *)CFRetain(c);
@@ -877,6 +1082,13 @@ OSStatus SecPKCS12Import(CFDataRef data, CFDictionaryRef options,
     return errSecSuccess;
 }
 
+/* --- CommonCrypto -------------------------------------------------------- */
+
+unsigned char *CC_SHA256(const void *data, CC_LONG len, unsigned char *md)
+{
+    return SHA256(data, len, md);
+}
+
 /* --- control ------------------------------------------------------------- */
 
 void dbl_reset(void)
@@ -886,6 +1098,7 @@ void dbl_reset(void)
     for (o = all_objs; o != NULL; o = next) {
         next = o->all_next;
         free(o->str);
+        free(o->svc);
         free(o->bytes);
         free(o->keys);
         free(o->vals);
@@ -949,7 +1162,8 @@ int dbl_count(char cls, int keychain)
     int i, n = 0;
 
     for (i = 0; i < nstore; i++)
-        if (store[i]->type == (cls == 'c' ? T_CERT : T_KEY)
+        if (store[i]->type == (cls == 'c' ? T_CERT : cls == 'g' ? T_GENP
+                               : T_KEY)
             && (keychain < 0 || store[i]->keychain == keychain))
             n++;
     return n;
@@ -966,6 +1180,32 @@ int dbl_has_cert(const char *cn, int keychain)
     return 0;
 }
 
+void dbl_put_record(const char *service, const char *account,
+                    const uint8_t *generic, size_t len, int keychain)
+{
+    struct obj *o = new_obj(T_GENP);
+
+    o->str = dup_bytes(account, strlen(account));
+    o->svc = dup_bytes(service, strlen(service));
+    if (generic != NULL) {
+        o->bytes = (uint8_t *)dup_bytes(generic, len);
+        o->len = len;
+    }
+    o->keychain = keychain;
+    store_add(o);
+}
+
+const char *dbl_record(const char *account)
+{
+    int i;
+
+    for (i = 0; i < nstore; i++)
+        if (store[i]->type == T_GENP && strcmp(store[i]->str, account) == 0)
+            return store[i]->bytes != NULL ? (const char *)store[i]->bytes
+                                           : "";
+    return NULL;
+}
+
 int dbl_has_key(const uint8_t *id, size_t len)
 {
     return find_key(id, len, -1) != NULL;
@@ -980,14 +1220,87 @@ void dbl_put(const char *cn, const uint8_t *id, size_t len, int keychain,
         store_add(new_key(id, len, keychain, 1));
 }
 
-size_t dbl_make_p12(char *buf, size_t cap, const char *cn,
+/* Wrap buf[0..len) in a DER header of tag, in place; 0 if it does not fit. */
+static size_t der_wrap(uint8_t *buf, size_t len, size_t cap, uint8_t tag)
+{
+    size_t hdr = len < 128 ? 2 : len < 256 ? 3 : 4;
+
+    if (len > 65535 || len + hdr > cap)
+        return 0;
+    memmove(buf + hdr, buf, len);
+    buf[0] = tag;
+    if (hdr == 2) {
+        buf[1] = (uint8_t)len;
+    } else if (hdr == 3) {
+        buf[1] = 0x81;
+        buf[2] = (uint8_t)len;
+    } else {
+        buf[1] = 0x82;
+        buf[2] = (uint8_t)(len >> 8);
+        buf[3] = (uint8_t)len;
+    }
+    return len + hdr;
+}
+
+static size_t der_prepend(uint8_t *buf, size_t len, size_t cap,
+                          const char *pre, size_t n)
+{
+    if (len == 0 || len + n > cap)
+        return 0;
+    memmove(buf + n, buf, len);
+    memcpy(buf, pre, n);
+    return len + n;
+}
+
+#define OID_DATA_DER "\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x07\x01"
+#define OID_SECRET_BAG_DER \
+    "\x06\x0b\x2a\x86\x48\x86\xf7\x0d\x01\x0c\x0a\x01\x05"
+/* MacData: SHA-256, 32-byte digest and 8-byte salt of zeros, 2,048
+ * iterations (what OpenSSL writes). */
+static const char MAC_DATA_DER[] =
+    "\x30\x41\x30\x31\x30\x0d\x06\x09\x60\x86\x48\x01\x65\x03\x04"
+    "\x02\x01\x05\x00\x04\x20"
+    "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0"
+    "\x04\x08\0\0\0\0\0\0\0\0\x02\x02\x08\x00";
+
+/* The fake blob's text travels as a secret bag in a DER PFX, so that the
+ * backend's walk over the PKCS#12 structure sees a well-formed file:
+ * PFX { 3, data { [ data { [ secretBag { text } ] } ] }, MacData }. */
+size_t dbl_make_p12(char *out, size_t cap, const char *cn,
                     const char *password, const uint8_t *id, size_t id_len,
                     int count, int flags)
 {
     char idhex[2 * 64 + 1];
+    uint8_t *buf = (uint8_t *)out;
+    int n;
+    size_t len;
 
     hex(id, id_len, idhex, sizeof idhex);
-    return (size_t)snprintf(buf, cap,
-                            "DBLP12\ncn=%s\npass=%s\nid=%s\ncount=%d\nflags=%d\n",
-                            cn, password, idhex, count, flags);
+    n = snprintf(out, cap,
+                 "DBLP12\ncn=%s\npass=%s\nid=%s\ncount=%d\nflags=%d\n",
+                 cn, password, idhex, count, flags);
+    if (n < 0 || (size_t)n >= cap)
+        return 0;
+    len = (size_t)n;
+    len = der_wrap(buf, len, cap, 0x04);
+    len = der_wrap(buf, len, cap, 0xa0);
+    len = der_prepend(buf, len, cap, OID_SECRET_BAG_DER,
+                      sizeof OID_SECRET_BAG_DER - 1);
+    len = der_wrap(buf, len, cap, 0x30);    /* SafeBag */
+    len = der_wrap(buf, len, cap, 0x30);    /* SafeContents */
+    len = der_wrap(buf, len, cap, 0x04);
+    len = der_wrap(buf, len, cap, 0xa0);
+    len = der_prepend(buf, len, cap, OID_DATA_DER, sizeof OID_DATA_DER - 1);
+    len = der_wrap(buf, len, cap, 0x30);    /* ContentInfo */
+    len = der_wrap(buf, len, cap, 0x30);    /* AuthenticatedSafe */
+    len = der_wrap(buf, len, cap, 0x04);
+    len = der_wrap(buf, len, cap, 0xa0);
+    len = der_prepend(buf, len, cap, OID_DATA_DER, sizeof OID_DATA_DER - 1);
+    len = der_wrap(buf, len, cap, 0x30);    /* authSafe ContentInfo */
+    len = der_prepend(buf, len, cap, "\x02\x01\x03", 3);
+    if (len == 0 || len + sizeof MAC_DATA_DER - 1 > cap)
+        return 0;
+    memcpy(buf + len, MAC_DATA_DER, sizeof MAC_DATA_DER - 1);
+    len += sizeof MAC_DATA_DER - 1;
+    return der_wrap(buf, len, cap, 0x30);   /* PFX */
 }

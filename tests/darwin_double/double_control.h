@@ -38,7 +38,8 @@ long dbl_outstanding(void);    /* references held by anyone but the store */
 
 /* Keychain files that "exist" (index >= 1; 0 is the default keychain). */
 int dbl_add_keychain(const char *path);
-/* Items in the store: cls 'c' certificate or 'k' key; keychain -1 = any. */
+/* Items in the store: cls 'c' certificate, 'k' key or 'g' generic password
+ * (keychain_ext's owner records); keychain -1 = any. */
 int dbl_count(char cls, int keychain);
 int dbl_has_cert(const char *cn, int keychain);
 int dbl_has_key(const uint8_t *id, size_t len);
@@ -46,9 +47,17 @@ int dbl_has_key(const uint8_t *id, size_t len);
 void dbl_put(const char *cn, const uint8_t *id, size_t len, int keychain,
              int with_cert, int with_key);
 
+/* Put a generic password (an owner record) straight into a keychain, and
+ * read back the kSecAttrGeneric text of the first one for account (NULL:
+ * none; "" if it has none). */
+void dbl_put_record(const char *service, const char *account,
+                    const uint8_t *generic, size_t len, int keychain);
+const char *dbl_record(const char *account);
+
 /* A fake PKCS#12 blob the double's SecPKCS12Import understands. */
 #define DBL_P12_NO_KEYID  1   /* the item has no kSecImportItemKeyID */
 #define DBL_P12_EC        2   /* an EC key instead of RSA */
+#define DBL_P12_NO_KEY    4   /* a certificate only (no identity) */
 size_t dbl_make_p12(char *buf, size_t cap, const char *cn,
                     const char *password, const uint8_t *id, size_t id_len,
                     int count, int flags);

@@ -9,6 +9,7 @@ the login keychain are never written.  The label is the certificate's CN
 
 import datetime
 import hashlib
+import os
 import secrets
 import subprocess
 import sys
@@ -158,3 +159,119 @@ def test_preauth_lookup_kill_leaves_nothing(keychain):
         assert lib.kc_lookup_keychain_item(kc, label.encode(), info2, err) == ERR_NOT_FOUND
     finally:
         lib.kc_close(kc)
+
+
+# --- the public API (keychain_ext.Keychain) in the throwaway keychain --------
+# The same cases tests/darwin runs against the Security.framework test double
+# on Linux, here against the real framework.  Never run by this project's
+# Linux CI: only by .github/workflows/macos.yml.
+
+
+def _label():
+    return f"keychain-ext-ci-{secrets.token_hex(4)}"
+
+
+def _records(keychain):
+    """keychain_ext's owner records (generic passwords, service keychain_ext)."""
+    dump = security("dump-keychain", keychain).stdout
+    return dump.count('"svce"<blob>="keychain_ext"')
+
+
+def test_public_api_round_trip(keychain):
+    from keychain_ext import DarwinKeychain, DuplicateItemError, Keychain
+
+    label, password = _label(), secrets.token_hex(8)
+    p12, key_id = make_p12(label, password)
+    with Keychain(token=keychain) as kc:
+        assert kc.location == DarwinKeychain(keychain)
+        ident = kc.preauth_key(p12, password, label)
+        assert ident.key_id == key_id and ident.nickname == label
+        assert ident.mine and ident.owner_alive is True
+        assert _records(keychain) == 1
+        found = kc.lookup(label)
+        assert found is not None and found.key_id == key_id
+        assert [i.label for i in kc.items()] == [label]
+        with pytest.raises(DuplicateItemError):
+            kc.preauth_key(p12, password, label)
+        kc.kill_key(label)
+        assert kc.lookup(label) is None and kc.items() == []
+    assert _records(keychain) == 0
+    dump = security("dump-keychain", keychain).stdout
+    assert "0x00000010" not in dump and "0x80001000" not in dump, dump
+
+
+def test_public_api_errors(keychain):
+    from keychain_ext import (
+        DecodeError,
+        ItemNotFoundError,
+        Keychain,
+        ParamError,
+        Pkcs12VerifyFailureError,
+    )
+
+    label, password = _label(), secrets.token_hex(8)
+    p12, _ = make_p12(label, password)
+    with Keychain(token=keychain) as kc:
+        with pytest.raises(Pkcs12VerifyFailureError):
+            kc.preauth_key(p12, "wrong", label)
+        with pytest.raises(DecodeError):
+            kc.preauth_key(b"not a pkcs12 file", password, label)
+        with pytest.raises(ParamError):
+            kc.preauth_key(p12, password, label + "-not-the-cn")
+        with pytest.raises(ItemNotFoundError):
+            kc.kill_key(label)
+        assert kc.items() == []
+    assert _records(keychain) == 0
+
+
+def test_public_api_iteration_cap(keychain):
+    """A file asking for more than 2,000,000 derivation rounds never
+    reaches SecPKCS12Import (the walk in csrc/p12_walk.c)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    from keychain_ext import DecodeError, Keychain
+
+    label, password = _label(), secrets.token_hex(8)
+    p12, _ = make_p12(label, password)
+    key, cert, _ca = pkcs12.load_key_and_certificates(p12, password.encode())
+    enc = (
+        serialization.PrivateFormat.PKCS12.encryption_builder()
+        .kdf_rounds(2_000_001)
+        .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+        .hmac_hash(hashes.SHA256())
+        .build(password.encode())
+    )
+    hostile = pkcs12.serialize_key_and_certificates(label.encode(), key, cert, None, enc)
+    with Keychain(token=keychain) as kc:
+        with pytest.raises(DecodeError, match="key derivation iterations"):
+            kc.preauth_key(hostile, password, label)
+        assert kc.lookup(label) is None
+
+
+def test_public_api_ownership(keychain):
+    from keychain_ext import InvalidOwnerEditError, Keychain
+
+    label, password = _label(), secrets.token_hex(8)
+    p12, _ = make_p12(label, password)
+    with Keychain(token=keychain) as kc:
+        kc.preauth_key(p12, password, label, held=True)
+        with Keychain(token=keychain) as other:
+            assert other.lookup(label).held
+            other.kill_key(label)  # held: anyone may kill it
+        with kc.preauthorized(p12, password, label) as ident:
+            assert ident.mine
+        assert kc.lookup(label) is None
+    # an identity keychain_ext did not import: never killed without force
+    path = os.path.join(os.path.dirname(keychain), "foreign.p12")
+    with open(path, "wb") as f:
+        f.write(p12)
+    # -A: any application may use (and delete) it: no prompt in CI
+    security("import", path, "-k", keychain, "-P", password, "-f", "pkcs12", "-A")
+    with Keychain(token=keychain) as kc:
+        info = kc.lookup(label)
+        assert info is not None and not info.ours
+        with pytest.raises(InvalidOwnerEditError):
+            kc.kill_key(label)
+        kc.kill_key(label, force=True)
+        assert kc.lookup(label) is None

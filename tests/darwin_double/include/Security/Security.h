@@ -22,6 +22,7 @@ typedef UInt32 SecKeychainStatus;
 enum {
     errSecSuccess = 0,
     errSecUnimplemented = -4,
+    errSecIO = -36,
     errSecParam = -50,
     errSecAllocate = -108,
     errSecNoSuchKeychain = -25294,
@@ -39,6 +40,12 @@ extern const CFStringRef kSecClass;
 extern const CFStringRef kSecClassIdentity;
 extern const CFStringRef kSecClassCertificate;
 extern const CFStringRef kSecClassKey;
+extern const CFStringRef kSecClassGenericPassword;
+extern const CFStringRef kSecAttrService;
+extern const CFStringRef kSecAttrAccount;
+extern const CFStringRef kSecAttrGeneric;
+extern const CFStringRef kSecReturnAttributes;
+extern const CFStringRef kSecUseKeychain;
 extern const CFStringRef kSecReturnRef;
 extern const CFStringRef kSecMatchLimit;
 extern const CFStringRef kSecMatchLimitOne;
@@ -57,9 +64,12 @@ extern const CFStringRef kSecImportExportAccess;
 extern const CFStringRef kSecImportExportKeychain;
 extern const CFStringRef kSecImportItemIdentity;
 extern const CFStringRef kSecImportItemKeyID;
+extern const CFStringRef kSecImportItemCertChain;
 
 OSStatus SecItemCopyMatching(CFDictionaryRef query, CFTypeRef *result);
 OSStatus SecItemDelete(CFDictionaryRef query);
+OSStatus SecItemAdd(CFDictionaryRef attributes, CFTypeRef *result);
+OSStatus SecItemUpdate(CFDictionaryRef query, CFDictionaryRef attributesToUpdate);
 OSStatus SecPKCS12Import(CFDataRef pkcs12_data, CFDictionaryRef options,
                          CFArrayRef *items);
 OSStatus SecAccessCreate(CFStringRef descriptor, CFArrayRef trustedlist,
