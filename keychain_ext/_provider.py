@@ -129,6 +129,39 @@ class _LibCrypto:
         return bytes(self.lib.OPENSSL_info(what) or b"").decode()
 
 
+class _DlInfo(ctypes.Structure):
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def _ssl_libcrypto_path() -> Optional[str]:
+    """The file of the libcrypto that the ``_ssl`` extension itself links:
+    a symbol looked up through its handle resolves in its own dependencies,
+    and dladdr names the file.  (Another libcrypto of the same version may
+    be in the process: a wheel's bundled copy, ours among them.)  None when
+    ``_ssl`` has OpenSSL linked in."""
+    import _ssl
+
+    ssl_file = getattr(_ssl, "__file__", None)
+    if not ssl_file:
+        return None  # built into the interpreter
+    try:
+        symbol = ctypes.CDLL(ssl_file, mode=os.RTLD_NOLOAD).OpenSSL_version
+        dladdr = ctypes.CDLL(None).dladdr
+    except (OSError, AttributeError):
+        return None
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    info = _DlInfo()
+    if not dladdr(ctypes.cast(symbol, ctypes.c_void_p), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    path = os.fsdecode(info.dli_fname)
+    return None if os.path.realpath(path) == os.path.realpath(ssl_file) else path
+
+
 def _process_libcrypto() -> _LibCrypto:
     """The shared libcrypto this process's ``ssl`` module uses.
 
@@ -148,19 +181,11 @@ def _process_libcrypto() -> _LibCrypto:
             detail="the pkcs11 provider route is implemented on Linux only",
             operation="provider",
         )
-    with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-        paths = dict.fromkeys(
-            line.split(None, 5)[5].strip()
-            for line in f
-            if line.count(" ") >= 5 and "/libcrypto" in line
-        )
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
-            version = lib.OpenSSL_version
-            version.restype, version.argtypes = ctypes.c_char_p, [ctypes.c_int]
-        except (OSError, AttributeError):
-            continue
+    path = _ssl_libcrypto_path()
+    if path is not None:
+        lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
+        version = lib.OpenSSL_version
+        version.restype, version.argtypes = ctypes.c_char_p, [ctypes.c_int]
         if bytes(version(0) or b"").decode() == ssl.OPENSSL_VERSION:
             return _LibCrypto(lib)
     raise UnimplementedError(

@@ -228,6 +228,8 @@ def test_every_cli_hint_translates_a_real_message() -> None:
     from keychain_ext.cli import CLI_HINTS
 
     root = Path(__file__).resolve().parents[1]
+    if not (root / "csrc").is_dir():
+        pytest.skip("reads the C sources: run from a checkout (make test does)")
     sources = [*root.glob("keychain_ext/*.py"), *root.glob("csrc/*.c")]
     text = "".join(p.read_text() for p in sources if p.name != "cli.py")
     text = re.sub(r'"\s*\n\s*f?"', "", text)  # adjacent string literals joined
