@@ -258,7 +258,11 @@ def c_layer_build() -> dict:
         "cc": shlex.split(cc),
         "sources": sources,
         "cflags": cflags,
-        "libs": [*(kw.get("extra_link_args") or []), *(f"-l{x}" for x in libraries)],
+        "libs": [
+            *(kw.get("extra_objects") or []),  # a static libcrypto (KEYCHAIN_EXT_OPENSSL)
+            *(kw.get("extra_link_args") or []),
+            *(f"-l{x}" for x in libraries),
+        ],
     }
 
 
