@@ -32,7 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         "--write", action="store_true", help="write RESULTS.md and results.png also after --quick"
     )
     ap.add_argument("--json", type=Path, help="also write the raw results as JSON")
+    ap.add_argument("--wheel-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.wheel_child:  # the runner's child process for the wheel column
+        from .runner import wheel_child
+
+        print(json.dumps(wheel_child(json.load(sys.stdin))))
+        return 0
 
     # SOFTHSM2_CONF must be set before anything loads SoftHSM2: the runner
     # sets it before it imports keychain_ext's extension.
