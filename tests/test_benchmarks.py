@@ -6,6 +6,7 @@ C layer makes."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 from pathlib import Path
@@ -38,6 +39,8 @@ def test_benchmark_machinery_minimal(token: Token, tmp_path: Path) -> None:
         thread_seconds=0.15,
         memory_cycles=10,
         key_types=("ec",),
+        corpus=(2048,),
+        corpus_reps=1,
     )
     bench = runner.Bench(
         token.module, token.label, token.pin, tmp_path, config, log=lambda msg: None
@@ -76,6 +79,16 @@ def test_benchmark_machinery_minimal(token: Token, tmp_path: Path) -> None:
     for key in ("create_destroy_ec", "parse_ec"):
         assert rows[key]["ms"].get(runner.PYKCS11, 0) > 0, key
         assert runner.NATIVE not in rows[key]["ms"] and runner.LIMIT not in rows[key]["ms"]
+
+    # the corpus row: every implementation, raw C and the KDF floor of the
+    # extension's OpenSSL; the wheel only when a wheel file is named
+    corpus = rows["corpus_ec_2048"]
+    for name in [*live, runner.FLOOR]:
+        assert corpus["ms"].get(name, 0) > 0, (name, corpus["ms"])
+    if not os.environ.get("KEYCHAIN_EXT_BENCH_WHEEL"):
+        assert runner.WHEEL not in corpus["ms"]
+        assert results["impls"][runner.WHEEL].startswith("not available")
+    assert results["openssl"][runner.FLOOR].startswith("OpenSSL ")
 
     calls = results["calls"]["counts"]
     minimum = runner.MINIMUM_CALLS
@@ -228,3 +241,51 @@ def test_report_refuses_a_ratio_of_missing_data() -> None:
     status = {name: st for name, st, _ in report.targets(results)}
     name = "C extension ≤ 1.10× raw C on cycle from cleartext p12, ephemeral, EC P-256"
     assert status[name] == report.NOT_CHECKED
+
+
+def test_report_scores_the_corpus_from_its_rows() -> None:
+    """Per corpus file and build: never slower than the fastest port, and
+    within CLOSE_TO_FLOOR of its own OpenSSL's key derivations; computed
+    from the rows, a missing wheel never scored."""
+    from benchmarks import report, runner
+
+    def sp(ms: float) -> dict:
+        return {"min": ms, "q1": ms, "median": ms, "q3": ms, "max": ms}
+
+    ms = {
+        runner.NATIVE: 30.0,  # slower than the fastest port, 1.2x its floor
+        runner.FLOOR: 25.0,
+        runner.CTYPES: 12.0,
+        runner.PYKCS11: 11.0,
+        runner.WHEEL: 10.0,  # faster than every port, 2x its floor
+        runner.WHEEL_FLOOR: 5.0,
+    }
+    row = {
+        "label": "cycle, 20,000 PBKDF2 iterations, EC P-256",
+        "group": "corpus",
+        "note": "",
+        "ms": ms,
+        "n": {k: 1 for k in ms},
+        "spread": {k: sp(v) for k, v in ms.items()},
+    }
+    results = {
+        **_results(1.4, 1.3),
+        "rows": {"corpus_ec_20000": row},
+        "openssl": {runner.FLOOR: "OpenSSL 3.0", runner.WHEEL_FLOOR: "OpenSSL 3.5"},
+    }
+    status = {name: (st, fig) for name, st, fig in report.targets(results)}
+    label = row["label"]
+    native = f"{runner.NATIVE} (OpenSSL 3.0)"
+    wheel = f"{runner.WHEEL} (OpenSSL 3.5)"
+    assert status[f"{native} never slower than the fastest port on {label}"][0] == report.NOT_MET
+    assert "PyKCS11" in status[f"{native} never slower than the fastest port on {label}"][1]
+    assert status[f"{native} ≤ 1.25× its KDF floor on {label}"][0] == report.MET
+    assert status[f"{wheel} never slower than the fastest port on {label}"][0] == report.MET
+    assert status[f"{wheel} ≤ 1.25× its KDF floor on {label}"][0] == report.NOT_MET
+
+    ms[runner.WHEEL_FLOOR] = -1.0  # impossible: rejected, never met
+    status = {name: st for name, st, _ in report.targets(results)}
+    assert status[f"{wheel} ≤ 1.25× its KDF floor on {label}"] == report.REJECTED
+
+    del ms[runner.WHEEL], ms[runner.WHEEL_FLOOR]  # no wheel: nothing scored for it
+    assert not [n for n, _, _ in report.targets(results) if n.startswith(runner.WHEEL)]
