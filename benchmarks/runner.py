@@ -51,6 +51,8 @@ FLOOR, WHEEL, WHEEL_FLOOR = "KDF floor", "wheel", "KDF floor, wheel"
 IMPLS = (LIMIT, NATIVE, CTYPES, PKCS11, PYKCS11, FLOOR, WHEEL, WHEEL_FLOOR)
 PORTS = (CTYPES, PKCS11, PYKCS11)
 EPHEMERAL = 1
+# The memory row of SoftHSM2's own growth (bare PKCS#11 calls, no keychain_ext)
+SOFTHSM2_ALONE = "SoftHSM2 alone"
 
 # PBKDF2 iterations per encrypted bag of the corpus files: OpenSSL's export
 # default, Java keytool, cryptography's BestAvailableEncryption, NSS pk12util.
@@ -103,8 +105,10 @@ class Config:
     token_batch: int = 4
     lookup_reps: int = 15
     lookup_batch: int = 20
-    fillers: tuple = (0, 100, 1000)
+    fillers: tuple = (0, 100, 1000, 10000)
     thread_seconds: float = 2.0
+    processes: tuple = (1, 8)
+    process_seconds: float = 3.0
     memory_cycles: int = 20000
     key_types: tuple = ("rsa", "ec")
     corpus: tuple = CORPUS
@@ -121,7 +125,9 @@ class Config:
             token_batch=1,
             lookup_reps=3,
             lookup_batch=6,
+            fillers=(0, 100, 1000),
             thread_seconds=0.4,
+            process_seconds=0.5,
             memory_cycles=1000,
             corpus=(2048, 20000),
             corpus_reps=1,
@@ -597,6 +603,26 @@ def wheel_child(spec: dict) -> dict:
     return out
 
 
+def process_child(spec: dict) -> dict:
+    """One of the processes of the processes row: the C extension (the
+    in-place build) cycling one ephemeral identity from `start` on (a
+    time.time() the runner sets for all) for `seconds`."""
+    impl = KeychainImpl(NATIVE)
+    h = impl.open(spec["module"], spec["token"], "", Path(spec["pin_file"]))
+    p12 = P12(Path(spec["p12"]), Path(spec["p12"]).read_bytes(), spec["password"])
+    impl.preauth(h, p12, "bench-proc", True)  # warm up, untimed
+    impl.kill(h, "bench-proc")
+    time.sleep(max(0.0, spec["start"] - time.time()))
+    cycles, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < spec["seconds"]:
+        impl.preauth(h, p12, "bench-proc", True)
+        impl.kill(h, "bench-proc")
+        cycles += 1
+    elapsed = time.perf_counter() - t0
+    impl.close(h)
+    return {"cycles": cycles, "seconds": elapsed}
+
+
 def rss_kib() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -974,6 +1000,8 @@ class Bench:
                 clock = time.perf_counter_ns
                 reps = cfg.lookup_reps if n_fill < 1000 else max(2, cfg.lookup_reps // 2)
                 batch = cfg.lookup_batch if n_fill < 1000 else max(2, cfg.lookup_batch // 4)
+                if n_fill >= 10000:  # ~60 ms a lookup: fewer samples
+                    reps, batch = max(2, reps // 3), 2
                 list_batch = max(1, batch // 2)
                 for _ in range(reps):
                     for impl in self.live():
@@ -1198,6 +1226,49 @@ class Bench:
         out["cpu_control"] = control
         self.results["threads"] = out
 
+    # -- processes ---------------------------------------------------------
+
+    def measure_processes(self) -> None:
+        """Aggregate ephemeral cycles/s of N processes, each a Python with the
+        C extension and its own SoftHSM2 instance on the shared token,
+        cycling the encrypted EC p12 for the same seconds from the same
+        moment."""
+        cfg = self.config
+        p12 = self.ids[("ec", "enc", 0)]
+        out: dict = {}
+        for n in cfg.processes:
+            self.log(f"  processes, {n}")
+            spec = {
+                "module": self.module,
+                "token": self.token,
+                "pin_file": str(self.pin_file),
+                "p12": str(p12.path),
+                "password": p12.password,
+                "seconds": cfg.process_seconds,
+                "start": time.time() + 1.0 + 0.25 * n,  # after every child's start-up
+            }
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks", "--process-child"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    cwd=ROOT,
+                )
+                for _ in range(n)
+            ]
+            done = [p.communicate(json.dumps(spec), timeout=600) for p in procs]
+            bad = [err for p, (_, err) in zip(procs, done) if p.returncode != 0]
+            if bad:
+                raise RuntimeError(f"process child failed:\n{bad[0]}")
+            runs = [json.loads(o) for o, _ in done]
+            out[n] = {
+                "cycles": sum(r["cycles"] for r in runs),
+                "rate": sum(r["cycles"] / r["seconds"] for r in runs),
+            }
+        self.results["processes"] = out
+
     # -- memory ------------------------------------------------------------
 
     def measure_memory(self) -> None:
@@ -1227,6 +1298,32 @@ class Bench:
                 "impl": name,
                 "p12": kind,
                 "key": key_type,
+                "cycles": n,
+                "before_kib": before,
+                "after_kib": after,
+                "growth_kib": after - before,
+            }
+        # SoftHSM2 alone: the same cycles as bare PKCS#11 calls (PyKCS11 from
+        # pre-parsed material: no keychain_ext code, no p12 parsing in the loop)
+        bare = self.impls.get(PYKCS11)
+        if bare is not None and bare.available and bare.parse is not None:
+            self.log(f"  memory, SoftHSM2 alone (PyKCS11, pre-parsed), {n} cycles")
+            material = bare.parse(self.ids[("ec", "clear", 0)].data, b"")
+            h = self.handles[PYKCS11]
+            for _ in range(min(500, n)):
+                bare.preauth_material(h, material, "bench-mem", True)
+                bare.kill(h, "bench-mem")
+            gc.collect()
+            before = rss_kib()
+            for _ in range(n):
+                bare.preauth_material(h, material, "bench-mem", True)
+                bare.kill(h, "bench-mem")
+            gc.collect()
+            after = rss_kib()
+            out[SOFTHSM2_ALONE] = {
+                "impl": PYKCS11,
+                "p12": "pre-parsed",
+                "key": "ec",
                 "cycles": n,
                 "before_kib": before,
                 "after_kib": after,
@@ -1282,6 +1379,7 @@ class Bench:
             ("token", self.measure_token_cycles),
             ("calls", self.measure_calls),
             ("threads", self.measure_threads),
+            ("processes", self.measure_processes),
             ("memory", self.measure_memory),
             ("lookup", self.measure_lookups),
         ]

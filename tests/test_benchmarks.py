@@ -41,6 +41,8 @@ def test_benchmark_machinery_minimal(token: Token, tmp_path: Path) -> None:
         key_types=("ec",),
         corpus=(2048,),
         corpus_reps=1,
+        processes=(1, 2),
+        process_seconds=0.2,
     )
     bench = runner.Bench(
         token.module, token.label, token.pin, tmp_path, config, log=lambda msg: None
@@ -51,7 +53,8 @@ def test_benchmark_machinery_minimal(token: Token, tmp_path: Path) -> None:
     finally:
         bench.close()
 
-    live = [name for name, reason in results["impls"].items() if reason is None]
+    corpus_only = (runner.FLOOR, runner.WHEEL, runner.WHEEL_FLOOR)  # columns of corpus rows
+    live = [n for n, reason in results["impls"].items() if reason is None and n not in corpus_only]
     assert runner.LIMIT in live and runner.NATIVE in live and runner.PYKCS11 in live
     for name, reason in results["impls"].items():
         assert reason is None or reason.startswith("not available"), (name, reason)
@@ -126,6 +129,10 @@ def test_benchmark_machinery_minimal(token: Token, tmp_path: Path) -> None:
     assert results["memory"], "no memory row"
     for m in results["memory"].values():
         assert m["cycles"] == 10 and m["before_kib"] > 0
+    # SoftHSM2's own growth, by bare PKCS#11 calls without keychain_ext
+    assert results["memory"][runner.SOFTHSM2_ALONE]["impl"] == runner.PYKCS11
+    procs = results["processes"]
+    assert procs[1]["cycles"] > 0 and procs[2]["cycles"] > 0 and procs[2]["rate"] > 0, procs
 
     text = report.table(results)
     assert "cycle, ephemeral, EC P-256" in text and "PKCS#11 calls" in text
