@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.wheel_child or args.process_child:
         from .runner import process_child, wheel_child
 
-        child = wheel_child if args.wheel_child else process_child
-        print(json.dumps(child(json.load(sys.stdin))))
+        (wheel_child if args.wheel_child else process_child)()
         return 0
 
     # SOFTHSM2_CONF must be set before anything loads SoftHSM2: the runner

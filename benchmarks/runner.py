@@ -579,48 +579,97 @@ def cycle_batch(impl: Impl, h: Any, p12: P12, label: str, eph: bool, n: int, out
         out.append(_ms(clock() - t0))
 
 
-def wheel_child(spec: dict) -> dict:
+def _reply(obj: Any) -> None:
+    """A child's answer to the runner: one JSON line on stdout."""
+    print(json.dumps(obj), flush=True)
+
+
+def wheel_child() -> None:
     """The wheel column, in the process the runner starts with the unpacked
-    wheel first on sys.path: the ephemeral cycle of every corpus file,
-    `per` cycles a file per repetition -> {file key: samples (ms)}."""
+    wheel first on sys.path.  stdin: the settings (one JSON line), then one
+    request a line, {"path", "password", "n"}: n ephemeral cycles of that
+    file -> one line of samples (ms); the runner asks in turn with its own
+    implementations, so the wheel is interleaved with them."""
     import keychain_ext
 
+    spec = json.loads(sys.stdin.readline())
     site = Path(spec["site"]).resolve()
     if Path(keychain_ext.__file__).resolve().parent.parent != site:
         raise RuntimeError(f"keychain_ext came from {keychain_ext.__file__}, not the wheel")
     impl = KeychainImpl(WHEEL)
     h = impl.open(spec["module"], spec["token"], "", Path(spec["pin_file"]))
-    files = [
-        (f["key"], P12(Path(f["path"]), Path(f["path"]).read_bytes(), f["password"]), f["per"])
-        for f in spec["files"]
-    ]
-    out: dict = {key: [] for key, _, _ in files}
     gc.disable()
-    for _ in range(spec["reps"]):
-        for key, p12, per in files:
-            cycle_batch(impl, h, p12, "bench-wheel", True, per, out[key])
+    _reply("ready")
+    for line in sys.stdin:
+        req = json.loads(line)
+        p12 = P12(Path(req["path"]), Path(req["path"]).read_bytes(), req["password"])
+        out: list = []
+        cycle_batch(impl, h, p12, "bench-wheel", True, req["n"], out)
+        _reply(out)
     impl.close(h)
-    return out
 
 
-def process_child(spec: dict) -> dict:
+def process_child() -> None:
     """One of the processes of the processes row: the C extension (the
-    in-place build) cycling one ephemeral identity from `start` on (a
-    time.time() the runner sets for all) for `seconds`."""
+    in-place build) cycling one ephemeral identity.  stdin: the settings
+    (one JSON line); it answers "ready" once warm, waits for a line, cycles
+    for `seconds` and answers {cycles, start, end} (wall clock)."""
+    spec = json.loads(sys.stdin.readline())
     impl = KeychainImpl(NATIVE)
     h = impl.open(spec["module"], spec["token"], "", Path(spec["pin_file"]))
     p12 = P12(Path(spec["p12"]), Path(spec["p12"]).read_bytes(), spec["password"])
     impl.preauth(h, p12, "bench-proc", True)  # warm up, untimed
     impl.kill(h, "bench-proc")
-    time.sleep(max(0.0, spec["start"] - time.time()))
-    cycles, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < spec["seconds"]:
+    _reply("ready")
+    sys.stdin.readline()  # every process is ready: go
+    cycles, start = 0, time.time()
+    while time.time() - start < spec["seconds"]:
         impl.preauth(h, p12, "bench-proc", True)
         impl.kill(h, "bench-proc")
         cycles += 1
-    elapsed = time.perf_counter() - t0
+    _reply({"cycles": cycles, "start": start, "end": time.time()})
     impl.close(h)
-    return {"cycles": cycles, "seconds": elapsed}
+
+
+class Child:
+    """A child process of the runner (python -m benchmarks --<kind>-child):
+    settings as the first stdin line (secrets through stdin, never argv),
+    then one JSON line asked, one answered."""
+
+    def __init__(self, kind: str, spec: dict, cwd: Path, env: Optional[dict] = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks", f"--{kind}-child"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env=env,
+        )
+        self.send(spec)
+
+    def send(self, obj: Any) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self) -> Any:
+        assert self.proc.stdout
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=60)
+            raise RuntimeError(f"benchmark child failed:\n{self.proc.stderr.read()}")  # type: ignore[union-attr]
+        return json.loads(line)
+
+    def ask(self, obj: Any) -> Any:
+        self.send(obj)
+        return self.answer()
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        if self.proc.wait(timeout=60) != 0:
+            raise RuntimeError(f"benchmark child failed:\n{self.proc.stderr.read()}")  # type: ignore[union-attr]
 
 
 def rss_kib() -> int:
@@ -822,15 +871,15 @@ class Bench:
 
     # -- the corpus: realistic iteration counts, the floor, the wheel ---------
 
-    def _wheel_cycles(self, files: dict, per: dict) -> tuple:
-        """The wheel column: ({row key: samples}, None), or ({}, reason).
+    def _wheel(self) -> tuple:
+        """The wheel column's child process, or (None, reason).
         $KEYCHAIN_EXT_BENCH_WHEEL is a wheel file (built with
-        KEYCHAIN_EXT_OPENSSL: a static OpenSSL); unpacked here and measured
-        in a child process (a second _native cannot load into this one),
-        after this process's own corpus rows, not interleaved with them."""
+        KEYCHAIN_EXT_OPENSSL: a static OpenSSL); unpacked here and run in a
+        child process (a second _native cannot load into this one) that
+        the corpus loop asks in turn with the other implementations."""
         wheel = os.environ.get("KEYCHAIN_EXT_BENCH_WHEEL")
         if not wheel:
-            return {}, "not available (KEYCHAIN_EXT_BENCH_WHEEL names no wheel file)"
+            return None, "not available (KEYCHAIN_EXT_BENCH_WHEEL names no wheel file)"
         site = self.workdir / "wheel"
         with zipfile.ZipFile(wheel) as z:
             z.extractall(site)
@@ -839,31 +888,12 @@ class Bench:
             "module": self.module,
             "token": self.token,
             "pin_file": str(self.pin_file),
-            "reps": self.config.corpus_reps,
-            "files": [
-                {
-                    "key": f"corpus_{kt}_{n}",
-                    "path": str(p.path),
-                    "password": p.password,
-                    "per": per[n],
-                }
-                for (kt, n), p in files.items()
-            ],
         }
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
-        self.log("  corpus, wheel (child process)")
-        res = subprocess.run(
-            [sys.executable, "-m", "benchmarks", "--wheel-child"],
-            input=json.dumps(spec),  # the p12 passwords: stdin, never argv
-            cwd=site,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=3600,
-        )
-        if res.returncode != 0:
-            raise RuntimeError(f"wheel child failed:\n{res.stderr}")
-        return json.loads(res.stdout), None
+        child = Child("wheel", spec, cwd=site, env=env)
+        if child.answer() != "ready":
+            raise RuntimeError("wheel child: no ready")
+        return child, None
 
     def measure_corpus(self) -> None:
         """The ephemeral cycle of each corpus file (CORPUS iterations, both
@@ -883,13 +913,15 @@ class Bench:
             (kt, n): self.ids[(kt, f"pbkdf2-{n}", 0)] for kt in cfg.key_types for n in cfg.corpus
         }
         per = {n: 1 if n >= 100000 else 2 for n in cfg.corpus}
-        wheel, self.results["impls"][WHEEL] = self._wheel_cycles(files, per)
+        wheel, self.results["impls"][WHEEL] = self._wheel()
         versions: dict = {}
         gc_was = gc.isenabled()
         for (key_type, n), p12 in files.items():
             kt = "RSA-2048" if key_type == "rsa" else "EC P-256"
             self.log(f"  corpus, {n:,} PBKDF2 iterations, {kt}")
             samples = {i.name: [] for i in self.live()} | {LIMIT: []} | {f: [] for f in floors}
+            if wheel:
+                samples[WHEEL] = []
             gc.disable()
             try:
                 for _ in range(cfg.corpus_reps):
@@ -898,6 +930,9 @@ class Bench:
                             impl, p12, "bench-corpus", True, per[n], samples[impl.name]
                         )
                     samples[LIMIT] += self._limit_cycles(p12, per[n], False)
+                    if wheel:
+                        ask = {"path": str(p12.path), "password": p12.password, "n": per[n]}
+                        samples[WHEEL] += wheel.ask(ask)
                     for name, prog in floors.items():
                         r = run_floor(prog, n, per[n])
                         samples[name] += r["samples_ms"]
@@ -905,8 +940,6 @@ class Bench:
             finally:
                 if gc_was:
                     gc.enable()
-            if wheel:
-                samples[WHEEL] = wheel[f"corpus_{key_type}_{n}"]
             self._row(
                 f"corpus_{key_type}_{n}",
                 f"cycle, {n:,} PBKDF2 iterations, {kt}",
@@ -916,6 +949,8 @@ class Bench:
                 f"SHA-256 MAC x {CORPUS_MAC_ITERATIONS:,}; KDF floor: those 3 derivations alone",
             )
         self.results["openssl"] = versions
+        if wheel:
+            wheel.close()
 
     def measure_token_cycles(self) -> None:
         cfg = self.config
@@ -1245,28 +1280,20 @@ class Bench:
                 "p12": str(p12.path),
                 "password": p12.password,
                 "seconds": cfg.process_seconds,
-                "start": time.time() + 1.0 + 0.25 * n,  # after every child's start-up
             }
-            procs = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "benchmarks", "--process-child"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    cwd=ROOT,
-                )
-                for _ in range(n)
-            ]
-            done = [p.communicate(json.dumps(spec), timeout=600) for p in procs]
-            bad = [err for p, (_, err) in zip(procs, done) if p.returncode != 0]
-            if bad:
-                raise RuntimeError(f"process child failed:\n{bad[0]}")
-            runs = [json.loads(o) for o, _ in done]
-            out[n] = {
-                "cycles": sum(r["cycles"] for r in runs),
-                "rate": sum(r["cycles"] / r["seconds"] for r in runs),
-            }
+            children = [Child("process", spec, cwd=ROOT) for _ in range(n)]
+            for c in children:  # each warm, its token open
+                if c.answer() != "ready":
+                    raise RuntimeError("process child: no ready")
+            for c in children:
+                c.send("go")
+            runs = [c.answer() for c in children]
+            for c in children:
+                c.close()
+            # the aggregate over the wall-clock span of them all
+            span = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+            cycles = sum(r["cycles"] for r in runs)
+            out[n] = {"cycles": cycles, "seconds": span, "rate": cycles / span}
         self.results["processes"] = out
 
     # -- memory ------------------------------------------------------------
