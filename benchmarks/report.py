@@ -487,7 +487,7 @@ def targets(results: dict) -> list:
             the same number of bare PKCS#11 cycles when that was measured."""
             positive(m["cycles"], "memory cycles")
             ours, why = m["growth_kib"], ""
-            if alone and alone["cycles"] == m["cycles"]:
+            if alone and (alone["cycles"], alone["key"]) == (m["cycles"], m.get("key")):
                 ours -= max(0, alone["growth_kib"])
                 why = (
                     f" minus SoftHSM2 alone (bare PKCS#11 calls, PyKCS11) "

@@ -296,3 +296,36 @@ def test_report_scores_the_corpus_from_its_rows() -> None:
 
     del ms[runner.WHEEL], ms[runner.WHEEL_FLOOR]  # no wheel: nothing scored for it
     assert not [n for n, _, _ in report.targets(results) if n.startswith(runner.WHEEL)]
+
+
+def test_report_memory_target_counts_our_share() -> None:
+    """RSS growth target: the extension's growth less SoftHSM2's own over the
+    same cycles and key type (bare PKCS#11 calls); other rows are not
+    discounted."""
+    from benchmarks import report, runner
+
+    def mem(impl: str, key: str, growth: int) -> dict:
+        return {
+            "impl": impl,
+            "p12": "clear",
+            "key": key,
+            "cycles": 20000,
+            "before_kib": 50000,
+            "after_kib": 50000 + growth,
+            "growth_kib": growth,
+        }
+
+    def status(alone_kib: int) -> dict:
+        results = _results(1.4, 1.3)
+        results["memory"] = {
+            "C extension (ec, clear)": mem(runner.NATIVE, "ec", 9000),
+            "C extension (rsa, enc)": mem(runner.NATIVE, "rsa", 3000),
+            runner.SOFTHSM2_ALONE: mem(runner.PYKCS11, "ec", alone_kib),
+        }
+        return {name: st for name, st, _ in report.targets(results)}
+
+    ec = "RSS growth < 2 MB over 20,000 cycles (C extension (ec, clear))"
+    rsa = "RSS growth < 2 MB over 20,000 cycles (C extension (rsa, enc))"
+    assert status(8500)[ec] == report.MET  # 0.5 MB ours
+    assert status(1000)[ec] == report.NOT_MET  # 7.8 MB ours
+    assert status(8500)[rsa] == report.NOT_MET  # an EC figure never discounts RSA
