@@ -1029,6 +1029,8 @@ class Bench:
                     self.log(f"  adding {n_fill - have} token objects")
                     self._add_fillers(n_fill - have)
                 self.log(f"  lookups and lists, {n_fill} other objects")
+                for impl in listers:  # sized once, untimed, as raw C sizes its buffer
+                    impl.list_items(self.handles[impl.name])
                 hit = {i.name: [] for i in self.live()} | {LIMIT: []}
                 miss = {i.name: [] for i in self.live()} | {LIMIT: []}
                 lists = {i.name: [] for i in listers} | {LIMIT: []}
@@ -1036,7 +1038,7 @@ class Bench:
                 reps = cfg.lookup_reps if n_fill < 1000 else max(2, cfg.lookup_reps // 2)
                 batch = cfg.lookup_batch if n_fill < 1000 else max(2, cfg.lookup_batch // 4)
                 if n_fill >= 10000:  # ~60 ms a lookup: fewer samples
-                    reps, batch = max(2, reps // 3), 2
+                    reps, batch = 3, 2
                 list_batch = max(1, batch // 2)
                 for _ in range(reps):
                     for impl in self.live():
