@@ -1037,7 +1037,7 @@ class Bench:
                 clock = time.perf_counter_ns
                 reps = cfg.lookup_reps if n_fill < 1000 else max(2, cfg.lookup_reps // 2)
                 batch = cfg.lookup_batch if n_fill < 1000 else max(2, cfg.lookup_batch // 4)
-                if n_fill >= 10000:  # ~60 ms a lookup: fewer samples
+                if n_fill >= 10000:  # ~0.1 s a lookup: fewer samples
                     reps, batch = 3, 2
                 list_batch = max(1, batch // 2)
                 for _ in range(reps):
