@@ -54,18 +54,18 @@ def _pkg_config_cflags(package: str) -> list[str]:
     return shlex.split(out)
 
 
-def _openssl() -> dict[str, list[str]]:
-    """How the PKCS#11 backend gets libcrypto: the system's, or the static
-    one under $KEYCHAIN_EXT_OPENSSL (--exclude-libs keeps every OpenSSL
-    symbol out of the extension's exports)."""
+def _openssl() -> tuple[list[str], dict[str, list[str]]]:
+    """How the PKCS#11 backend gets libcrypto, as (compile args, link
+    keywords): the system's, or the static one under $KEYCHAIN_EXT_OPENSSL
+    (its headers first; --exclude-libs keeps every OpenSSL symbol out of the
+    extension's exports)."""
     prefix = os.environ.get("KEYCHAIN_EXT_OPENSSL")
     if not prefix:
-        return {"libraries": ["crypto", "dl", "pthread"]}
+        return [], {"libraries": ["crypto", "dl", "pthread"]}
     static = Path(prefix).resolve() / "lib" / "libcrypto.a"
     if not static.is_file():
         raise SystemExit(f"KEYCHAIN_EXT_OPENSSL: no {static} (build it with scripts/build-openssl)")
-    return {
-        "include_dirs": [str(static.parent.parent / "include")],
+    return [f"-I{static.parent.parent / 'include'}"], {
         "extra_objects": [str(static)],
         "extra_link_args": ["-Wl,--exclude-libs,ALL"],
         "libraries": ["dl", "pthread"],
@@ -89,16 +89,17 @@ if sys.platform == "darwin":
     }
 else:
     _sources = PKCS11_SOURCES
-    _kwargs = {"extra_compile_args": STRICT + _pkg_config_cflags("p11-kit-1"), **_openssl()}
-
-# OpenSSL's headers (when static) before the system's
-_include_dirs = [*_kwargs.pop("include_dirs", []), str(CSRC.relative_to(ROOT))]
+    _openssl_cflags, _openssl_link = _openssl()
+    _kwargs = {
+        "extra_compile_args": STRICT + _pkg_config_cflags("p11-kit-1") + _openssl_cflags,
+        **_openssl_link,
+    }
 
 ffibuilder.set_source(
     "keychain_ext._native",
     '#include "keychain.h"',
     sources=[str(s.relative_to(ROOT)) for s in _sources],
-    include_dirs=_include_dirs,
+    include_dirs=[str(CSRC.relative_to(ROOT))],
     define_macros=[("KC_VERSION", f'"{_version()}"')],
     **_kwargs,
 )
