@@ -32,7 +32,15 @@ def main(argv: list[str] | None = None) -> int:
         "--write", action="store_true", help="write RESULTS.md and results.png also after --quick"
     )
     ap.add_argument("--json", type=Path, help="also write the raw results as JSON")
+    # the runner's child processes: the wheel column, the processes row
+    ap.add_argument("--wheel-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--process-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.wheel_child or args.process_child:
+        from .runner import process_child, wheel_child
+
+        (wheel_child if args.wheel_child else process_child)()
+        return 0
 
     # SOFTHSM2_CONF must be set before anything loads SoftHSM2: the runner
     # sets it before it imports keychain_ext's extension.

@@ -30,8 +30,10 @@ import shlex
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +44,21 @@ ROOT = HERE.parent
 
 LIMIT, NATIVE, CTYPES = "raw C", "C extension", "ctypes port"
 PKCS11, PYKCS11 = "python-pkcs11", "PyKCS11"
-IMPLS = (LIMIT, NATIVE, CTYPES, PKCS11, PYKCS11)
+# The corpus rows' extra columns: the key derivations alone (kdf_floor.c) on
+# the OpenSSL the C extension links, and the wheel (the extension linking a
+# static OpenSSL, scripts/build-openssl) with its own floor.
+FLOOR, WHEEL, WHEEL_FLOOR = "KDF floor", "wheel", "KDF floor, wheel"
+IMPLS = (LIMIT, NATIVE, CTYPES, PKCS11, PYKCS11, FLOOR, WHEEL, WHEEL_FLOOR)
 PORTS = (CTYPES, PKCS11, PYKCS11)
 EPHEMERAL = 1
+# The memory row of SoftHSM2's own growth (bare PKCS#11 calls, no keychain_ext)
+SOFTHSM2_ALONE = "SoftHSM2 alone"
+
+# PBKDF2 iterations per encrypted bag of the corpus files: OpenSSL's export
+# default, Java keytool, cryptography's BestAvailableEncryption, NSS pk12util.
+CORPUS = (2048, 10000, 20000, 600000)
+# Their MAC (PKCS#12 KDF, SHA-256): cryptography's builder fixes it at 2,048.
+CORPUS_MAC_ITERATIONS = 2048
 
 # The fewest PKCS#11 calls each operation needs with the semantics of
 # keychain.h and what the C layer must do (counted through tests/p11shim
@@ -91,10 +105,14 @@ class Config:
     token_batch: int = 4
     lookup_reps: int = 15
     lookup_batch: int = 20
-    fillers: tuple = (0, 100, 1000)
+    fillers: tuple = (0, 100, 1000, 10000)
     thread_seconds: float = 2.0
+    processes: tuple = (1, 8)
+    process_seconds: float = 3.0
     memory_cycles: int = 20000
     key_types: tuple = ("rsa", "ec")
+    corpus: tuple = CORPUS
+    corpus_reps: int = 4
     rows: Optional[set] = None  # None = everything
 
     @classmethod
@@ -107,8 +125,12 @@ class Config:
             token_batch=1,
             lookup_reps=3,
             lookup_batch=6,
+            fillers=(0, 100, 1000),
             thread_seconds=0.4,
+            process_seconds=0.5,
             memory_cycles=1000,
+            corpus=(2048, 20000),
+            corpus_reps=1,
         )
 
     def wants(self, kind: str) -> bool:
@@ -150,14 +172,16 @@ class P12:
     password: str
 
 
-def make_identities(workdir: Path, count: int = 2) -> dict:
+def make_identities(workdir: Path, count: int = 2, corpus: tuple = ()) -> dict:
     """Client identities as PKCS#12: {(key_type, "enc"|"clear", n): P12}.
 
     "enc" is what `openssl pkcs12 -export` writes by default (OpenSSL 3:
     AES-256-CBC, PBKDF2-SHA256 2048 iterations, SHA-256 MAC); "clear" has no
     encryption and no MAC, so parsing it is DER decoding only.  n: distinct
     keys (two threads cannot import the same key: the store refuses a
-    duplicate CKA_ID)."""
+    duplicate CKA_ID).  For each iteration count in corpus, key 0 also as
+    (key_type, "pbkdf2-N", 0): the same encryption with N PBKDF2 iterations
+    per bag (the MAC stays at CORPUS_MAC_ITERATIONS)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.serialization import pkcs12
@@ -178,14 +202,20 @@ def make_identities(workdir: Path, count: int = 2) -> dict:
             )
             key = serialization.load_pem_private_key(client.key.read_bytes(), None)
             cert = x509.load_pem_x509_certificate(client.cert.read_bytes())
-            enc = (
-                serialization.PrivateFormat.PKCS12.encryption_builder()
-                .kdf_rounds(2048)
-                .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
-                .hmac_hash(hashes.SHA256())
-                .build(password.encode())
-            )
-            for kind, alg in (("enc", enc), ("clear", serialization.NoEncryption())):
+
+            def encryption(rounds: int) -> Any:
+                return (
+                    serialization.PrivateFormat.PKCS12.encryption_builder()
+                    .kdf_rounds(rounds)
+                    .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+                    .hmac_hash(hashes.SHA256())
+                    .build(password.encode())
+                )
+
+            kinds = [("enc", encryption(2048)), ("clear", serialization.NoEncryption())]
+            if n == 0:
+                kinds += [(f"pbkdf2-{rounds}", encryption(rounds)) for rounds in corpus]
+            for kind, alg in kinds:
                 data = pkcs12.serialize_key_and_certificates(
                     client.cn.encode(), key, cert, None, alg
                 )
@@ -193,7 +223,7 @@ def make_identities(workdir: Path, count: int = 2) -> dict:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
-                out[(key_type, kind, n)] = P12(path, data, password if kind == "enc" else "")
+                out[(key_type, kind, n)] = P12(path, data, "" if kind == "clear" else password)
     return out
 
 
@@ -204,12 +234,23 @@ def _p11kit_cflags() -> list[str]:
     return shlex.split(res.stdout)
 
 
-def _load_build_ffi() -> Any:
-    """csrc/build_ffi.py, loaded by path (it only declares the cffi build)."""
+def _load_build_ffi(openssl: Optional[str] = None) -> Any:
+    """csrc/build_ffi.py, loaded by path (it only declares the cffi build);
+    openssl: the KEYCHAIN_EXT_OPENSSL prefix to load it with (None: the
+    environment's, as the in-place extension was built)."""
     path = ROOT / "csrc" / "build_ffi.py"
     spec = importlib.util.spec_from_file_location("_kc_build_ffi", path)
     mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    saved = os.environ.get("KEYCHAIN_EXT_OPENSSL")
+    if openssl is not None:
+        os.environ["KEYCHAIN_EXT_OPENSSL"] = openssl
+    try:
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    finally:
+        if saved is None:
+            os.environ.pop("KEYCHAIN_EXT_OPENSSL", None)
+        else:
+            os.environ["KEYCHAIN_EXT_OPENSSL"] = saved
     return mod
 
 
@@ -220,7 +261,7 @@ def _csrc_path(entry: Any) -> Path:
     return ROOT / path if (ROOT / path).exists() else ROOT / "csrc" / path
 
 
-def c_layer_build() -> dict:
+def c_layer_build(openssl: Optional[str] = None) -> dict:
     """How the extension's PKCS#11 C layer is compiled, as csrc/build_ffi.py
     says: {"sources": [Path], "cflags": [str], "libs": [str]}.
 
@@ -231,7 +272,7 @@ def c_layer_build() -> dict:
     (falling back to the documented ones if cffi's record is missing)."""
     import sysconfig
 
-    mod = _load_build_ffi()
+    mod = _load_build_ffi(openssl)
     csrc = ROOT / "csrc"
     listed = getattr(mod, "PKCS11_SOURCES", None)
     if listed is not None:
@@ -258,7 +299,11 @@ def c_layer_build() -> dict:
         "cc": shlex.split(cc),
         "sources": sources,
         "cflags": cflags,
-        "libs": [*(kw.get("extra_link_args") or []), *(f"-l{x}" for x in libraries)],
+        "libs": [
+            *(kw.get("extra_objects") or []),  # a static libcrypto (KEYCHAIN_EXT_OPENSSL)
+            *(kw.get("extra_link_args") or []),
+            *(f"-l{x}" for x in libraries),
+        ],
     }
 
 
@@ -300,6 +345,45 @@ def build_driver(outdir: Path) -> tuple[Path, Path]:
         ]
     )
     return prog, lib
+
+
+def check_extension_links(build: dict) -> None:
+    """The in-place extension must link the libcrypto c_layer_build says
+    (raw C and the KDF floor are built from it): KEYCHAIN_EXT_OPENSSL
+    now as when the extension was built."""
+    from keychain_ext import _native
+
+    res = subprocess.run(["ldd", _native.__file__], capture_output=True, text=True)
+    if res.returncode != 0:
+        return  # no ldd: nothing to compare
+    dynamic = "libcrypto" in res.stdout
+    if dynamic != ("-lcrypto" in build["libs"]):
+        raise RuntimeError(
+            f"keychain_ext._native {'links the system libcrypto' if dynamic else 'is static'}, "
+            "but KEYCHAIN_EXT_OPENSSL says otherwise: set it as when the extension was built"
+        )
+
+
+def build_floor(outdir: Path, openssl: Optional[str] = None) -> Path:
+    """benchmarks/kdf_floor.c, linked with the libcrypto the extension gets
+    (openssl: a KEYCHAIN_EXT_OPENSSL prefix instead of the environment's)."""
+    build = c_layer_build(openssl)
+    prog = outdir / ("kdf_floor_static" if openssl else "kdf_floor")
+    cmd = [*build["cc"], *build["cflags"], str(HERE / "kdf_floor.c"), "-o", str(prog)]
+    res = subprocess.run([*cmd, *build["libs"]], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"building kdf_floor failed:\n{shlex.join(cmd)}\n{res.stderr}")
+    return prog
+
+
+def run_floor(prog: Path, iterations: int, samples: int) -> dict:
+    """The key derivations of one corpus file (CORPUS_MAC_ITERATIONS for
+    the MAC), alone: {"openssl": version, "samples_ms": [...]}."""
+    spec = f"pbkdf2={iterations}\nbags=2\nmac={CORPUS_MAC_ITERATIONS}\niterations={samples}\n"
+    res = subprocess.run([str(prog)], input=spec, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"kdf_floor: {res.stdout}{res.stderr}")
+    return json.loads(res.stdout)
 
 
 def load_shim_tools() -> Any:
@@ -485,6 +569,109 @@ def spread(samples: list) -> Optional[dict]:
     return {"min": xs[0], "q1": q1, "median": q2, "q3": q3, "max": xs[-1]}
 
 
+def cycle_batch(impl: Impl, h: Any, p12: P12, label: str, eph: bool, n: int, out: list) -> None:
+    """n timed preauth + kill cycles of impl on handle h; samples (ms) to out."""
+    clock = time.perf_counter_ns
+    for _ in range(n):
+        t0 = clock()
+        impl.preauth(h, p12, label, eph)
+        impl.kill(h, label)
+        out.append(_ms(clock() - t0))
+
+
+def _reply(obj: Any) -> None:
+    """A child's answer to the runner: one JSON line on stdout."""
+    print(json.dumps(obj), flush=True)
+
+
+def wheel_child() -> None:
+    """The wheel column, in the process the runner starts with the unpacked
+    wheel first on sys.path.  stdin: the settings (one JSON line), then one
+    request a line, {"path", "password", "n"}: n ephemeral cycles of that
+    file -> one line of samples (ms); the runner asks in turn with its own
+    implementations, so the wheel is interleaved with them."""
+    import keychain_ext
+
+    spec = json.loads(sys.stdin.readline())
+    site = Path(spec["site"]).resolve()
+    if Path(keychain_ext.__file__).resolve().parent.parent != site:
+        raise RuntimeError(f"keychain_ext came from {keychain_ext.__file__}, not the wheel")
+    impl = KeychainImpl(WHEEL)
+    h = impl.open(spec["module"], spec["token"], "", Path(spec["pin_file"]))
+    gc.disable()
+    _reply("ready")
+    for line in sys.stdin:
+        req = json.loads(line)
+        p12 = P12(Path(req["path"]), Path(req["path"]).read_bytes(), req["password"])
+        out: list = []
+        cycle_batch(impl, h, p12, "bench-wheel", True, req["n"], out)
+        _reply(out)
+    impl.close(h)
+
+
+def process_child() -> None:
+    """One of the processes of the processes row: the C extension (the
+    in-place build) cycling one ephemeral identity.  stdin: the settings
+    (one JSON line); it answers "ready" once warm, waits for a line, cycles
+    for `seconds` and answers {cycles, start, end} (wall clock)."""
+    spec = json.loads(sys.stdin.readline())
+    impl = KeychainImpl(NATIVE)
+    h = impl.open(spec["module"], spec["token"], "", Path(spec["pin_file"]))
+    p12 = P12(Path(spec["p12"]), Path(spec["p12"]).read_bytes(), spec["password"])
+    impl.preauth(h, p12, "bench-proc", True)  # warm up, untimed
+    impl.kill(h, "bench-proc")
+    _reply("ready")
+    sys.stdin.readline()  # every process is ready: go
+    cycles, start = 0, time.time()
+    while time.time() - start < spec["seconds"]:
+        impl.preauth(h, p12, "bench-proc", True)
+        impl.kill(h, "bench-proc")
+        cycles += 1
+    _reply({"cycles": cycles, "start": start, "end": time.time()})
+    impl.close(h)
+
+
+class Child:
+    """A child process of the runner (python -m benchmarks --<kind>-child):
+    settings as the first stdin line (secrets through stdin, never argv),
+    then one JSON line asked, one answered."""
+
+    def __init__(self, kind: str, spec: dict, cwd: Path, env: Optional[dict] = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks", f"--{kind}-child"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env=env,
+        )
+        self.send(spec)
+
+    def send(self, obj: Any) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self) -> Any:
+        assert self.proc.stdout
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=60)
+            raise RuntimeError(f"benchmark child failed:\n{self.proc.stderr.read()}")  # type: ignore[union-attr]
+        return json.loads(line)
+
+    def ask(self, obj: Any) -> Any:
+        self.send(obj)
+        return self.answer()
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        if self.proc.wait(timeout=60) != 0:
+            raise RuntimeError(f"benchmark child failed:\n{self.proc.stderr.read()}")  # type: ignore[union-attr]
+
+
 def rss_kib() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -509,7 +696,10 @@ class Bench:
         fd = os.open(self.pin_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.pin)
-        self.ids = make_identities(self.workdir, count=2)
+        self.ids = make_identities(
+            self.workdir, count=2, corpus=self.config.corpus if self.config.wants("corpus") else ()
+        )
+        check_extension_links(c_layer_build())
         prog, lib = build_driver(self.workdir)
         self.limit = Driver(lib, prog)
         impls: list[Impl] = [
@@ -572,13 +762,7 @@ class Bench:
     # -- cycles -------------------------------------------------------------
 
     def _cycle_batch(self, impl: Impl, p12: P12, label: str, eph: bool, n: int, out: list) -> None:
-        h = self.handles[impl.name]
-        clock = time.perf_counter_ns
-        for _ in range(n):
-            t0 = clock()
-            impl.preauth(h, p12, label, eph)
-            impl.kill(h, label)
-            out.append(_ms(clock() - t0))
+        cycle_batch(impl, self.handles[impl.name], p12, label, eph, n, out)
 
     def _material_batch(self, impl: Impl, material: Any, label: str, n: int, out: list) -> None:
         h = self.handles[impl.name]
@@ -685,6 +869,89 @@ class Bench:
                 "parse-only entry point",
             )
 
+    # -- the corpus: realistic iteration counts, the floor, the wheel ---------
+
+    def _wheel(self) -> tuple:
+        """The wheel column's child process, or (None, reason).
+        $KEYCHAIN_EXT_BENCH_WHEEL is a wheel file (built with
+        KEYCHAIN_EXT_OPENSSL: a static OpenSSL); unpacked here and run in a
+        child process (a second _native cannot load into this one) that
+        the corpus loop asks in turn with the other implementations."""
+        wheel = os.environ.get("KEYCHAIN_EXT_BENCH_WHEEL")
+        if not wheel:
+            return None, "not available (KEYCHAIN_EXT_BENCH_WHEEL names no wheel file)"
+        site = self.workdir / "wheel"
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(site)
+        spec = {
+            "site": str(site),
+            "module": self.module,
+            "token": self.token,
+            "pin_file": str(self.pin_file),
+        }
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+        child = Child("wheel", spec, cwd=site, env=env)
+        if child.answer() != "ready":
+            raise RuntimeError("wheel child: no ready")
+        return child, None
+
+    def measure_corpus(self) -> None:
+        """The ephemeral cycle of each corpus file (CORPUS iterations, both
+        key types) by every implementation, the key derivations alone
+        (KDF floor) on the extension's OpenSSL, and, when given, the wheel
+        and the floor of its static OpenSSL."""
+        cfg = self.config
+        floors = {FLOOR: build_floor(self.workdir)}
+        self.results["impls"][FLOOR] = None
+        prefix = os.environ.get("KEYCHAIN_EXT_BENCH_OPENSSL")
+        if prefix:
+            floors[WHEEL_FLOOR] = build_floor(self.workdir, prefix)
+        self.results["impls"][WHEEL_FLOOR] = (
+            None if prefix else "not available (KEYCHAIN_EXT_BENCH_OPENSSL names no static OpenSSL)"
+        )
+        files = {
+            (kt, n): self.ids[(kt, f"pbkdf2-{n}", 0)] for kt in cfg.key_types for n in cfg.corpus
+        }
+        per = {n: 1 if n >= 100000 else 2 for n in cfg.corpus}
+        wheel, self.results["impls"][WHEEL] = self._wheel()
+        versions: dict = {}
+        gc_was = gc.isenabled()
+        for (key_type, n), p12 in files.items():
+            kt = "RSA-2048" if key_type == "rsa" else "EC P-256"
+            self.log(f"  corpus, {n:,} PBKDF2 iterations, {kt}")
+            samples = {i.name: [] for i in self.live()} | {LIMIT: []} | {f: [] for f in floors}
+            if wheel:
+                samples[WHEEL] = []
+            gc.disable()
+            try:
+                for _ in range(cfg.corpus_reps):
+                    for impl in self.live():
+                        self._cycle_batch(
+                            impl, p12, "bench-corpus", True, per[n], samples[impl.name]
+                        )
+                    samples[LIMIT] += self._limit_cycles(p12, per[n], False)
+                    if wheel:
+                        ask = {"path": str(p12.path), "password": p12.password, "n": per[n]}
+                        samples[WHEEL] += wheel.ask(ask)
+                    for name, prog in floors.items():
+                        r = run_floor(prog, n, per[n])
+                        samples[name] += r["samples_ms"]
+                        versions[name] = r["openssl"]
+            finally:
+                if gc_was:
+                    gc.enable()
+            self._row(
+                f"corpus_{key_type}_{n}",
+                f"cycle, {n:,} PBKDF2 iterations, {kt}",
+                "corpus (p12 bytes → kill)",
+                samples,
+                note=f"PBES2 AES-256-CBC, PBKDF2-HMAC-SHA256 x {n:,} per bag (key, certificate), "
+                f"SHA-256 MAC x {CORPUS_MAC_ITERATIONS:,}; KDF floor: those 3 derivations alone",
+            )
+        self.results["openssl"] = versions
+        if wheel:
+            wheel.close()
+
     def measure_token_cycles(self) -> None:
         cfg = self.config
         for key_type in cfg.key_types:
@@ -762,12 +1029,16 @@ class Bench:
                     self.log(f"  adding {n_fill - have} token objects")
                     self._add_fillers(n_fill - have)
                 self.log(f"  lookups and lists, {n_fill} other objects")
+                for impl in listers:  # sized once, untimed, as raw C sizes its buffer
+                    impl.list_items(self.handles[impl.name])
                 hit = {i.name: [] for i in self.live()} | {LIMIT: []}
                 miss = {i.name: [] for i in self.live()} | {LIMIT: []}
                 lists = {i.name: [] for i in listers} | {LIMIT: []}
                 clock = time.perf_counter_ns
                 reps = cfg.lookup_reps if n_fill < 1000 else max(2, cfg.lookup_reps // 2)
                 batch = cfg.lookup_batch if n_fill < 1000 else max(2, cfg.lookup_batch // 4)
+                if n_fill >= 10000:  # ~0.1 s a lookup: fewer samples
+                    reps, batch = 3, 2
                 list_batch = max(1, batch // 2)
                 for _ in range(reps):
                     for impl in self.live():
@@ -992,6 +1263,41 @@ class Bench:
         out["cpu_control"] = control
         self.results["threads"] = out
 
+    # -- processes ---------------------------------------------------------
+
+    def measure_processes(self) -> None:
+        """Aggregate ephemeral cycles/s of N processes, each a Python with the
+        C extension and its own SoftHSM2 instance on the shared token,
+        cycling the encrypted EC p12 for the same seconds from the same
+        moment."""
+        cfg = self.config
+        p12 = self.ids[("ec", "enc", 0)]
+        out: dict = {}
+        for n in cfg.processes:
+            self.log(f"  processes, {n}")
+            spec = {
+                "module": self.module,
+                "token": self.token,
+                "pin_file": str(self.pin_file),
+                "p12": str(p12.path),
+                "password": p12.password,
+                "seconds": cfg.process_seconds,
+            }
+            children = [Child("process", spec, cwd=ROOT) for _ in range(n)]
+            for c in children:  # each warm, its token open
+                if c.answer() != "ready":
+                    raise RuntimeError("process child: no ready")
+            for c in children:
+                c.send("go")
+            runs = [c.answer() for c in children]
+            for c in children:
+                c.close()
+            # the aggregate over the wall-clock span of them all
+            span = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+            cycles = sum(r["cycles"] for r in runs)
+            out[n] = {"cycles": cycles, "seconds": span, "rate": cycles / span}
+        self.results["processes"] = out
+
     # -- memory ------------------------------------------------------------
 
     def measure_memory(self) -> None:
@@ -1021,6 +1327,32 @@ class Bench:
                 "impl": name,
                 "p12": kind,
                 "key": key_type,
+                "cycles": n,
+                "before_kib": before,
+                "after_kib": after,
+                "growth_kib": after - before,
+            }
+        # SoftHSM2 alone: the same cycles as bare PKCS#11 calls (PyKCS11 from
+        # pre-parsed material: no keychain_ext code, no p12 parsing in the loop)
+        bare = self.impls.get(PYKCS11)
+        if bare is not None and bare.available and bare.parse is not None:
+            self.log(f"  memory, SoftHSM2 alone (PyKCS11, pre-parsed), {n} cycles")
+            material = bare.parse(self.ids[("ec", "clear", 0)].data, b"")
+            h = self.handles[PYKCS11]
+            for _ in range(min(500, n)):
+                bare.preauth_material(h, material, "bench-mem", True)
+                bare.kill(h, "bench-mem")
+            gc.collect()
+            before = rss_kib()
+            for _ in range(n):
+                bare.preauth_material(h, material, "bench-mem", True)
+                bare.kill(h, "bench-mem")
+            gc.collect()
+            after = rss_kib()
+            out[SOFTHSM2_ALONE] = {
+                "impl": PYKCS11,
+                "p12": "pre-parsed",
+                "key": "ec",
                 "cycles": n,
                 "before_kib": before,
                 "after_kib": after,
@@ -1072,9 +1404,11 @@ class Bench:
         self.results["load_before"] = os.getloadavg()
         steps = [
             ("cycle", self.measure_cycles),
+            ("corpus", self.measure_corpus),
             ("token", self.measure_token_cycles),
             ("calls", self.measure_calls),
             ("threads", self.measure_threads),
+            ("processes", self.measure_processes),
             ("memory", self.measure_memory),
             ("lookup", self.measure_lookups),
         ]

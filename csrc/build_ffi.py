@@ -3,6 +3,11 @@
 The cdef is csrc/keychain.h itself, minus its preprocessor guard lines; the
 backend is chosen by platform: Security.framework on macOS, a PKCS#11 token
 (dlopen'ed at run time, never linked) with OpenSSL elsewhere.
+
+OpenSSL is the system's libcrypto unless KEYCHAIN_EXT_OPENSSL names the
+prefix of an OpenSSL built by scripts/build-openssl (static, legacy provider
+built in): then libcrypto.a goes into the extension, its symbols hidden
+(what the wheels ship).
 """
 
 from __future__ import annotations
@@ -50,6 +55,24 @@ def _pkg_config_cflags(package: str) -> list[str]:
     return shlex.split(out)
 
 
+def _openssl() -> tuple[list[str], dict[str, list[str]]]:
+    """How the PKCS#11 backend gets libcrypto, as (compile args, link
+    keywords): the system's, or the static one under $KEYCHAIN_EXT_OPENSSL
+    (its headers first; --exclude-libs keeps every OpenSSL symbol out of the
+    extension's exports)."""
+    prefix = os.environ.get("KEYCHAIN_EXT_OPENSSL")
+    if not prefix:
+        return [], {"libraries": ["crypto", "dl", "pthread"]}
+    static = Path(prefix).resolve() / "lib" / "libcrypto.a"
+    if not static.is_file():
+        raise SystemExit(f"KEYCHAIN_EXT_OPENSSL: no {static} (build it with scripts/build-openssl)")
+    return [f"-I{static.parent.parent / 'include'}"], {
+        "extra_objects": [str(static)],
+        "extra_link_args": ["-Wl,--exclude-libs,ALL"],
+        "libraries": ["dl", "pthread"],
+    }
+
+
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
 
@@ -85,9 +108,10 @@ elif sys.platform == "darwin":
     }
 else:
     _sources = PKCS11_SOURCES
+    _openssl_cflags, _openssl_link = _openssl()
     _kwargs = {
-        "extra_compile_args": STRICT + _pkg_config_cflags("p11-kit-1"),
-        "libraries": ["crypto", "dl", "pthread"],
+        "extra_compile_args": STRICT + _pkg_config_cflags("p11-kit-1") + _openssl_cflags,
+        **_openssl_link,
     }
 
 _kwargs.setdefault("include_dirs", [str(CSRC.relative_to(ROOT))])

@@ -6,6 +6,7 @@ C layer makes."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 from pathlib import Path
@@ -38,6 +39,10 @@ def test_benchmark_machinery_minimal(token: Token, tmp_path: Path) -> None:
         thread_seconds=0.15,
         memory_cycles=10,
         key_types=("ec",),
+        corpus=(2048,),
+        corpus_reps=1,
+        processes=(1, 2),
+        process_seconds=0.2,
     )
     bench = runner.Bench(
         token.module, token.label, token.pin, tmp_path, config, log=lambda msg: None
@@ -48,7 +53,8 @@ def test_benchmark_machinery_minimal(token: Token, tmp_path: Path) -> None:
     finally:
         bench.close()
 
-    live = [name for name, reason in results["impls"].items() if reason is None]
+    corpus_only = (runner.FLOOR, runner.WHEEL, runner.WHEEL_FLOOR)  # columns of corpus rows
+    live = [n for n, reason in results["impls"].items() if reason is None and n not in corpus_only]
     assert runner.LIMIT in live and runner.NATIVE in live and runner.PYKCS11 in live
     for name, reason in results["impls"].items():
         assert reason is None or reason.startswith("not available"), (name, reason)
@@ -76,6 +82,16 @@ def test_benchmark_machinery_minimal(token: Token, tmp_path: Path) -> None:
     for key in ("create_destroy_ec", "parse_ec"):
         assert rows[key]["ms"].get(runner.PYKCS11, 0) > 0, key
         assert runner.NATIVE not in rows[key]["ms"] and runner.LIMIT not in rows[key]["ms"]
+
+    # the corpus row: every implementation, raw C and the KDF floor of the
+    # extension's OpenSSL; the wheel only when a wheel file is named
+    corpus = rows["corpus_ec_2048"]
+    for name in [*live, runner.FLOOR]:
+        assert corpus["ms"].get(name, 0) > 0, (name, corpus["ms"])
+    if not os.environ.get("KEYCHAIN_EXT_BENCH_WHEEL"):
+        assert runner.WHEEL not in corpus["ms"]
+        assert results["impls"][runner.WHEEL].startswith("not available")
+    assert results["openssl"][runner.FLOOR].startswith("OpenSSL ")
 
     calls = results["calls"]["counts"]
     minimum = runner.MINIMUM_CALLS
@@ -113,6 +129,10 @@ def test_benchmark_machinery_minimal(token: Token, tmp_path: Path) -> None:
     assert results["memory"], "no memory row"
     for m in results["memory"].values():
         assert m["cycles"] == 10 and m["before_kib"] > 0
+    # SoftHSM2's own growth, by bare PKCS#11 calls without keychain_ext
+    assert results["memory"][runner.SOFTHSM2_ALONE]["impl"] == runner.PYKCS11
+    procs = results["processes"]
+    assert procs[1]["cycles"] > 0 and procs[2]["cycles"] > 0 and procs[2]["rate"] > 0, procs
 
     text = report.table(results)
     assert "cycle, ephemeral, EC P-256" in text and "PKCS#11 calls" in text
@@ -159,7 +179,9 @@ def test_raw_c_driver_is_the_c_layer() -> None:
     for flag in ("-Wall", "-Wextra", "-Werror"):
         assert flag in build["cflags"], flag
     assert any(f.startswith("-DKC_VERSION=") for f in build["cflags"])
-    assert {"-lcrypto", "-ldl", "-lpthread"} <= set(build["libs"])
+    assert {"-ldl", "-lpthread"} <= set(build["libs"])
+    # libcrypto as the extension gets it: the system's, or a static one
+    assert "-lcrypto" in build["libs"] or any(x.endswith("libcrypto.a") for x in build["libs"])
 
 
 def _results(native_ms: float, raw_ms: float) -> dict:
@@ -226,3 +248,84 @@ def test_report_refuses_a_ratio_of_missing_data() -> None:
     status = {name: st for name, st, _ in report.targets(results)}
     name = "C extension ≤ 1.10× raw C on cycle from cleartext p12, ephemeral, EC P-256"
     assert status[name] == report.NOT_CHECKED
+
+
+def test_report_scores_the_corpus_from_its_rows() -> None:
+    """Per corpus file and build: never slower than the fastest port, and
+    within CLOSE_TO_FLOOR of its own OpenSSL's key derivations; computed
+    from the rows, a missing wheel never scored."""
+    from benchmarks import report, runner
+
+    def sp(ms: float) -> dict:
+        return {"min": ms, "q1": ms, "median": ms, "q3": ms, "max": ms}
+
+    ms = {
+        runner.NATIVE: 30.0,  # slower than the fastest port, 1.2x its floor
+        runner.FLOOR: 25.0,
+        runner.CTYPES: 12.0,
+        runner.PYKCS11: 11.0,
+        runner.WHEEL: 10.0,  # faster than every port, 2x its floor
+        runner.WHEEL_FLOOR: 5.0,
+    }
+    row = {
+        "label": "cycle, 20,000 PBKDF2 iterations, EC P-256",
+        "group": "corpus",
+        "note": "",
+        "ms": ms,
+        "n": {k: 1 for k in ms},
+        "spread": {k: sp(v) for k, v in ms.items()},
+    }
+    results = {
+        **_results(1.4, 1.3),
+        "rows": {"corpus_ec_20000": row},
+        "openssl": {runner.FLOOR: "OpenSSL 3.0", runner.WHEEL_FLOOR: "OpenSSL 3.5"},
+    }
+    status = {name: (st, fig) for name, st, fig in report.targets(results)}
+    label = row["label"]
+    native = f"{runner.NATIVE} (OpenSSL 3.0)"
+    wheel = f"{runner.WHEEL} (OpenSSL 3.5)"
+    assert status[f"{native} never slower than the fastest port on {label}"][0] == report.NOT_MET
+    assert "PyKCS11" in status[f"{native} never slower than the fastest port on {label}"][1]
+    assert status[f"{native} ≤ 1.25× its KDF floor on {label}"][0] == report.MET
+    assert status[f"{wheel} never slower than the fastest port on {label}"][0] == report.MET
+    assert status[f"{wheel} ≤ 1.25× its KDF floor on {label}"][0] == report.NOT_MET
+
+    ms[runner.WHEEL_FLOOR] = -1.0  # impossible: rejected, never met
+    status = {name: st for name, st, _ in report.targets(results)}
+    assert status[f"{wheel} ≤ 1.25× its KDF floor on {label}"] == report.REJECTED
+
+    del ms[runner.WHEEL], ms[runner.WHEEL_FLOOR]  # no wheel: nothing scored for it
+    assert not [n for n, _, _ in report.targets(results) if n.startswith(runner.WHEEL)]
+
+
+def test_report_memory_target_counts_our_share() -> None:
+    """RSS growth target: the extension's growth less SoftHSM2's own over the
+    same cycles and key type (bare PKCS#11 calls); other rows are not
+    discounted."""
+    from benchmarks import report, runner
+
+    def mem(impl: str, key: str, growth: int) -> dict:
+        return {
+            "impl": impl,
+            "p12": "clear",
+            "key": key,
+            "cycles": 20000,
+            "before_kib": 50000,
+            "after_kib": 50000 + growth,
+            "growth_kib": growth,
+        }
+
+    def status(alone_kib: int) -> dict:
+        results = _results(1.4, 1.3)
+        results["memory"] = {
+            "C extension (ec, clear)": mem(runner.NATIVE, "ec", 9000),
+            "C extension (rsa, enc)": mem(runner.NATIVE, "rsa", 3000),
+            runner.SOFTHSM2_ALONE: mem(runner.PYKCS11, "ec", alone_kib),
+        }
+        return {name: st for name, st, _ in report.targets(results)}
+
+    ec = "RSS growth < 2 MB over 20,000 cycles (C extension (ec, clear))"
+    rsa = "RSS growth < 2 MB over 20,000 cycles (C extension (rsa, enc))"
+    assert status(8500)[ec] == report.MET  # 0.5 MB ours
+    assert status(1000)[ec] == report.NOT_MET  # 7.8 MB ours
+    assert status(8500)[rsa] == report.NOT_MET  # an EC figure never discounts RSA
