@@ -227,10 +227,13 @@ def test_every_cli_hint_translates_a_real_message() -> None:
     translating."""
     from keychain_ext.cli import CLI_HINTS
 
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "csrc").is_dir():
+    import keychain_ext
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    if not csrc.is_dir():
         pytest.skip("reads the C sources: run from a checkout (make test does)")
-    sources = [*root.glob("keychain_ext/*.py"), *root.glob("csrc/*.c")]
+    package = Path(keychain_ext.__file__).parent  # the one under test
+    sources = [*package.glob("*.py"), *csrc.glob("*.c")]
     text = "".join(p.read_text() for p in sources if p.name != "cli.py")
     text = re.sub(r'"\s*\n\s*f?"', "", text)  # adjacent string literals joined
     assert [python for python, _ in CLI_HINTS if python not in text] == []
