@@ -17,6 +17,7 @@ import pytest
 
 from keychain_ext._provider import problem
 
+from . import test_cli
 from .conftest import Token
 from .pki import PKI, ClientIdentity
 from .servers import NginxServer
@@ -62,18 +63,12 @@ def token_left_empty(token: Token) -> Iterator[None]:
     assert token.objects() == []
 
 
+cli_env = test_cli.cli_env  # test_cli's fixture serves here too
+
+
 @pytest.fixture(scope="module")
-def env(token: Token, pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    pin_file = tmp_path_factory.mktemp("run") / "pin"
-    pin_file.write_text(token.pin)
-    pin_file.chmod(0o600)
-    return {
-        **os.environ,
-        "KEYCHAIN_EXT_MODULE": token.module,
-        "KEYCHAIN_EXT_TOKEN": token.label,
-        "KEYCHAIN_EXT_PIN_FILE": str(pin_file),
-        "CA": str(pki.ca_cert),
-    }
+def env(cli_env: dict[str, str], pki: PKI) -> dict[str, str]:
+    return {**cli_env, "CA": str(pki.ca_cert)}
 
 
 def run(
