@@ -13,7 +13,7 @@ demo: deps
 test: deps
 	$(PY) -m pytest -q
 
-# The macOS backend (csrc/keychain_darwin.c) built over the Security.framework
+# The macOS backend (csrc/keychain_darwin.c + darwin_*.c) built over the Security.framework
 # test double into a throwaway copy of the package, and the public-API and
 # CLI tests of tests/darwin run against it (the tree's own _native is untouched).
 test-darwin-double: deps

@@ -80,7 +80,8 @@ ffibuilder.cdef(_cdef())
 # Harnesses that compile the backend themselves (fuzzing, memcheck, the
 # benchmark's C driver) take this list too.
 PKCS11_SOURCES = [CSRC / "keychain_pkcs11.c", *sorted(CSRC.glob("p11_*.c"))]
-DARWIN_SOURCES = [CSRC / "keychain_darwin.c", CSRC / "p12_walk.c"]
+# The Darwin backend: the flow file, then its support units (darwin.h).
+DARWIN_SOURCES = [CSRC / "keychain_darwin.c", *sorted(CSRC.glob("darwin_*.c")), CSRC / "p12_walk.c"]
 
 # Tests only (make test-darwin-double): KEYCHAIN_EXT_DARWIN_DOUBLE names the
 # Security.framework TEST DOUBLE's directory (tests/darwin_double); the

@@ -1,6 +1,6 @@
 /*
  * darwin_driver.c -- a tiny program linked by scripts/check-darwin so that
- * every kc_* symbol of csrc/keychain_darwin.c is resolved against the macOS
+ * every kc_* symbol of the Darwin backend is resolved against the macOS
  * SDK's Security and CoreFoundation stubs.  It is only linked, never run
  * here; run on a Mac it prints the backend and opens the default search list.
  */

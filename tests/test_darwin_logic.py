@@ -1,4 +1,4 @@
-"""Logic tests of csrc/keychain_darwin.c that run on Linux.
+"""Logic tests of csrc/keychain_darwin.c (and its darwin_*.c units) that run on Linux.
 
 The backend is compiled with gcc against tests/darwin_double/, a test double
 of the Security/CoreFoundation subset it uses (an in-memory item store that
@@ -25,6 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOUBLE = os.path.join(ROOT, "tests", "darwin_double")
 SOURCES = [
     os.path.join(ROOT, "csrc", "keychain_darwin.c"),
+    os.path.join(ROOT, "csrc", "darwin_handle.c"),
+    os.path.join(ROOT, "csrc", "darwin_record.c"),
     os.path.join(ROOT, "csrc", "p12_walk.c"),
     os.path.join(DOUBLE, "double.c"),
     os.path.join(DOUBLE, "driver.c"),

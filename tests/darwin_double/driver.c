@@ -1,6 +1,6 @@
 /*
- * driver.c -- runs csrc/keychain_darwin.c against the TEST DOUBLE of
- * Security/CoreFoundation (double.c).  Built and run by
+ * driver.c -- runs csrc/keychain_darwin.c (and its darwin_*.c units) against
+ * the TEST DOUBLE of Security/CoreFoundation (double.c).  Built and run by
  * tests/test_darwin_logic.py:  driver <scenario>  exits 0 and prints
  * "PASS <scenario> (<n> checks)" when every check held; any failed check
  * prints "FAIL ..." and exits 1; misuse of the framework aborts.
