@@ -265,8 +265,7 @@ def c_layer_build(openssl: Optional[str] = None) -> dict:
     """How the extension's PKCS#11 C layer is compiled, as csrc/build_ffi.py
     says: {"sources": [Path], "cflags": [str], "libs": [str]}.
 
-    Sources: build_ffi.PKCS11_SOURCES (until it exists: csrc/*.c except
-    keychain_darwin.c).  Flags: the interpreter's CFLAGS and CCSHARED (what
+    Sources: build_ffi.PKCS11_SOURCES.  Flags: the interpreter's CFLAGS and CCSHARED (what
     setuptools compiles the extension with), then the include dirs, macros,
     extra compile args and libraries build_ffi hands to cffi's set_source
     (falling back to the documented ones if cffi's record is missing)."""
@@ -274,11 +273,7 @@ def c_layer_build(openssl: Optional[str] = None) -> dict:
 
     mod = _load_build_ffi(openssl)
     csrc = ROOT / "csrc"
-    listed = getattr(mod, "PKCS11_SOURCES", None)
-    if listed is not None:
-        sources = [_csrc_path(s) for s in listed]
-    else:
-        sources = sorted(p for p in csrc.glob("*.c") if p.name != "keychain_darwin.c")
+    sources = [_csrc_path(s) for s in mod.PKCS11_SOURCES]
     assigned = getattr(getattr(mod, "ffibuilder", None), "_assigned_source", None)
     kw: dict = dict(assigned[3]) if assigned and len(assigned) > 3 else {}
     version = kw.get("define_macros") or [("KC_VERSION", f'"{mod._version()}"')]
