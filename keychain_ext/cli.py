@@ -360,30 +360,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 128 - status if status < 0 else status
 
 
-def _check(ok: bool, what: str, hint: str = "") -> bool:
-    print(f"[{'ok' if ok else 'FAIL'}] {what}" + ("" if ok or not hint else f"\n       -> {hint}"))
-    return ok
-
-
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Check what the backend and the TLS clients need."""
+    """Check what the backend and the TLS clients need: one line per check,
+    or (--json) one JSON object {"ok", "checks": [{"ok", "what", "hint"}]}."""
+    checks: list[dict[str, Any]] = []
+
+    def check(ok: bool, what: str, hint: str = "") -> bool:
+        checks.append({"ok": ok, "what": what, "hint": "" if ok else hint})
+        return ok
+
     good = True
     module = ""
     try:
         module = args.module or _store.softhsm2_module()
-        good &= _check(
+        good &= check(
             os.path.isfile(module),
             f"PKCS#11 module {module}",
             "no such file: fix --module or KEYCHAIN_EXT_MODULE",
         )
     except KeychainError as exc:
-        good &= _check(False, "PKCS#11 module", f"{exc.detail}")
+        good &= check(False, "PKCS#11 module", f"{exc.detail}")
     try:
         with _open(args) as kc:
             count = len(kc.items())
-            good &= _check(True, f"token '{kc.token}' present and logged in ({count} identities)")
+            good &= check(True, f"token '{kc.token}' present and logged in ({count} identities)")
     except (KeychainError, OSError) as exc:
-        good &= _check(False, "token", cli_message(str(exc)))
+        good &= check(False, "token", cli_message(str(exc)))
     engines = ""
     try:
         out = subprocess.run(["openssl", "version", "-e"], capture_output=True, text=True).stdout
@@ -391,7 +393,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except OSError:
         pass
     engine = any(os.path.exists(os.path.join(engines, n)) for n in ("pkcs11.so", "libpkcs11.so"))
-    engine = _check(
+    engine = check(
         engine,
         "OpenSSL pkcs11 engine (the engine route: curl_args, setup_pycurl, older curl)",
         "apt-get install libengine-pkcs11-openssl",
@@ -402,7 +404,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         provider, why = True, ""
     except KeychainError as exc:
         provider, why = False, exc.detail
-    provider = _check(
+    provider = check(
         provider,
         "OpenSSL 3 pkcs11 provider (the provider route: Identity.ssl_context, "
         "run/env with any OpenSSL 3 program)",
@@ -410,9 +412,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     )
     good &= provider or engine  # one route is enough
     curl = shutil.which("curl")
-    good &= _check(curl is not None, f"curl {curl or 'not found'}", "apt-get install curl")
+    good &= check(curl is not None, f"curl {curl or 'not found'}", "apt-get install curl")
     problem = pycurl_problem()
-    _check(problem is None, "pycurl can use the engine (optional)", problem or "")
+    check(problem is None, "pycurl can use the engine (optional)", problem or "")
+    if args.json:
+        print(json.dumps({"ok": bool(good), "checks": checks}, indent=2))
+    else:
+        for c in checks:
+            print(f"[{'ok' if c['ok'] else 'FAIL'}] {c['what']}")
+            if c["hint"]:
+                print(f"       -> {c['hint']}")
     return 0 if good else 1
 
 

@@ -221,6 +221,21 @@ def test_doctor_fails_for_a_missing_module(cli_env: dict[str, str]) -> None:
     assert "[FAIL] PKCS#11 module /nonexistent/module.so" in done.stdout
 
 
+def test_doctor_under_json(cli_env: dict[str, str]) -> None:
+    """--json: one object whose "ok" is the exit status and whose checks say
+    what failed and why."""
+    good = cli(cli_env, "doctor", "--json")
+    report = json.loads(good.stdout)
+    assert good.returncode == 0 and report["ok"] is True, good.stdout
+    assert all(c["ok"] for c in report["checks"] if "optional" not in c["what"])
+    bad = cli({**cli_env, "KEYCHAIN_EXT_MODULE": "/nonexistent/module.so"}, "doctor", "--json")
+    report = json.loads(bad.stdout)
+    assert bad.returncode == 1 and report["ok"] is False
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert failed[0]["what"] == "PKCS#11 module /nonexistent/module.so"
+    assert "KEYCHAIN_EXT_MODULE" in failed[0]["hint"]
+
+
 def test_every_cli_hint_translates_a_real_message() -> None:
     """CLI_HINTS rewrites the library's wording: each Python phrase must
     still be one the C layer or the façade writes, or it silently stops
