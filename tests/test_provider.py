@@ -23,7 +23,7 @@ from keychain_ext import Keychain
 from keychain_ext._provider import problem
 from keychain_ext.errors import UnimplementedError
 
-from .conftest import Token, new_token
+from .conftest import Token, new_nss_token, new_token
 from .pki import PKI, ClientIdentity
 from .servers import MTLSServer, NginxServer
 
@@ -277,3 +277,34 @@ def test_an_identity_pickles_without_its_keychain(kc: Keychain, ec_client: Clien
         assert copy == ident and copy.key_uri == ident.key_uri
         with pytest.raises(ItemNotFoundError, match="Keychain that made"):
             copy.ssl_context()
+
+
+NSS_CHILD = """
+import json, sys, urllib.request
+from keychain_ext import Keychain
+module, label, init_args, p12, url, ca, ephemeral = sys.argv[1:8]
+pin, password = sys.stdin.readline().strip(), sys.stdin.readline().strip()
+with Keychain(module, label, pin, init_args=init_args) as kc:
+    with kc.preauthorized(p12, password, "nss", ephemeral=ephemeral == "yes") as ident:
+        ctx = ident.ssl_context(cafile=ca)
+        with urllib.request.urlopen(url, b"{}", context=ctx, timeout=30) as answer:
+            print(json.loads(answer.read())["client_cn"])
+"""
+
+
+@pytest.mark.parametrize("ephemeral", ["no", "yes"], ids=["token", "ephemeral"])
+def test_the_provider_route_on_nss_softoken(
+    pki: PKI, mtls: MTLSServer, ec_client: ClientIdentity, ephemeral: str
+) -> None:
+    """The second kind of token: the provider gets NSS's init string
+    (pkcs11-module-init-args).  In its own process: one module per process."""
+    nss = new_nss_token()
+    assert nss.init_args
+    done = subprocess.run(
+        [sys.executable, "-c", NSS_CHILD, nss.module, nss.label, nss.init_args,
+         str(ec_client.p12), mtls.url, str(pki.ca_cert), ephemeral],
+        input=f"{nss.pin}\n{ec_client.password}\n", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ec_client.cn
+    assert nss.objects() == []
