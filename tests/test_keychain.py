@@ -582,3 +582,17 @@ def test_certificate_without_subject_attribute(
         kc.kill_key("foreign")
     assert kc.lookup("foreign") is not None
     kc.kill_key("foreign", force=True)
+
+
+def test_every_item_info_field_is_filled_from_c() -> None:
+    """_info fills ItemInfo without its __init__: a field added to the class
+    and not filled there would be missing, not defaulted."""
+    from dataclasses import fields
+
+    from keychain_ext._native_backend import _info, ffi
+
+    c = ffi.new("kc_item_info *")
+    c.label, c.owner_alive = b"x", -1
+    info = _info(c)
+    assert set(vars(info)) == {f.name for f in fields(info)}
+    assert info.label == "x" and info.owner_alive is None and hash(info) == hash(_info(c))
