@@ -1,0 +1,580 @@
+"""python -m benchmarks.handshakes [--quick] [--write]
+
+The cost a service pays on every connection (issue 14, item 3): mutual-TLS
+requests per second on fresh connections -- a full handshake each, no
+session resumption, no keep-alive -- against a local nginx that demands a
+client certificate (``ssl_verify_client on``, session cache and tickets
+off), with the client key in the token and with the same key as a PEM file.
+
+Clients: Python's ``ssl`` (http.client, a new connection per request; the
+context made once), pycurl (FRESH_CONNECT, FORBID_REUSE, no session-id
+cache) and the curl command line (one process per request).  Routes: the
+PEM file (the baseline), a token identity and an ephemeral one through
+``Identity.ssl_context()`` (OpenSSL 3's pkcs11 provider) and
+``setup_pycurl`` (OpenSSL's pkcs11 engine); the curl CLI through
+``client_env`` (provider) and ``curl_args`` (engine).  EC P-256 and
+RSA-2048, one client key per type, every route using that same key.
+
+Each route runs in a worker process of its own (the provider is configured
+once per process; session objects are seen only by the process that made
+them); the parent asks the workers in turn, one batch each, rotating the
+order every round, so every ratio is of batches measured side by side.
+PKCS#11 calls per handshake are counted by tests/p11shim in separate
+workers (so the timed ones do not pay for counting).
+
+The full run writes benchmarks/HANDSHAKES.md; --quick (< 1 minute) prints
+the same page from fewer, smaller batches and writes it only with --write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import secrets
+import select
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUTPUT = HERE / "HANDSHAKES.md"
+COMMAND = ".venv/bin/python -m benchmarks.handshakes"
+
+KEY_TYPES = {"ec": "EC P-256", "rsa": "RSA-2048"}
+ANSWER_TIMEOUT = 120  # s: a stuck worker is an error, not a hang
+TARGET = 0.8  # issue 14: token key >= 0.8x the PEM file's throughput, in process
+IN_PROCESS = ("python", "pycurl")
+CLIENT_NAMES = {
+    "python": "Python ssl (http.client)",
+    "pycurl": "pycurl",
+    "curl": "curl CLI, a process per request",
+}
+# what each worker holds: how its routes reach the key
+MODES = {
+    "pem": "PEM file",
+    "token": "token identity",
+    "ephemeral": "ephemeral identity",
+    "token_cache_keys": "token identity, provider with pkcs11-module-cache-keys = true",
+}
+# (client, mode, route): every row measured
+ROWS: tuple[tuple[str, str, str], ...] = (
+    ("python", "pem", "load_cert_chain(cert.pem, key.pem)"),
+    ("python", "token", "Identity.ssl_context() (provider)"),
+    ("python", "ephemeral", "Identity.ssl_context() (provider)"),
+    ("python", "token_cache_keys", "Identity.ssl_context() (provider)"),
+    ("pycurl", "pem", "SSLCERT/SSLKEY PEM files"),
+    ("pycurl", "token", "setup_pycurl (engine)"),
+    ("pycurl", "ephemeral", "setup_pycurl (engine)"),
+    ("curl", "pem", "--cert cert.pem --key key.pem"),
+    ("curl", "token", "client_env: --cert/--key from the provider's files"),
+    ("curl-engine", "token", "client_env + curl_args (engine)"),
+)
+# provider settings a worker mode changes from keychain_ext's (benchmark only)
+MODE_OPTIONS = {"token_cache_keys": {"pkcs11-module-cache-keys": "true"}}
+
+
+@dataclass(frozen=True)
+class Settings:
+    rounds: int = 15
+    batch: int = 40  # in-process requests per batch
+    cli_batch: int = 8  # curl processes per batch
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(rounds=4, batch=12, cli_batch=3)
+
+
+def row_id(client: str, mode: str) -> str:
+    return f"{client}/{mode}"
+
+
+# ------------------------------------------------------------------ worker
+
+
+class _Routes:
+    """The requests one worker makes: a mode's identity (or PEM files) and
+    the clients that use it.  Every answer is checked against the DN the
+    server must have seen."""
+
+    def __init__(self, spec: dict) -> None:
+        self.spec = spec
+        self.url, self.ca = spec["url"], spec["ca"]
+        self.expected = json.dumps({"client": f"CN={spec['cn']}"}).encode() + b"\n"
+        host, port = self.url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        self.keychain: Any = None
+        self.env = dict(os.environ)
+        self.cli_args = ["--cert", spec["cert"], "--key", spec["key"]]
+        self.engine_args: list[str] = []
+        mode = spec["mode"]
+        if mode == "pem":
+            self.context = ssl.create_default_context(cafile=self.ca)
+            self.context.load_cert_chain(spec["cert"], spec["key"])
+        else:
+            self._open_identity(mode)
+        self.handle = self._pycurl()
+
+    def _open_identity(self, mode: str) -> None:
+        from keychain_ext import Keychain, _provider
+        from keychain_ext.curl import client_env, curl_args, setup_pycurl
+
+        options = MODE_OPTIONS.get(mode, {})
+        known = {name for name, _, _ in _provider.OPTIONS}
+        _provider.OPTIONS = tuple(
+            (name, options.get(name, value), why) for name, value, why in _provider.OPTIONS
+        ) + tuple((n, v, "benchmark variant") for n, v in options.items() if n not in known)
+        spec = self.spec
+        self.keychain = Keychain(spec["module"], spec["token"], spec["pin"])
+        ephemeral = mode == "ephemeral"
+        self.ident = self.keychain.preauth_key(
+            spec["p12"], spec["password"], spec["label"], ephemeral=ephemeral
+        )
+        self.context = self.ident.ssl_context(cafile=self.ca)
+        self.setup_pycurl = setup_pycurl
+        if not ephemeral:
+            self.env = client_env(self.ident)
+            self.cli_args = ["--cert", self.env["KEYCHAIN_EXT_CERT"]]
+            self.cli_args += ["--key", self.env["KEYCHAIN_EXT_KEY"]]
+            self.engine_args = curl_args(self.ident)
+
+    def _pycurl(self) -> Any:
+        import pycurl
+
+        handle = pycurl.Curl()
+        if self.keychain is not None:
+            self.setup_pycurl(handle, self.ident)
+        else:
+            handle.setopt(pycurl.SSLCERT, self.spec["cert"])
+            handle.setopt(pycurl.SSLKEY, self.spec["key"])
+        handle.setopt(pycurl.URL, self.url)
+        handle.setopt(pycurl.CAINFO, self.ca)
+        handle.setopt(pycurl.FRESH_CONNECT, 1)
+        handle.setopt(pycurl.FORBID_REUSE, 1)
+        handle.setopt(pycurl.SSL_SESSIONID_CACHE, 0)
+        handle.setopt(pycurl.TIMEOUT, 30)
+        return handle
+
+    def _check(self, client: str, body: bytes) -> None:
+        if body != self.expected:
+            raise RuntimeError(f"{client}: the server answered {body!r}")
+
+    def request(self, client: str) -> None:
+        if client == "python":
+            conn = http.client.HTTPSConnection(self.host, self.port, context=self.context)
+            try:
+                conn.request("GET", "/")
+                body = conn.getresponse().read()
+            finally:
+                conn.close()
+        elif client == "pycurl":
+            import pycurl
+
+            buf = io.BytesIO()
+            self.handle.setopt(pycurl.WRITEDATA, buf)
+            self.handle.perform()
+            body = buf.getvalue()
+        else:
+            args = self.engine_args if client == "curl-engine" else self.cli_args
+            argv = ["curl", "-sS", "--fail", "--no-sessionid", "--cacert", self.ca, *args]
+            done = subprocess.run([*argv, self.url], env=self.env, capture_output=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{client}: {done.stderr.decode(errors='replace')}")
+            body = done.stdout
+        self._check(client, body)
+
+    def batch(self, client: str, n: int) -> float:
+        """Requests per second over n fresh connections."""
+        start = time.perf_counter()
+        for _ in range(n):
+            self.request(client)
+        return n / (time.perf_counter() - start)
+
+    def count(self, client: str) -> dict[str, int]:
+        """PKCS#11 calls of one request (the module is tests/p11shim)."""
+        sys.path.insert(0, str(ROOT / "tests" / "p11shim"))
+        from build import Shim  # type: ignore[import-not-found]
+
+        shim = Shim(self.spec["module"])
+        self.request(client)  # warm: the first use may list slots, log in
+        shim.reset()
+        self.request(client)
+        return shim.counts()
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.keychain is not None:
+            self.keychain.kill_key(self.spec["label"])
+            self.keychain.close()
+
+
+def worker() -> None:
+    """Serve the parent: the spec on the first stdin line, then one JSON
+    command a line ({"client", "n"} or {"count": client}), one JSON answer
+    a line on stdout."""
+    spec = json.loads(sys.stdin.readline())
+    out = sys.stdout
+    sys.stdout = sys.stderr  # nothing else may write to the parent's pipe
+    routes = _Routes(spec)
+    try:
+        out.write(json.dumps({"ready": True}) + "\n")
+        out.flush()
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            if "count" in cmd:
+                answer: Any = routes.count(cmd["count"])
+            else:
+                answer = routes.batch(cmd["client"], cmd["n"])
+            out.write(json.dumps(answer) + "\n")
+            out.flush()
+    finally:
+        routes.close()
+
+
+class Worker:
+    """A worker process, driven through its stdin and stdout."""
+
+    def __init__(self, spec: dict) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.handshakes", "--worker"],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.name = spec["mode"]
+        self._send(spec)
+        self._answer()
+
+    def _send(self, obj: dict) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def _answer(self) -> Any:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], ANSWER_TIMEOUT)
+        if not ready:
+            raise TimeoutError(f"worker {self.name} did not answer in {ANSWER_TIMEOUT} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.name} ended (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def rate(self, client: str, n: int) -> float:
+        self._send({"client": client, "n": n})
+        return float(self._answer())
+
+    def count(self, client: str) -> dict[str, int]:
+        self._send({"count": client})
+        return dict(self._answer())
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            code = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        if code != 0:
+            raise RuntimeError(f"worker {self.name} exited with {code}")
+
+
+# ------------------------------------------------------------------ parent
+
+
+def _stats(xs: list) -> dict:
+    from .runner import spread
+
+    return spread(xs)  # type: ignore[no-any-return]
+
+
+def measure(settings: Settings, log: Callable[[str], None] = print) -> dict:
+    """Every row of ROWS for both key types, and the calls per handshake."""
+    from tests.pki import make_client, make_pki
+    from tests.servers import NginxServer
+
+    from .runner import load_shim_tools, new_token, prepare_environment
+
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    root = Path(tempfile.mkdtemp(prefix="keychain_ext-handshakes-", dir=base))
+    workers: dict[tuple[str, str], Worker] = {}
+    try:
+        prepare_environment(root)
+        shim = load_shim_tools().build_shim(root / "shim")
+        tokens = {mode: new_token(mode) for mode in MODES if mode != "pem"}
+        os.environ["P11SHIM_TARGET"] = next(iter(tokens.values()))[0]
+        pki = make_pki(root / "pki")
+        password = secrets.token_hex(8)
+        clients = {
+            kt: make_client(pki, cn=f"handshakes-{kt}", password=password, key_type=kt)
+            for kt in KEY_TYPES
+        }
+
+        def spec(mode: str, kt: str, url: str, module: Optional[str] = None) -> dict:
+            c = clients[kt]
+            s = {"mode": mode, "url": url, "ca": str(pki.ca_cert), "cn": c.cn}
+            s.update(cert=str(c.cert), key=str(c.key), p12=str(c.p12), password=password)
+            if mode != "pem":
+                real, label, pin = tokens[mode]
+                s.update(module=module or real, token=label, pin=pin, label=f"handshakes-{kt}")
+            return s
+
+        results: dict = {"settings": vars(settings), "rows": {}, "calls": {}}
+        with NginxServer(pki, fresh_handshakes=True) as nginx:
+            for kt in KEY_TYPES:  # counting workers first, one at a time
+                for mode in tokens:
+                    w = Worker(spec(mode, kt, nginx.url, str(shim)))
+                    try:
+                        for client, m, _ in ROWS:
+                            if m == mode and client in IN_PROCESS:
+                                calls = w.count(client)
+                                results["calls"].setdefault(kt, {})[row_id(client, m)] = calls
+                    finally:
+                        w.close()
+            log(f"calls counted ({time.monotonic() - started:.0f} s)")
+            for kt in KEY_TYPES:
+                for mode in MODES:
+                    log(f"start {kt} {mode}")
+                    workers[kt, mode] = Worker(spec(mode, kt, nginx.url))
+            order = [(kt, client, mode) for kt in KEY_TYPES for client, mode, _ in ROWS]
+            rates: dict = {kt: {row_id(c, m): [] for c, m, _ in ROWS} for kt in KEY_TYPES}
+            for r in range(settings.rounds):
+                shift = r % len(order)
+                for kt, client, mode in order[shift:] + order[:shift]:
+                    n = settings.batch if client in IN_PROCESS else settings.cli_batch
+                    rates[kt][row_id(client, mode)].append(workers[kt, mode].rate(client, n))
+                log(f"round {r + 1}/{settings.rounds} ({time.monotonic() - started:.0f} s)")
+            for w in workers.values():
+                w.close()
+            workers.clear()
+        results["rates"] = rates
+        for kt, rows in rates.items():
+            results["rows"][kt] = {rid: _stats(xs) for rid, xs in rows.items()}
+        results["load_before"] = load_before
+        results["load_after"] = os.getloadavg()
+        results["seconds"] = time.monotonic() - started
+        return results
+    finally:
+        for w in workers.values():
+            w.proc.kill()
+            w.proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ report
+
+
+def ratios(results: dict) -> list[dict]:
+    """Every non-PEM row against the PEM row of its client and key type:
+    the ratio of medians and the spread of the per-round ratios (batches
+    measured side by side); ``target`` met / not met for in-process token
+    keys (the route keychain_ext ships, not the cache-keys variant)."""
+    from .report import ImpossibleValue, positive, ratio
+
+    out = []
+    for kt in results["rows"]:
+        rows, rates = results["rows"][kt], results["rates"][kt]
+        for client, mode, _ in ROWS:
+            if mode == "pem":
+                continue
+            base = "curl" if client == "curl-engine" else client
+            rid, pid = row_id(client, mode), row_id(base, "pem")
+            entry: dict = {"key_type": kt, "row": rid}
+            try:
+                entry["ratio"] = ratio(rows[rid]["median"], rows[pid]["median"], rid)
+                per_round = [
+                    positive(a, rid) / positive(b, pid) for a, b in zip(rates[rid], rates[pid])
+                ]
+            except (ImpossibleValue, KeyError, TypeError) as exc:
+                entry["status"], entry["why"] = "rejected", str(exc)
+                out.append(entry)
+                continue
+            entry["round_ratios"] = _stats(per_round)
+            if client in IN_PROCESS and mode in ("token", "ephemeral"):
+                entry["status"] = "met" if entry["ratio"] >= TARGET else "not met"
+            out.append(entry)
+    return out
+
+
+def _rate(sp: Optional[dict]) -> str:
+    if not sp:
+        return "—"
+    return f"{sp['median']:,.0f} [{sp['q1']:,.0f}–{sp['q3']:,.0f}]"
+
+
+def _calls(calls: Optional[dict]) -> str:
+    if not calls:
+        return "—"
+    parts = ", ".join(f"{k[2:]} {v}" for k, v in sorted(calls.items()))
+    return f"{sum(calls.values())}: {parts}"
+
+
+def _commit() -> str:
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "keychain_ext", "benchmarks")
+    return head + (" (with uncommitted changes)" if dirty else "")
+
+
+def markdown(results: dict, quick: bool) -> str:
+    from .report import machine
+
+    m = machine()
+    load = "/".join(f"{x:.1f}" for x in results["load_before"])
+    load_after = "/".join(f"{x:.1f}" for x in results["load_after"])
+    s = results["settings"]
+    by_row = {(r["key_type"], r["row"]): r for r in ratios(results)}
+    lines = [
+        "| client | key | route | " + " | ".join(
+            f"{name} req/s [IQR] | × PEM (rounds min–max) | PKCS#11 calls / handshake"
+            for name in KEY_TYPES.values()
+        ) + " |",
+        "|---|---|---|" + "---|---|---|" * len(KEY_TYPES),
+    ]
+    for client, mode, route in ROWS:
+        rid = row_id(client, mode)
+        cells = []
+        for kt in KEY_TYPES:
+            sp = results["rows"][kt].get(rid)
+            r = by_row.get((kt, rid))
+            if r is None:
+                rel = "1 (baseline)"
+            elif "ratio" not in r:
+                rel = f"rejected: {r['why']}"
+            else:
+                rr = r["round_ratios"]
+                rel = f"{r['ratio']:.2f} ({rr['min']:.2f}–{rr['max']:.2f})"
+            calls = results["calls"].get(kt, {}).get(rid)
+            counted = "not counted" if client not in IN_PROCESS else "0"
+            cells += [_rate(sp), rel, _calls(calls) if calls else counted]
+        name = CLIENT_NAMES.get(client, CLIENT_NAMES["curl"])
+        lines.append(f"| {name} | {MODES[mode]} | {route} | " + " | ".join(cells) + " |")
+    targets = []
+    for r in ratios(results):
+        if "status" not in r:
+            continue
+        client, mode = r["row"].split("/")
+        what = f"{CLIENT_NAMES[client]}, {MODES[mode]}, {KEY_TYPES[r['key_type']]}"
+        figure = f"{r['ratio']:.2f}× the PEM file" if "ratio" in r else r["why"]
+        targets.append(f"- **{r['status']}** — {what}: {figure}")
+    return f"""# Mutual TLS on fresh connections: the key in the token vs a PEM file
+
+Generated by `{COMMAND}{" --quick" if quick else ""}` — do not edit; run it again.
+See the module's docstring (benchmarks/handshakes.py) for what is measured.
+
+Commit {_commit()} · {m["date"]} · {m["cpu"]}, {m["cores"]} cores, {m["os"]} ·
+{m["openssl"]}, SoftHSM2 {m["softhsm2"]}, Python {m["python"]}.
+Load average (1/5/15 min) before {load}, after {load_after}: **the machine was
+shared** (other benchmarks and a CI run on its two cores), so absolute rates
+are low and noisy; the ratios compare batches run side by side.
+Run time {results["seconds"]:.0f} s: {s["rounds"]} rounds; a batch is {s["batch"]}
+requests in process, {s["cli_batch"]} curl processes.
+
+Server: nginx, `ssl_verify_client on`, session cache and tickets off,
+no keep-alive; every answer checked to carry the client's DN.  Requests
+per second: median of the batches, interquartile range in brackets.
+"× PEM": the route's median over the PEM file's, same client and key type;
+in brackets the smallest and largest ratio of one round's two batches.
+Calls: what tests/p11shim counted for one request after a first one.
+
+{chr(10).join(lines)}
+
+## Target (issue 14): in process, token key ≥ {TARGET}× the PEM file
+
+{chr(10).join(targets)}
+
+## Findings
+
+{findings(results)}
+"""
+
+
+def findings(results: dict) -> str:
+    """What the rows say, figures taken from them."""
+    by_row = {(r["key_type"], r["row"]): r.get("ratio") for r in ratios(results)}
+    calls = results["calls"]
+
+    def fig(kt: str, rid: str) -> str:
+        x = by_row.get((kt, rid))
+        return f"{x:.2f}×" if x else "—"
+
+    def total(kt: str, rid: str) -> str:
+        c = calls.get(kt, {}).get(rid)
+        return str(sum(c.values())) if c else "—"
+
+    return f"""- **Provider route (Python ssl)**: no search, no login, no session
+  opened per handshake — the provider keeps the key's object handle and its
+  sessions: {total("ec", "python/token")} calls per EC handshake
+  (2 `C_GetSessionInfo`, its login check, then `C_SignInit` + `C_Sign`),
+  {total("rsa", "python/token")} per RSA one (digest-sign in parts, and a
+  `C_GetOperationState` OpenSSL's context duplication asks for).  What is
+  left is the signature inside SoftHSM2: token key EC {fig("ec", "python/token")},
+  RSA {fig("rsa", "python/token")} of the PEM file; ephemeral EC
+  {fig("ec", "python/ephemeral")}, RSA {fig("rsa", "python/ephemeral")}.
+- **`pkcs11-module-cache-keys`**: keychain_ext turns it off so that a
+  context made before a kill stops working (tests/test_provider.py).  On
+  SoftHSM2 turning it on changes nothing per handshake: the calls are the
+  same ({total("ec", "python/token_cache_keys")} / {total("rsa", "python/token_cache_keys")}),
+  throughput EC {fig("ec", "python/token_cache_keys")}, RSA
+  {fig("rsa", "python/token_cache_keys")} of the PEM file against
+  {fig("ec", "python/token")} / {fig("rsa", "python/token")} with it off.
+  The off setting stays.
+- **Engine route (pycurl)**: libcurl loads certificate and key again for
+  every connection, and libp11 searches the token for each: 
+  {total("ec", "pycurl/token")} calls per handshake (2 searches, then
+  `C_SignInit` + `C_Sign`); token key EC {fig("ec", "pycurl/token")},
+  RSA {fig("rsa", "pycurl/token")}; ephemeral EC {fig("ec", "pycurl/ephemeral")},
+  RSA {fig("rsa", "pycurl/ephemeral")}.
+- **curl CLI**: a process per request is mostly process start-up; with the
+  token key it also loads the provider or the engine, the module, lists
+  slots and logs in, every time: provider {fig("ec", "curl/token")} (EC),
+  {fig("rsa", "curl/token")} (RSA); engine {fig("ec", "curl-engine/token")},
+  {fig("rsa", "curl-engine/token")} of the PEM file.  A service that
+  cares keeps the identity in process (pycurl, Python's ssl).
+"""
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.handshakes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--quick", action="store_true", help="fewer, smaller batches (< 60 s)")
+    ap.add_argument("--write", action="store_true", help="write HANDSHAKES.md also with --quick")
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker()
+        return 0
+    settings = Settings.quick() if args.quick else Settings()
+    results = measure(settings, log=lambda s: print(s, file=sys.stderr))
+    page = markdown(results, args.quick)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.write or not args.quick:
+        OUTPUT.write_text(page)
+        print(f"wrote {OUTPUT.relative_to(ROOT)}", file=sys.stderr)
+    print(page)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
