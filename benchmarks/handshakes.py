@@ -29,6 +29,7 @@ the same page from fewer, smaller batches and writes it only with --write.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import http.client
 import io
 import json
@@ -51,21 +52,28 @@ OUTPUT = HERE / "HANDSHAKES.md"
 COMMAND = ".venv/bin/python -m benchmarks.handshakes"
 
 KEY_TYPES = {"ec": "EC P-256", "rsa": "RSA-2048"}
-ANSWER_TIMEOUT = 120  # s: a stuck worker is an error, not a hang
+CURL_TIMEOUT = 15  # s
+ANSWER_TIMEOUT = 60  # s: a stuck worker is an error, not a hang
 TARGET = 0.8  # issue 14: token key >= 0.8x the PEM file's throughput, in process
-IN_PROCESS = ("python", "pycurl")
+IN_PROCESS = ("python", "pycurl", "pycurl-engcert")
 CLIENT_NAMES = {
     "python": "Python ssl (http.client)",
     "pycurl": "pycurl",
+    "pycurl-engcert": "pycurl",
     "curl": "curl CLI, a process per request",
 }
+# other identities the "token_populated" worker holds: session objects, so
+# that the curl processes of the other rows do not load them with the token
+FILLERS = 100
 # what each worker holds: how its routes reach the key
 MODES = {
     "pem": "PEM file",
     "token": "token identity",
     "ephemeral": "ephemeral identity",
     "token_cache_keys": "token identity, provider with pkcs11-module-cache-keys = true",
+    "token_populated": f"token identity, {FILLERS} other (ephemeral) identities in the process",
 }
+ENGCERT = "setup_pycurl, then the certificate by URI (engine): the glue before this benchmark"
 # (client, mode, route): every row measured
 ROWS: tuple[tuple[str, str, str], ...] = (
     ("python", "pem", "load_cert_chain(cert.pem, key.pem)"),
@@ -75,6 +83,10 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("pycurl", "pem", "SSLCERT/SSLKEY PEM files"),
     ("pycurl", "token", "setup_pycurl (engine)"),
     ("pycurl", "ephemeral", "setup_pycurl (engine)"),
+    ("python", "token_populated", "Identity.ssl_context() (provider)"),
+    ("pycurl", "token_populated", "setup_pycurl (engine)"),
+    ("pycurl-engcert", "token", ENGCERT),
+    ("pycurl-engcert", "token_populated", ENGCERT),
     ("curl", "pem", "--cert cert.pem --key key.pem"),
     ("curl", "token", "client_env: --cert/--key from the provider's files"),
     ("curl-engine", "token", "client_env + curl_args (engine)"),
@@ -101,6 +113,15 @@ def row_id(client: str, mode: str) -> str:
 # ------------------------------------------------------------------ worker
 
 
+def _stuck(pid: int) -> str:
+    """Where a process waits (its threads' kernel wait channels)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        return ", ".join(Path(f"/proc/{pid}/task/{t}/wchan").read_text() for t in tasks)
+    except OSError as exc:
+        return str(exc)
+
+
 class _Routes:
     """The requests one worker makes: a mode's identity (or PEM files) and
     the clients that use it.  Every answer is checked against the DN the
@@ -123,6 +144,13 @@ class _Routes:
         else:
             self._open_identity(mode)
         self.handle = self._pycurl()
+        self.engcert = None
+        if mode != "pem":  # the certificate found by the engine per connection
+            import pycurl
+
+            self.engcert = self._pycurl()
+            self.engcert.setopt(pycurl.SSLCERTTYPE, "ENG")
+            self.engcert.setopt(pycurl.SSLCERT, self.ident.cert_uri)
 
     def _open_identity(self, mode: str) -> None:
         from keychain_ext import Keychain, _provider
@@ -139,6 +167,8 @@ class _Routes:
         self.ident = self.keychain.preauth_key(
             spec["p12"], spec["password"], spec["label"], ephemeral=ephemeral
         )
+        for i, p12 in enumerate(spec.get("fillers", ())):
+            self.keychain.preauth_key(p12, spec["password"], f"filler-{i}", ephemeral=True)
         self.context = self.ident.ssl_context(cafile=self.ca)
         self.setup_pycurl = setup_pycurl
         if not ephemeral:
@@ -176,20 +206,33 @@ class _Routes:
                 body = conn.getresponse().read()
             finally:
                 conn.close()
-        elif client == "pycurl":
+        elif client.startswith("pycurl"):
             import pycurl
 
+            handle = self.engcert if client == "pycurl-engcert" else self.handle
             buf = io.BytesIO()
-            self.handle.setopt(pycurl.WRITEDATA, buf)
-            self.handle.perform()
+            handle.setopt(pycurl.WRITEDATA, buf)
+            handle.perform()
             body = buf.getvalue()
         else:
             args = self.engine_args if client == "curl-engine" else self.cli_args
             argv = ["curl", "-sS", "--fail", "--no-sessionid", "--cacert", self.ca, *args]
-            done = subprocess.run([*argv, self.url], env=self.env, capture_output=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{client}: {done.stderr.decode(errors='replace')}")
-            body = done.stdout
+            proc = subprocess.Popen(
+                [*argv, self.url],
+                env=self.env,
+                stdin=subprocess.DEVNULL,  # never a prompt, nor the commands of this worker
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            try:
+                body, err = proc.communicate(timeout=CURL_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                stuck = _stuck(proc.pid)
+                proc.kill()
+                body, err = proc.communicate()
+                raise RuntimeError(f"{client}: curl hung ({stuck}); it wrote {body!r}") from None
+            if proc.returncode != 0:
+                raise RuntimeError(f"{client}: exit {proc.returncode}: {err.decode(errors='replace')}")
         self._check(client, body)
 
     def batch(self, client: str, n: int) -> float:
@@ -214,6 +257,8 @@ class _Routes:
         self.handle.close()
         if self.keychain is not None:
             self.keychain.kill_key(self.spec["label"])
+            for i in range(len(self.spec.get("fillers", ()))):
+                self.keychain.kill_key(f"filler-{i}")
             self.keychain.close()
 
 
@@ -230,10 +275,12 @@ def worker() -> None:
         out.flush()
         for line in sys.stdin:
             cmd = json.loads(line)
+            faulthandler.dump_traceback_later(ANSWER_TIMEOUT - 10)  # where a stuck one is
             if "count" in cmd:
                 answer: Any = routes.count(cmd["count"])
             else:
                 answer = routes.batch(cmd["client"], cmd["n"])
+            faulthandler.cancel_dump_traceback_later()
             out.write(json.dumps(answer) + "\n")
             out.flush()
     finally:
@@ -251,7 +298,7 @@ class Worker:
             stdout=subprocess.PIPE,
             text=True,
         )
-        self.name = spec["mode"]
+        self.name, self.doing = spec["mode"], "start"
         self._send(spec)
         self._answer()
 
@@ -264,17 +311,19 @@ class Worker:
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], ANSWER_TIMEOUT)
         if not ready:
-            raise TimeoutError(f"worker {self.name} did not answer in {ANSWER_TIMEOUT} s")
+            raise TimeoutError(f"worker {self.name} ({self.doing}) did not answer in {ANSWER_TIMEOUT} s")
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"worker {self.name} ended (exit {self.proc.wait()})")
         return json.loads(line)
 
     def rate(self, client: str, n: int) -> float:
+        self.doing = client
         self._send({"client": client, "n": n})
         return float(self._answer())
 
     def count(self, client: str) -> dict[str, int]:
+        self.doing = f"count {client}"
         self._send({"count": client})
         return dict(self._answer())
 
@@ -314,12 +363,21 @@ def measure(settings: Settings, log: Callable[[str], None] = print) -> dict:
     try:
         prepare_environment(root)
         shim = load_shim_tools().build_shim(root / "shim")
-        tokens = {mode: new_token(mode) for mode in MODES if mode != "pem"}
+        tokens = {  # a token per worker: made before any worker starts
+            (mode, kt): new_token(f"{mode}-{kt}") for mode in MODES if mode != "pem" for kt in KEY_TYPES
+        }
         os.environ["P11SHIM_TARGET"] = next(iter(tokens.values()))[0]
         pki = make_pki(root / "pki")
         password = secrets.token_hex(8)
         clients = {
             kt: make_client(pki, cn=f"handshakes-{kt}", password=password, key_type=kt)
+            for kt in KEY_TYPES
+        }
+        fillers = {
+            kt: [
+                make_client(pki, cn=f"f{i}", password=password, key_type="ec", name=f"f{kt}{i}")
+                for i in range(FILLERS)
+            ]
             for kt in KEY_TYPES
         }
 
@@ -328,14 +386,16 @@ def measure(settings: Settings, log: Callable[[str], None] = print) -> dict:
             s = {"mode": mode, "url": url, "ca": str(pki.ca_cert), "cn": c.cn}
             s.update(cert=str(c.cert), key=str(c.key), p12=str(c.p12), password=password)
             if mode != "pem":
-                real, label, pin = tokens[mode]
+                real, label, pin = tokens[mode, kt]
                 s.update(module=module or real, token=label, pin=pin, label=f"handshakes-{kt}")
+            if mode == "token_populated":
+                s["fillers"] = [str(f.p12) for f in fillers[kt]]
             return s
 
         results: dict = {"settings": vars(settings), "rows": {}, "calls": {}}
         with NginxServer(pki, fresh_handshakes=True) as nginx:
             for kt in KEY_TYPES:  # counting workers first, one at a time
-                for mode in tokens:
+                for mode in (m for m in MODES if m != "pem"):
                     w = Worker(spec(mode, kt, nginx.url, str(shim)))
                     try:
                         for client, m, _ in ROWS:
@@ -390,7 +450,7 @@ def ratios(results: dict) -> list[dict]:
         for client, mode, _ in ROWS:
             if mode == "pem":
                 continue
-            base = "curl" if client == "curl-engine" else client
+            base = {"curl-engine": "curl", "pycurl-engcert": "pycurl"}.get(client, client)
             rid, pid = row_id(client, mode), row_id(base, "pem")
             entry: dict = {"key_type": kt, "row": rid}
             try:
