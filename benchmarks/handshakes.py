@@ -62,16 +62,13 @@ CLIENT_NAMES = {
     "pycurl-engcert": "pycurl",
     "curl": "curl CLI, a process per request",
 }
-# other identities the "token_populated" worker holds: session objects, so
-# that the curl processes of the other rows do not load them with the token
-FILLERS = 100
 # what each worker holds: how its routes reach the key
 MODES = {
     "pem": "PEM file",
     "token": "token identity",
     "ephemeral": "ephemeral identity",
     "token_cache_keys": "token identity, provider with pkcs11-module-cache-keys = true",
-    "token_populated": f"token identity, {FILLERS} other (ephemeral) identities in the process",
+    "token_populated": "token identity, other (ephemeral) identities in the process",
 }
 ENGCERT = "setup_pycurl, then the certificate by URI (engine): the glue before this benchmark"
 # (client, mode, route): every row measured
@@ -100,6 +97,9 @@ class Settings:
     rounds: int = 15
     batch: int = 40  # in-process requests per batch
     cli_batch: int = 8  # curl processes per batch
+    # other identities the "token_populated" worker holds: session objects,
+    # so that the curl processes of the other rows do not load them
+    fillers: int = 100
 
     @classmethod
     def quick(cls) -> Settings:
@@ -376,7 +376,7 @@ def measure(settings: Settings, log: Callable[[str], None] = print) -> dict:
         fillers = {
             kt: [
                 make_client(pki, cn=f"f{i}", password=password, key_type="ec", name=f"f{kt}{i}")
-                for i in range(FILLERS)
+                for i in range(settings.fillers)
             ]
             for kt in KEY_TYPES
         }
@@ -544,7 +544,8 @@ Load average (1/5/15 min) before {load}, after {load_after}: **the machine was
 shared** (other benchmarks and a CI run on its two cores), so absolute rates
 are low and noisy; the ratios compare batches run side by side.
 Run time {results["seconds"]:.0f} s: {s["rounds"]} rounds; a batch is {s["batch"]}
-requests in process, {s["cli_batch"]} curl processes.
+requests in process, {s["cli_batch"]} curl processes; "other identities":
+{s["fillers"]} EC identities (ephemeral) beside the token identity.
 
 Server: nginx, `ssl_verify_client on`, session cache and tickets off,
 no keep-alive; every answer checked to carry the client's DN.  Requests
