@@ -68,7 +68,7 @@ MODES = {
     "token": "token identity",
     "ephemeral": "ephemeral identity",
     "token_cache_keys": "token identity, provider with pkcs11-module-cache-keys = true",
-    "token_populated": "token identity, other (ephemeral) identities in the process",
+    "token_populated": "token identity, other identities on the token",
 }
 ENGCERT = "setup_pycurl, then the certificate by URI (engine): the glue before this benchmark"
 # (client, mode, route): every row measured
@@ -94,11 +94,11 @@ MODE_OPTIONS = {"token_cache_keys": {"pkcs11-module-cache-keys": "true"}}
 
 @dataclass(frozen=True)
 class Settings:
-    rounds: int = 15
+    rounds: int = 20
     batch: int = 40  # in-process requests per batch
     cli_batch: int = 8  # curl processes per batch
-    # other identities the "token_populated" worker holds: session objects,
-    # so that the curl processes of the other rows do not load them
+    # other identities on the token of the "token_populated" worker (in a
+    # SoftHSM2 store of its own: the curl processes of other rows never load it)
     fillers: int = 100
 
     @classmethod
@@ -162,13 +162,18 @@ class _Routes:
             (name, options.get(name, value), why) for name, value, why in _provider.OPTIONS
         ) + tuple((n, v, "benchmark variant") for n, v in options.items() if n not in known)
         spec = self.spec
+        if "own_store" in spec:  # a SoftHSM2 store of its own, not loaded by the curl rows
+            from .runner import new_token, prepare_environment
+
+            prepare_environment(Path(spec["own_store"]))
+            spec.update(zip(("real_module", "token", "pin"), new_token(f"{mode}-own")))
         self.keychain = Keychain(spec["module"], spec["token"], spec["pin"])
         ephemeral = mode == "ephemeral"
         self.ident = self.keychain.preauth_key(
             spec["p12"], spec["password"], spec["label"], ephemeral=ephemeral
         )
         for i, p12 in enumerate(spec.get("fillers", ())):
-            self.keychain.preauth_key(p12, spec["password"], f"filler-{i}", ephemeral=True)
+            self.keychain.preauth_key(p12, spec["password"], f"filler-{i}")
         self.context = self.ident.ssl_context(cafile=self.ca)
         self.setup_pycurl = setup_pycurl
         if not ephemeral:
@@ -232,7 +237,9 @@ class _Routes:
                 body, err = proc.communicate()
                 raise RuntimeError(f"{client}: curl hung ({stuck}); it wrote {body!r}") from None
             if proc.returncode != 0:
-                raise RuntimeError(f"{client}: exit {proc.returncode}: {err.decode(errors='replace')}")
+                raise RuntimeError(
+                    f"{client}: exit {proc.returncode}: {err.decode(errors='replace')}"
+                )
         self._check(client, body)
 
     def batch(self, client: str, n: int) -> float:
@@ -311,7 +318,9 @@ class Worker:
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], ANSWER_TIMEOUT)
         if not ready:
-            raise TimeoutError(f"worker {self.name} ({self.doing}) did not answer in {ANSWER_TIMEOUT} s")
+            raise TimeoutError(
+                f"worker {self.name} ({self.doing}) did not answer in {ANSWER_TIMEOUT} s"
+            )
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"worker {self.name} ended (exit {self.proc.wait()})")
@@ -364,7 +373,10 @@ def measure(settings: Settings, log: Callable[[str], None] = print) -> dict:
         prepare_environment(root)
         shim = load_shim_tools().build_shim(root / "shim")
         tokens = {  # a token per worker: made before any worker starts
-            (mode, kt): new_token(f"{mode}-{kt}") for mode in MODES if mode != "pem" for kt in KEY_TYPES
+            (mode, kt): new_token(f"{mode}-{kt}")
+            for mode in MODES
+            if mode not in ("pem", "token_populated")
+            for kt in KEY_TYPES
         }
         os.environ["P11SHIM_TARGET"] = next(iter(tokens.values()))[0]
         pki = make_pki(root / "pki")
@@ -386,10 +398,11 @@ def measure(settings: Settings, log: Callable[[str], None] = print) -> dict:
             s = {"mode": mode, "url": url, "ca": str(pki.ca_cert), "cn": c.cn}
             s.update(cert=str(c.cert), key=str(c.key), p12=str(c.p12), password=password)
             if mode != "pem":
-                real, label, pin = tokens[mode, kt]
+                real, label, pin = tokens.get((mode, kt), tokens["token", kt])
                 s.update(module=module or real, token=label, pin=pin, label=f"handshakes-{kt}")
             if mode == "token_populated":
                 s["fillers"] = [str(f.p12) for f in fillers[kt]]
+                s["own_store"] = str(root / f"store-{kt}-{secrets.token_hex(4)}")
             return s
 
         results: dict = {"settings": vars(settings), "rows": {}, "calls": {}}
@@ -501,10 +514,12 @@ def markdown(results: dict, quick: bool) -> str:
     s = results["settings"]
     by_row = {(r["key_type"], r["row"]): r for r in ratios(results)}
     lines = [
-        "| client | key | route | " + " | ".join(
+        "| client | key | route | "
+        + " | ".join(
             f"{name} req/s [IQR] | × PEM (rounds min–max) | PKCS#11 calls / handshake"
             for name in KEY_TYPES.values()
-        ) + " |",
+        )
+        + " |",
         "|---|---|---|" + "---|---|---|" * len(KEY_TYPES),
     ]
     for client, mode, route in ROWS:
@@ -545,7 +560,7 @@ shared** (other benchmarks and a CI run on its two cores), so absolute rates
 are low and noisy; the ratios compare batches run side by side.
 Run time {results["seconds"]:.0f} s: {s["rounds"]} rounds; a batch is {s["batch"]}
 requests in process, {s["cli_batch"]} curl processes; "other identities":
-{s["fillers"]} EC identities (ephemeral) beside the token identity.
+{s["fillers"]} EC token identities beside the client's, on a token of their own.
 
 Server: nginx, `ssl_verify_client on`, session cache and tickets off,
 no keep-alive; every answer checked to carry the client's DN.  Requests
@@ -575,39 +590,70 @@ def findings(results: dict) -> str:
         x = by_row.get((kt, rid))
         return f"{x:.2f}×" if x else "—"
 
+    def vs(kt: str, a: str, b: str) -> str:
+        rows = results["rows"][kt]
+        try:
+            return f"{rows[a]['median'] / rows[b]['median']:.2f}×"
+        except (KeyError, TypeError, ZeroDivisionError):
+            return "—"
+
     def total(kt: str, rid: str) -> str:
         c = calls.get(kt, {}).get(rid)
         return str(sum(c.values())) if c else "—"
 
-    return f"""- **Provider route (Python ssl)**: no search, no login, no session
-  opened per handshake — the provider keeps the key's object handle and its
-  sessions: {total("ec", "python/token")} calls per EC handshake
-  (2 `C_GetSessionInfo`, its login check, then `C_SignInit` + `C_Sign`),
-  {total("rsa", "python/token")} per RSA one (digest-sign in parts, and a
-  `C_GetOperationState` OpenSSL's context duplication asks for).  What is
-  left is the signature inside SoftHSM2: token key EC {fig("ec", "python/token")},
-  RSA {fig("rsa", "python/token")} of the PEM file; ephemeral EC
-  {fig("ec", "python/ephemeral")}, RSA {fig("rsa", "python/ephemeral")}.
-- **`pkcs11-module-cache-keys`**: keychain_ext turns it off so that a
+    return f"""- **Provider route (Python ssl): nothing of ours left per handshake.**
+  No search, no login, no session opened: the provider keeps the key's
+  object handle, its login and its sessions (`pkcs11-module-cache-sessions`
+  at its default already serves a sequential client; `load-behavior` and
+  `login-behavior` act at start-up and on public-key loads, not per
+  handshake).  {total("ec", "python/token")} calls per EC handshake
+  (2 `C_GetSessionInfo`, the provider's login check, then `C_SignInit` +
+  `C_Sign`), {total("rsa", "python/token")} per RSA one (digest-sign in
+  parts, plus the `C_GetOperationState` OpenSSL's context duplication asks
+  for).  What remains is the signature inside SoftHSM2: token key EC
+  {fig("ec", "python/token")}, RSA {fig("rsa", "python/token")} of the PEM
+  file; ephemeral EC {fig("ec", "python/ephemeral")}, RSA
+  {fig("rsa", "python/ephemeral")}; with other identities on the token
+  EC {fig("ec", "python/token_populated")}, RSA
+  {fig("rsa", "python/token_populated")} (the calls do not grow).
+- **`pkcs11-module-cache-keys`**: keychain_ext sets it false so that a
   context made before a kill stops working (tests/test_provider.py).  On
-  SoftHSM2 turning it on changes nothing per handshake: the calls are the
-  same ({total("ec", "python/token_cache_keys")} / {total("rsa", "python/token_cache_keys")}),
-  throughput EC {fig("ec", "python/token_cache_keys")}, RSA
-  {fig("rsa", "python/token_cache_keys")} of the PEM file against
-  {fig("ec", "python/token")} / {fig("rsa", "python/token")} with it off.
-  The off setting stays.
-- **Engine route (pycurl)**: libcurl loads certificate and key again for
-  every connection, and libp11 searches the token for each: 
-  {total("ec", "pycurl/token")} calls per handshake (2 searches, then
-  `C_SignInit` + `C_Sign`); token key EC {fig("ec", "pycurl/token")},
-  RSA {fig("rsa", "pycurl/token")}; ephemeral EC {fig("ec", "pycurl/ephemeral")},
-  RSA {fig("rsa", "pycurl/ephemeral")}.
-- **curl CLI**: a process per request is mostly process start-up; with the
-  token key it also loads the provider or the engine, the module, lists
-  slots and logs in, every time: provider {fig("ec", "curl/token")} (EC),
-  {fig("rsa", "curl/token")} (RSA); engine {fig("ec", "curl-engine/token")},
-  {fig("rsa", "curl-engine/token")} of the PEM file.  A service that
-  cares keeps the identity in process (pycurl, Python's ssl).
+  SoftHSM2, true changes no call per handshake
+  ({total("ec", "python/token_cache_keys")} / {total("rsa", "python/token_cache_keys")})
+  and throughput within the noise: EC {fig("ec", "python/token_cache_keys")},
+  RSA {fig("rsa", "python/token_cache_keys")} of the PEM file, against
+  {fig("ec", "python/token")} / {fig("rsa", "python/token")} with false.
+  Nothing to gain, a promise to lose: false stays.
+- **Engine route (pycurl): one search per handshake removed.**  libcurl
+  loads certificate and key again for every connection, and libp11 searches
+  the token for each, fetching the matches one `C_FindObjects` at a time;
+  SoftHSM2 walks every object it can see for each.  `setup_pycurl` now
+  hands libcurl the certificate in memory (`SSLCERT_BLOB`, read once through
+  the provider): {total("ec", "pycurl/token")} calls per handshake instead of
+  {total("ec", "pycurl-engcert/token")}; with other identities on the
+  token {total("ec", "pycurl/token_populated")} instead of
+  {total("ec", "pycurl-engcert/token_populated")}, throughput
+  {vs("ec", "pycurl/token_populated", "pycurl-engcert/token_populated")} (EC),
+  {vs("rsa", "pycurl/token_populated", "pycurl-engcert/token_populated")} (RSA)
+  of the old glue's.  The key's search stays (libcurl asks the engine for
+  the key on every connection; not ours to change in libcurl 7.88): token
+  key EC {fig("ec", "pycurl/token")}, RSA {fig("rsa", "pycurl/token")} of the
+  PEM file on a near-empty token, but EC {fig("ec", "pycurl/token_populated")},
+  RSA {fig("rsa", "pycurl/token_populated")} beside the other identities,
+  where the provider route does not slow down.  Keep tokens that serve
+  pycurl small (ephemeral identities, or a token per service); the search
+  is also what makes a killed identity fail at the next connection.
+- **curl CLI: a process per request** is process start-up, and with the
+  token key also loading the provider or the engine, initializing SoftHSM2
+  (which reads every token in its directory: 6 small ones here), listing
+  slots and logging in, every time: provider
+  {fig("ec", "curl/token")} (EC), {fig("rsa", "curl/token")} (RSA); engine
+  {fig("ec", "curl-engine/token")}, {fig("rsa", "curl-engine/token")} of
+  the PEM file.  A service that cares keeps the identity in process.  In
+  two early runs a curl child with the provider blocked reading its
+  standard input (wait channel `anon_pipe_read`) before writing anything;
+  the cause was not found; curl now gets `/dev/null` as standard input
+  (a prompt would fail instead of hanging) and it was not seen again.
 """
 
 

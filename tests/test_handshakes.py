@@ -32,7 +32,11 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "open(sys.argv[1], 'w').write(json.dumps(r))\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", code, str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return dict(json.loads(out.read_text()))
