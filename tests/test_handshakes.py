@@ -59,6 +59,15 @@ def test_the_token_routes_sign_in_the_token(results: dict) -> None:
     assert not any(rid.endswith("/pem") for rows in results["calls"].values() for rid in rows)
 
 
+def test_setup_pycurl_searches_the_token_for_the_key_only(results: dict) -> None:
+    """The certificate goes to libcurl in memory: one search per handshake
+    (the key's), where naming it by URI made the engine search twice."""
+    for rows in results["calls"].values():
+        for mode in ("token", "ephemeral", "token_populated"):
+            assert rows[f"pycurl/{mode}"]["C_FindObjectsInit"] == 1, (mode, rows)
+        assert rows["pycurl-engcert/token"]["C_FindObjectsInit"] == 2, rows
+
+
 def _synthetic(token: float, pem: float) -> dict:
     rows = [(c, m) for c, m, _ in handshakes.ROWS]
     rates = {handshakes.row_id(c, m): [pem if m == "pem" else token] * 3 for c, m in rows}
