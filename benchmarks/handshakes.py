@@ -502,7 +502,8 @@ def _commit() -> str:
         return done.stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "keychain_ext", "benchmarks")
+    paths = ("keychain_ext", "benchmarks", ":!benchmarks/HANDSHAKES.md")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
     return head + (" (with uncommitted changes)" if dirty else "")
 
 
