@@ -420,6 +420,7 @@ def measure(settings: Settings, log: Callable[[str], None] = print) -> dict:
             return s
 
         results: dict = {"settings": vars(settings), "rows": {}, "calls": {}}
+        results["tokens"] = len(tokens)  # in the store the curl processes load
         with NginxServer(pki, fresh_handshakes=True) as nginx:
             for kt in KEY_TYPES:  # counting workers first, one at a time
                 for mode in (m for m in MODES if m != "pem"):
@@ -638,9 +639,9 @@ def findings(results: dict) -> str:
   for the key and its public half, the provider's login checks — and
   throughput EC {fig("ec", "python-newctx/token")}, RSA
   {fig("rsa", "python-newctx/token")} of a new PEM context per request.
-  Ours to say, not to hide: `Identity.ssl_context()` documents that a
-  context is made once and reused (a shared cache would hand every caller
-  the same mutable `SSLContext`).
+  keychain_ext's part: `Identity.ssl_context()` now says to make the
+  context once and reuse it (caching it inside would hand every caller the
+  same mutable `SSLContext`).
 - **`pkcs11-module-cache-keys`**: keychain_ext sets it false so that a
   context made before a kill stops working (tests/test_provider.py).  On
   SoftHSM2, true changes no call per handshake
@@ -678,7 +679,7 @@ def findings(results: dict) -> str:
   at the next connection.
 - **curl CLI: a process per request** is process start-up, and with the
   token key also loading the provider or the engine, initializing SoftHSM2
-  (which reads every token in its directory: 6 small ones here), listing
+  (which reads every token in its directory: {results["tokens"]} small ones here), listing
   slots and logging in, every time: provider
   {fig("ec", "curl/token")} (EC), {fig("rsa", "curl/token")} (RSA); engine
   {fig("ec", "curl-engine/token")}, {fig("rsa", "curl-engine/token")} of
