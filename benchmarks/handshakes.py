@@ -173,7 +173,7 @@ class _Routes:
             from .runner import new_token, prepare_environment
 
             prepare_environment(Path(spec["own_store"]))
-            spec.update(zip(("real_module", "token", "pin"), new_token(f"{mode}-own")))
+            _, spec["token"], spec["pin"] = new_token(f"{mode}-own")
         self.keychain = Keychain(spec["module"], spec["token"], spec["pin"])
         ephemeral = mode == "ephemeral"
         self.ident = self.keychain.preauth_key(
@@ -265,10 +265,9 @@ class _Routes:
 
     def count(self, client: str) -> dict[str, int]:
         """PKCS#11 calls of one request (the module is tests/p11shim)."""
-        sys.path.insert(0, str(ROOT / "tests" / "p11shim"))
-        from build import Shim  # type: ignore[import-not-found]
+        from .runner import load_shim_tools
 
-        shim = Shim(self.spec["module"])
+        shim = load_shim_tools().Shim(self.spec["module"])
         self.request(client)  # warm: the first use may list slots, log in
         shim.reset()
         self.request(client)
@@ -411,12 +410,13 @@ def measure(settings: Settings, log: Callable[[str], None] = print) -> dict:
             c = clients[kt]
             s = {"mode": mode, "url": url, "ca": str(pki.ca_cert), "cn": c.cn}
             s.update(cert=str(c.cert), key=str(c.key), p12=str(c.p12), password=password)
-            if mode != "pem":
-                real, label, pin = tokens.get((mode, kt), tokens["token", kt])
-                s.update(module=module or real, token=label, pin=pin, label=f"handshakes-{kt}")
-            if mode == "token_populated":
+            if mode == "token_populated":  # the worker makes its token, in its own store
+                s.update(module=module or os.environ["P11SHIM_TARGET"], label=f"handshakes-{kt}")
                 s["fillers"] = [str(f.p12) for f in fillers[kt]]
                 s["own_store"] = str(root / f"store-{kt}-{secrets.token_hex(4)}")
+            elif mode != "pem":
+                real, label, pin = tokens[mode, kt]
+                s.update(module=module or real, token=label, pin=pin, label=f"handshakes-{kt}")
             return s
 
         results: dict = {"settings": vars(settings), "rows": {}, "calls": {}}
