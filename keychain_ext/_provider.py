@@ -46,6 +46,21 @@ _PEM_DESCRIPTION = b"PKCS#11 Provider URI v1.0"
 _INFO_CONFIG_DIR, _INFO_MODULES_DIR = 1001, 1003  # OPENSSL_info() (crypto.h)
 _STORE_INFO_CERT = 5  # OSSL_STORE_INFO_CERT (store.h)
 
+# The provider's settings in every configuration keychain_ext writes:
+# (name, value, why), the reason written into the file as a comment.
+OPTIONS: tuple[tuple[str, str, str], ...] = (
+    (
+        "pkcs11-module-quirks",
+        "no-deinit",
+        "SoftHSM2 is gone when OpenSSL's exit handler runs (see keychain_ext._provider)",
+    ),
+    (
+        "pkcs11-module-cache-keys",
+        "false",
+        "no session copy of a key: a killed identity must be gone",
+    ),
+)
+
 
 @dataclass(frozen=True)
 class ProviderFiles:
@@ -247,10 +262,7 @@ def config(module: str, init_args: Optional[str], include: Optional[str] = None)
         f"module = {_quote(provider_path(crypto))}",
         f"pkcs11-module-path = {_quote(module)}",
         *([f"pkcs11-module-init-args = {_quote(init_args)}"] if init_args else []),
-        "# SoftHSM2 is gone when OpenSSL's exit handler runs (see keychain_ext._provider)",
-        "pkcs11-module-quirks = no-deinit",
-        "# no session copy of a key: a killed identity must be gone",
-        "pkcs11-module-cache-keys = false",
+        *(line for name, value, why in OPTIONS for line in (f"# {why}", f"{name} = {value}")),
         "activate = 1",
     ]
     own_providers = [

@@ -23,7 +23,12 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from ._backend import DarwinKeychain, Pkcs11Token
-from .errors import InteractionNotAllowedError, ItemNotFoundError, UnimplementedError
+from .errors import (
+    InteractionNotAllowedError,
+    ItemNotFoundError,
+    ParamError,
+    UnimplementedError,
+)
 from .keychain import Identity
 
 log = logging.getLogger(__name__)
@@ -146,10 +151,32 @@ def pycurl_problem(darwin: bool = False) -> Optional[str]:
     return None
 
 
+def _certificate_pem(identity: Identity) -> Optional[bytes]:
+    """The identity's certificate as PEM bytes, where pycurl can take it
+    in memory (CURLOPT_SSLCERT_BLOB, libcurl 7.71) and OpenSSL's pkcs11
+    provider can read it (Identity.provider_files); else None.
+
+    libcurl loads the client certificate again for every connection: named
+    by its URI, that is a search of the token by the engine each time, whose
+    cost grows with the objects on the token (benchmarks/HANDSHAKES.md).
+    The key stays in the token and is still looked up per connection, so a
+    killed identity stops working."""
+    import pycurl
+
+    if not hasattr(pycurl, "SSLCERT_BLOB"):
+        return None
+    try:
+        return identity.provider_files().cert.read_bytes()
+    except (ItemNotFoundError, UnimplementedError, ParamError):
+        return None  # no provider here, it cannot see the token, or serves another module
+
+
 def setup_pycurl(handle: Any, identity: Identity) -> None:
     """Set the options that make a ``pycurl.Curl`` handle authenticate with
-    ``identity``: SSLENGINE, SSLCERT/SSLKEY as PKCS#11 URIs of type ENG, and
-    KEYPASSWD (the PIN, in memory).  Ephemeral identities work here: the
+    ``identity``: SSLENGINE, SSLKEY as the key's PKCS#11 URI of type ENG,
+    the certificate in memory (SSLCERT_BLOB, where the provider can read
+    it; else SSLCERT as its URI of type ENG), and KEYPASSWD (the PIN, in
+    memory).  Ephemeral identities work here: the
     engine shares this process's PKCS#11 module.  macOS: SSLCERT is the
     identity's keychain nickname (libcurl with Secure Transport).
 
@@ -186,8 +213,13 @@ def setup_pycurl(handle: Any, identity: Identity) -> None:
         with open(token.pin_file, encoding="utf-8") as f:
             pin = f.read().rstrip("\r\n")
     handle.setopt(pycurl.SSLENGINE, ENGINE)
-    handle.setopt(pycurl.SSLCERTTYPE, "ENG")
-    handle.setopt(pycurl.SSLCERT, token.uri(identity.label, "cert"))
+    cert = _certificate_pem(identity)
+    if cert is not None:  # in memory: no search of the token per connection
+        handle.setopt(pycurl.SSLCERTTYPE, "PEM")
+        handle.setopt(pycurl.SSLCERT_BLOB, cert)
+    else:
+        handle.setopt(pycurl.SSLCERTTYPE, "ENG")
+        handle.setopt(pycurl.SSLCERT, token.uri(identity.label, "cert"))
     handle.setopt(pycurl.SSLKEYTYPE, "ENG")
     handle.setopt(pycurl.SSLKEY, token.uri(identity.label, "private"))
     handle.setopt(pycurl.KEYPASSWD, pin)

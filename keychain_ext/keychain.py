@@ -138,7 +138,10 @@ class Identity(ItemInfo):
         into the OpenSSL of Python's ``ssl``).  Server verification as
         ``ssl.create_default_context(cafile=..., capath=..., cadata=...)``.
         For requests, httpx, urllib3, aiohttp, urllib; token and ephemeral
-        identities alike.
+        identities alike.  Make it once and reuse it: each call loads the
+        key through the provider again (tens of PKCS#11 calls), where a
+        handshake with a made context costs a signature in the token
+        (benchmarks/HANDSHAKES.md).
 
         Raises:
             UnimplementedError: the route cannot work here (OpenSSL older

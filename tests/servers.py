@@ -182,12 +182,18 @@ http {{
         ssl_certificate_key "{server_key}";
         ssl_client_certificate "{ca_cert}";
         ssl_verify_client on;
-        default_type application/json;
+{fresh}        default_type application/json;
         location / {{
             return 200 '{{"client": "$ssl_client_s_dn"}}\\n';
         }}
     }}
 }}
+"""
+
+_FRESH = """\
+        ssl_session_cache off;
+        ssl_session_tickets off;
+        keepalive_timeout 0;
 """
 
 
@@ -199,10 +205,20 @@ class NginxServer:
     ``{"client": "<subject DN, e.g. CN=alice>"}``, whatever the method; nginx
     answers a request without one with ``400``. Config, pid, logs and temp
     files live in a temporary directory removed by :meth:`stop`.
+    ``fresh_handshakes``: no session cache, no tickets, no keep-alive, so
+    every request is a full handshake whatever the client offers.
     """
 
-    def __init__(self, pki: PKI, *, nginx: str = "nginx", startup_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        pki: PKI,
+        *,
+        nginx: str = "nginx",
+        startup_timeout: float = 10.0,
+        fresh_handshakes: bool = False,
+    ) -> None:
         self._nginx = find_nginx(nginx)
+        self._fresh = fresh_handshakes
         self._pki = pki
         self._timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -239,6 +255,7 @@ class NginxServer:
                 server_cert=self._pki.server_cert.resolve(),
                 server_key=self._pki.server_key.resolve(),
                 ca_cert=self._pki.ca_cert.resolve(),
+                fresh=_FRESH if self._fresh else "",
             )
         )
         self._proc = subprocess.Popen(

@@ -17,6 +17,7 @@ import pytest
 
 from keychain_ext import InteractionNotAllowedError, Keychain
 from keychain_ext.curl import client_env, curl_args, pycurl_problem, setup_pycurl
+from keychain_ext.errors import UnimplementedError
 from keychain_ext.keychain import Identity
 
 from .conftest import Token
@@ -144,15 +145,30 @@ def test_ephemeral_identity_cannot_go_to_another_process(
             client_env(ident)
 
 
+@pytest.mark.parametrize("cert_in_memory", [True, False], ids=["cert-blob", "cert-uri"])
 @pytest.mark.parametrize("ephemeral", [False, True])
 def test_pycurl_in_process(
-    kc: Keychain, pki: PKI, server: MTLSServer, rsa_client: ClientIdentity, ephemeral: bool
+    kc: Keychain,
+    pki: PKI,
+    server: MTLSServer,
+    rsa_client: ClientIdentity,
+    ephemeral: bool,
+    cert_in_memory: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The certificate in memory where the provider reads it; by its URI
+    through the engine where it cannot."""
     require_pycurl()
     import io
 
     import pycurl
 
+    if not cert_in_memory:
+
+        def no_provider(self: Identity, **kwargs: object) -> None:
+            raise UnimplementedError(detail="no provider here", operation="provider_files")
+
+        monkeypatch.setattr(Identity, "provider_files", no_provider)
     with kc.preauthorized(rsa_client.p12, rsa_client.password, "pyc", ephemeral=ephemeral) as ident:
         handle, buf = pycurl.Curl(), io.BytesIO()
         setup_pycurl(handle, ident)
