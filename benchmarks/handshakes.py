@@ -571,9 +571,10 @@ See the module's docstring (benchmarks/handshakes.py) for what is measured.
 
 Commit {_commit()} · {m["date"]} · {m["cpu"]}, {m["cores"]} cores, {m["os"]} ·
 {m["openssl"]}, SoftHSM2 {m["softhsm2"]}, Python {m["python"]}.
-Load average (1/5/15 min) before {load}, after {load_after}: **the machine was
-shared** (other benchmarks and a CI run on its two cores), so absolute rates
-are low and noisy; the ratios compare batches run side by side.
+Load average (1/5/15 min) before {load}, after {load_after} (the run's own
+workers and nginx count; above about 1 before it starts, something else
+shares the cores and absolute rates suffer); the ratios compare batches run
+side by side.
 Run time {results["seconds"]:.0f} s: {s["rounds"]} rounds; a batch is {s["batch"]}
 requests in process, {s["cli_batch"]} curl processes; "other identities":
 {s["fillers"]} EC token identities beside the client's, on a token of their own.
