@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,13 +147,21 @@ def release_secret(path: Path, fd: int) -> None:
     os.close(fd)
 
 
+# A secret file or directory under its temporary dot-name is flocked only
+# once it is open: younger than this, it may be one being written.
+WRITING_SECONDS = 60
+
+
 def sweep_unheld(directory: Path) -> None:
     """Remove the secret files and directories in directory that no process
-    holds any more (their writer ended without removing them)."""
+    holds any more (their writer ended without removing them), and the
+    temporary ones a writer that died mid-write left."""
     for path in directory.iterdir():
-        if path.name.startswith("."):
-            continue  # a file being written: flocked only once it is open
         try:
+            if path.name.startswith(".") and (
+                time.time() - path.lstat().st_mtime < WRITING_SECONDS
+            ):
+                continue  # maybe being written right now
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue

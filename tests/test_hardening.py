@@ -395,6 +395,38 @@ def test_pin_files_go_with_their_process(token: Token, ec_client: ClientIdentity
     assert not crashed.exists()
 
 
+def test_what_a_writer_that_died_mid_write_left_is_swept(
+    token: Token, ec_client: ClientIdentity
+) -> None:
+    """A secret file or directory still under its temporary dot-name, older
+    than a write can take and held by nobody, was left by a writer that
+    died mid-write: the next sweep removes it.  A fresh one, or one a
+    process holds, stays."""
+    import fcntl
+
+    from keychain_ext import _store
+
+    pins = _store.private_dir(_store.base_dir() / "pins")
+    old = time.time() - 2 * _store.WRITING_SECONDS
+    dead_file, dead_dir = pins / ".1-dead.1.tmp", pins / ".1-dead-dir"
+    fresh, held = pins / ".1-fresh.1.tmp", pins / ".1-held.1.tmp"
+    dead_dir.mkdir(mode=0o700)
+    (dead_dir / "key.pem").write_text("names a key")
+    for path in (dead_file, fresh, held):
+        path.write_text("secret")
+    for path in (dead_file, dead_dir, held):
+        os.utime(path, (old, old))
+    with open(held) as holder:
+        fcntl.flock(holder, fcntl.LOCK_SH)
+        with token.open() as kc:  # the PIN file it writes for clients sweeps first
+            kc.preauth_key(ec_client.p12, ec_client.password, "sweeps", ephemeral=True)
+            kc.kill_key("sweeps")
+        assert not dead_file.exists() and not dead_dir.exists()
+        assert fresh.exists() and held.exists()
+    for path in (fresh, held):
+        path.unlink()
+
+
 def test_a_stuck_lock_holder_is_an_error_not_a_hang(
     token: Token, ec_client: ClientIdentity
 ) -> None:
