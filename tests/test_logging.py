@@ -27,6 +27,7 @@ from keychain_ext._store import file_lock, on_tmpfs
 
 from .conftest import Token
 from .pki import ClientIdentity
+from .test_cli import cli
 from .test_ownership import Owner
 
 
@@ -135,17 +136,7 @@ def test_cli_verbose_never_shows_a_secret(
         ["-v", "--pin-file", str(wrong_pin), "list"],
         ["kill", "-v", "--label", "cli-logged"],
     ]
-    outputs = []
-    for args in runs:
-        done = subprocess.run(
-            [sys.executable, "-m", "keychain_ext", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            stdin=subprocess.DEVNULL,
-        )
-        outputs.append(done.stdout + done.stderr)
+    outputs = [(done.stdout + done.stderr) for done in (cli(env, *args) for args in runs)]
     codes_and_steps = [
         "keychain-ext: DEBUG: created certificate and key 'cli-logged'",
         "keychain-ext: DEBUG: lookup 'cli-logged': found",

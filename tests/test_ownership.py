@@ -377,8 +377,7 @@ with Keychain(module, token, pin, init_args=init_args or None, exclusive=True) a
             failed += 1
             print(repr(e), file=sys.stderr)
             kc.kill_key(name, missing_ok=True)
-print(json.dumps(hidden))
-print("failed", failed, flush=True)
+print(json.dumps({"failed": failed, "hidden": hidden}), flush=True)
 """
 
 LISTER = """
@@ -461,13 +460,13 @@ def test_writers_with_readers_inside_and_outside_the_lock(pki: PKI, any_token: T
     reader.join()
     lister.kill()
     lister.wait()
-    outcomes = [r[0].strip().splitlines()[-1:] for r in results]
-    assert outcomes == [["failed 0"]] * 8, [r[1][-2000:] for r in results if r[1]]
+    reports = [json.loads(r[0].strip().splitlines()[-1]) for r in results]
+    assert [r["failed"] for r in reports] == [0] * 8, [r[1][-2000:] for r in results if r[1]]
     assert reads, "the outside reader never ran"
     # identities SoftHSM2 hid from their own process were reported so, and
     # their leases name them: once their owners have ended, purge removes
     # them with the blank objects an unlocked reader leaves
-    hidden = {name for r in results for name in json.loads(r[0].strip().splitlines()[-2])}
+    hidden = {name for r in reports for name in r["hidden"]}
     with any_token.open(exclusive=True) as kc:
         swept = kc.purge(dry_run=False)
     assert {i.label for i in swept if i.label} == hidden, swept
