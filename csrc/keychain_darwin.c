@@ -449,6 +449,30 @@ cleanup:
 
 /* --- the C API --------------------------------------------------------- */
 
+/* What label carries -- identity first, then a lone certificate (*found
+ * stays NULL when neither) -- and its owner record (*rst: errSecSuccess or
+ * errSecItemNotFound).  Returns errSecSuccess or errSecItemNotFound for
+ * the item, any other status as a failure already set in err. */
+static OSStatus find_labelled(kc_keychain *kc, const char *label,
+                              CFTypeRef *found, int *is_identity,
+                              kc_record *rec, OSStatus *rst, kc_error *err)
+{
+    OSStatus status;
+
+    *is_identity = 1;
+    status = lookup_keychain_item(kc, kSecClassIdentity, label, found);
+    if (status == errSecItemNotFound) {
+        *is_identity = 0;
+        status = lookup_keychain_item(kc, kSecClassCertificate, label, found);
+    }
+    if (status != errSecSuccess && status != errSecItemNotFound)
+        return fail(err, status, "looking up '%s'", label);
+    *rst = read_record(kc, label, rec);
+    if (*rst != errSecSuccess && *rst != errSecItemNotFound)
+        return fail(err, *rst, "reading the owner record of '%s'", label);
+    return status;
+}
+
 /* Remove what label carries (certificate, then key by the recorded id),
  * then its record.  Without KC_KILL_FORCE only what a record proves
  * keychain_ext's and whose owner is this process, nobody (held) or dead. */
@@ -460,22 +484,11 @@ static OSStatus remove_locked(kc_keychain *kc, const char *label, int flags,
     CFDataRef id = NULL, have = NULL;
     kc_record rec;
     OSStatus status, rst, key_status = errSecItemNotFound;
-    int is_identity = 1, force = (flags & KC_KILL_FORCE) != 0, alive;
+    int is_identity, force = (flags & KC_KILL_FORCE) != 0, alive;
 
-    status = lookup_keychain_item(kc, kSecClassIdentity, label, &found);
-    if (status == errSecItemNotFound) {
-        is_identity = 0;
-        status = lookup_keychain_item(kc, kSecClassCertificate, label, &found);
-    }
-    if (status != errSecSuccess && status != errSecItemNotFound) {
-        fail(err, status, "looking up '%s'", label);
+    status = find_labelled(kc, label, &found, &is_identity, &rec, &rst, err);
+    if (status != errSecSuccess && status != errSecItemNotFound)
         goto cleanup;
-    }
-    rst = read_record(kc, label, &rec);
-    if (rst != errSecSuccess && rst != errSecItemNotFound) {
-        status = fail(err, rst, "reading the owner record of '%s'", label);
-        goto cleanup;
-    }
     if (rst == errSecItemNotFound && found == NULL) {
         status = fail(err, errSecItemNotFound,
                       "nothing carries the label '%s'", label);
@@ -632,7 +645,7 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     CFTypeRef v;
     Boolean previous = true;
     int flag_changed = 0, recorded = 0, alive;
-    int existing_is_identity = 1, locked = 0;
+    int existing_is_identity, locked = 0;
     kc_record rec;
     OSStatus status, rst;
     char cn_buf[KC_LABEL_MAX];
@@ -670,21 +683,10 @@ int32_t kc_preauth_key(kc_keychain *kc, const uint8_t *p12, size_t p12_len,
     /* Refuse when the identity (or its certificate) is already there: a
      * warning beats a popup.  One whose recorded owner died is removed
      * first with KC_PREAUTH_RECLAIM_STALE. */
-    status = lookup_keychain_item(kc, kSecClassIdentity, label, &existing);
-    if (status == errSecItemNotFound) {
-        existing_is_identity = 0;
-        status = lookup_keychain_item(kc, kSecClassCertificate, label,
-                                      &existing);
-    }
-    if (status != errSecSuccess && status != errSecItemNotFound) {
-        fail(err, status, "looking up '%s'", label);
+    status = find_labelled(kc, label, &existing, &existing_is_identity, &rec,
+                           &rst, err);
+    if (status != errSecSuccess && status != errSecItemNotFound)
         goto cleanup;
-    }
-    rst = read_record(kc, label, &rec);
-    if (rst != errSecSuccess && rst != errSecItemNotFound) {
-        status = fail(err, rst, "reading the owner record of '%s'", label);
-        goto cleanup;
-    }
     alive = rst == errSecSuccess ? owner_alive(&rec) : -1;
     if (status == errSecSuccess && existing_is_identity
         && rst == errSecSuccess && (flags & KC_PREAUTH_SHARED) && rec.shared
