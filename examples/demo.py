@@ -3,10 +3,11 @@
 Makes a throwaway CA (trustme), a server certificate and a client PKCS#12
 (cryptography); starts an HTTPS server on 127.0.0.1 that requires a client
 certificate from that CA (``ssl.CERT_REQUIRED``); pre-authorizes the client
-identity in keychain_ext's embedded token; POSTs JSON through curl with it;
-removes it; shows the token no longer holds it and that the same request
-now fails.  Needs keychain_ext, the ``demo`` extra (trustme, cryptography)
-and curl.
+identity in keychain_ext's embedded token; POSTs JSON through curl with it
+(the key stays in the token: OpenSSL 3's pkcs11 provider, or OpenSSL's pkcs11
+engine where the provider is not installed); removes it; shows the token no
+longer holds it and that the same request now fails.  Needs keychain_ext,
+the ``demo`` extra (trustme, cryptography) and curl.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from keychain_ext import Identity, Keychain
 from keychain_ext.curl import client_env, curl_args
 
+Command = tuple[list[str], dict[str, str]]
 BODY = {"hello": "mutual TLS", "from": "keychain_ext demo"}
 CLIENT_CN = "demo-client"
 
@@ -99,10 +101,29 @@ def make_files(tmp: Path, password: str) -> tuple[trustme.CA, Path, Path]:
     return ca, ca_pem, p12
 
 
-def post(url: str, ca_pem: Path, ident: Identity) -> subprocess.CompletedProcess[str]:
-    argv = ["curl", "-sS", "--fail", "--cacert", str(ca_pem), *curl_args(ident)]
+def curl_command(url: str, ca_pem: Path, ident: Identity, tmp: Path) -> tuple[str, Command]:
+    """The route, and curl's argv and environment for a POST with ``ident``.
+
+    The provider's files are copied into ``tmp`` (they hold no secret: the
+    key's PEM names it in the token), so that the very same command can be
+    run again once the identity is killed."""
+    env = client_env(ident)
+    if "KEYCHAIN_EXT_KEY" in env:  # OpenSSL 3's pkcs11 provider: the default route
+        route = "OpenSSL 3's pkcs11 provider (--cert PEM, --key naming the token's key)"
+        for name in ("KEYCHAIN_EXT_CERT", "KEYCHAIN_EXT_KEY", "OPENSSL_CONF"):
+            env[name] = shutil.copy(env[name], tmp)
+        tls = ["--cert", env["KEYCHAIN_EXT_CERT"], "--key", env["KEYCHAIN_EXT_KEY"]]
+    else:  # no provider here: the engine, named by PKCS#11 URIs
+        route = "curl --engine pkcs11 (no pkcs11 provider installed)"
+        tls = curl_args(ident)
+    argv = ["curl", "-sS", "--fail", "--cacert", str(ca_pem), *tls]
     argv += ["-H", "Content-Type: application/json", "-d", json.dumps(BODY), url]
-    return subprocess.run(argv, env=client_env(ident), capture_output=True, text=True, timeout=60)
+    return route, (argv, env)
+
+
+def post(command: Command) -> subprocess.CompletedProcess[str]:
+    argv, env = command
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
 
 
 def main() -> int:
@@ -135,8 +156,9 @@ def main() -> int:
                         f"pre-authorized {p12.name} as '{label}': certificate + key "
                         f"({ident.key_type}, key id {ident.key_id.hex()[:16]}...)",
                     )
-                    step(5, f"POST {json.dumps(BODY)} through curl --engine pkcs11")
-                    result = post(url, ca_pem, ident)
+                    route, command = curl_command(url, ca_pem, ident, Path(tmp))
+                    step(5, f"POST {json.dumps(BODY)} through curl, {route}")
+                    result = post(command)
                     if result.returncode != 0:
                         print(f"      curl failed ({result.returncode}): {result.stderr.strip()}")
                         return 1
@@ -149,7 +171,7 @@ def main() -> int:
                     kc.kill_key(label, missing_ok=True)
                 left = [i.label for i in kc.items() if i.label == label]
                 step(7, f"the token holds {left or 'nothing'} under '{label}'")
-                again = post(url, ca_pem, ident)
+                again = post(command)
                 step(8, f"the same request now fails: curl exit {again.returncode}")
                 print(f"      {again.stderr.strip().splitlines()[-1] if again.stderr else ''}")
                 if left or again.returncode == 0:

@@ -99,6 +99,10 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+class _ConfValue(ctypes.Structure):  # CONF_VALUE (conf.h)
+    _fields_ = [("section", ctypes.c_char_p), ("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
+
+
 class _LibCrypto:
     """The libcrypto that Python's ``ssl`` uses, through ctypes."""
 
@@ -116,6 +120,9 @@ class _LibCrypto:
             ("NCONF_new", p, [p]),
             ("NCONF_load", i, [p, s, ctypes.POINTER(ctypes.c_long)]),
             ("NCONF_get_string", s, [p, s, s]),
+            ("NCONF_get_section", p, [p, s]),
+            ("OPENSSL_sk_num", i, [p]),
+            ("OPENSSL_sk_value", ctypes.POINTER(_ConfValue), [p, i]),
             ("NCONF_free", None, [p]),
             ("OSSL_STORE_open_ex", p, [s, p, s, p, p, p, p, p]),
             ("OSSL_STORE_expect", i, [p, i]),
@@ -276,21 +283,43 @@ def config(module: str, init_args: Optional[str], include: Optional[str] = None)
         head = ["openssl_conf = keychain_ext_init", "[keychain_ext_init]"]
         lines = [*head, "providers = keychain_ext_providers", *own_providers, *section]
         return "\n".join(lines) + "\n"
-    init, providers = _sections(crypto, include)
+    included = _included(crypto, include)
     lines = ["# keychain_ext: the pkcs11 provider added to", f".include {_quote(include)}"]
-    if providers:  # add ours to the list the included file activates
-        lines += [f"[{providers}]", f"{NAME} = {NAME}_sect"]
+    if included.providers:  # add ours to the list the included file activates
+        lines += [f"[{included.providers}]", f"{NAME} = {NAME}_sect"]
+        if included.implicit_default:
+            # Activating ours explicitly ends the implicit load of the default
+            # provider (Debian 13's openssl.cnf lists it without activating
+            # it): activate it, or the child has no random generator at all.
+            if included.default_section:
+                lines += [f"[{included.default_section}]", "activate = 1"]
+            else:
+                lines += ["default = keychain_ext_default", "[keychain_ext_default]", "activate = 1"]
     else:
-        if not init:
+        if not included.init:
             lines += ["[default]", "openssl_conf = keychain_ext_init"]
-        lines += [f"[{init or 'keychain_ext_init'}]", "providers = keychain_ext_providers"]
+        lines += [f"[{included.init or 'keychain_ext_init'}]", "providers = keychain_ext_providers"]
         lines += own_providers
     return "\n".join([*lines, *section]) + "\n"
 
 
-def _sections(crypto: _LibCrypto, path: str) -> tuple[Optional[str], Optional[str]]:
-    """The init section (``openssl_conf``) of an OpenSSL configuration and
-    the provider section it names, as OpenSSL reads them (None: absent)."""
+@dataclass(frozen=True)
+class _Included:
+    """What an OpenSSL configuration says about providers, as OpenSSL reads
+    it: its init section (``openssl_conf``), the provider list that names,
+    the section of the list's ``default`` provider, and whether the default
+    provider is loaded only implicitly (the list activates no provider)."""
+
+    init: Optional[str]
+    providers: Optional[str]
+    default_section: Optional[str]
+    implicit_default: bool
+
+
+_FALSE = {"0", "no", "false", "off"}  # OpenSSL's boolean words for "not active"
+
+
+def _included(crypto: _LibCrypto, path: str) -> _Included:
     lib = crypto.lib
     conf = lib.NCONF_new(None)
     try:
@@ -301,12 +330,27 @@ def _sections(crypto: _LibCrypto, path: str) -> tuple[Optional[str], Optional[st
                 f"{crypto.errors()}",
                 operation="provider",
             )
-        init = lib.NCONF_get_string(conf, None, b"openssl_conf")
-        providers = lib.NCONF_get_string(conf, init, b"providers") if init else None
+
+        def get(section: Optional[bytes], name: bytes) -> Optional[bytes]:
+            return lib.NCONF_get_string(conf, section, name)  # type: ignore[no-any-return]
+
+        init = get(None, b"openssl_conf")
+        providers = get(init, b"providers") if init else None
+        entries = lib.NCONF_get_section(conf, providers) if providers else None
+        default_section, active = None, False
+        for i in range(lib.OPENSSL_sk_num(entries) if entries else 0):
+            entry = lib.OPENSSL_sk_value(entries, i).contents
+            name = get(entry.value, b"identity") or entry.name
+            if name == b"default":
+                default_section = entry.value
+            activate = get(entry.value, b"activate")
+            active = active or (activate is not None and activate.decode().lower() not in _FALSE)
         lib.ERR_clear_error()  # a missing name is not an error here
-        return (
-            init.decode() if init else None,
-            providers.decode() if providers else None,
+        return _Included(
+            init=init.decode() if init else None,
+            providers=providers.decode() if providers else None,
+            default_section=default_section.decode() if default_section else None,
+            implicit_default=not active,
         )
     finally:
         lib.NCONF_free(conf)
