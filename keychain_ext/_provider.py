@@ -294,7 +294,11 @@ def config(module: str, init_args: Optional[str], include: Optional[str] = None)
             if included.default_section:
                 lines += [f"[{included.default_section}]", "activate = 1"]
             else:
-                lines += ["default = keychain_ext_default", "[keychain_ext_default]", "activate = 1"]
+                lines += [
+                    "default = keychain_ext_default",
+                    "[keychain_ext_default]",
+                    "activate = 1",
+                ]
     else:
         if not included.init:
             lines += ["[default]", "openssl_conf = keychain_ext_init"]
@@ -340,8 +344,7 @@ def _included(crypto: _LibCrypto, path: str) -> _Included:
         default_section, active = None, False
         for i in range(lib.OPENSSL_sk_num(entries) if entries else 0):
             entry = lib.OPENSSL_sk_value(entries, i).contents
-            name = get(entry.value, b"identity") or entry.name
-            if name == b"default":
+            if entry.name == b"default":
                 default_section = entry.value
             activate = get(entry.value, b"activate")
             active = active or (activate is not None and activate.decode().lower() not in _FALSE)

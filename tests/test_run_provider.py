@@ -155,6 +155,67 @@ def test_merged_configuration_text(tmp_path: Path) -> None:
         assert NAME in listed.stdout and "default" in listed.stdout
 
 
+# Debian 13's openssl.cnf: the default provider listed, not activated (OpenSSL
+# loads it implicitly only while no provider is activated explicitly).
+LISTED_NOT_ACTIVE = (
+    "openssl_conf = init\n[init]\nproviders = provs\n[provs]\ndefault = d\n[d]\n# activate = 1\n"
+)
+
+
+def active_providers(conf: Path) -> set[str]:
+    listed = subprocess.run(
+        ["openssl", "list", "-providers"],
+        env={**os.environ, "OPENSSL_CONF": str(conf)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    return {line.strip() for line in listed.stdout.splitlines() if line.startswith("  ") and
+            not line.startswith("   ")}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "included, default_active",
+    [
+        (LISTED_NOT_ACTIVE, True),  # the child had it implicitly: it keeps it
+        ("openssl_conf = init\n[init]\nproviders = provs\n[provs]\nother = o\n[o]\n", True),
+        # the file activates another provider explicitly: the child never had
+        # the default one, and does not get it from us either
+        ("openssl_conf = init\n[init]\nproviders = provs\n[provs]\nbase = b\n[b]\nactivate = 1\n",
+         False),
+    ],
+)  # fmt: skip
+def test_merged_configuration_keeps_the_implicit_default_provider(
+    tmp_path: Path, included: str, default_active: bool
+) -> None:
+    from keychain_ext._provider import NAME, config
+
+    own = tmp_path / "own.cnf"
+    own.write_text(included)
+    merged = tmp_path / "merged.cnf"
+    merged.write_text(config("/lib/m.so", None, str(own)))
+    providers = active_providers(merged)
+    assert NAME in providers
+    assert ("default" in providers) == default_active, providers
+
+
+def test_curl_through_the_provider_with_debian_13s_configuration(
+    env: dict[str, str], nginx: NginxServer, ec_client: ClientIdentity, tmp_path: Path
+) -> None:
+    """Debian 13 regression: with the default provider only listed, the
+    merged configuration left curl without a random generator ("curl: (35)
+    Insufficient randomness")."""
+    own = tmp_path / "debian13.cnf"
+    own.write_text(LISTED_NOT_ACTIVE)
+    command = [
+        a.replace("{ca}", env["CA"]).replace("{url}", nginx.url) for a in COMMANDS["curl bare"]
+    ]
+    done = run({**env, "OPENSSL_CONF": str(own)}, ec_client, "debian13", command)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"client": f"CN={ec_client.cn}"}
+
+
 def test_bare_curl_falls_back_to_the_engine_without_the_provider(
     env: dict[str, str], nginx: NginxServer, ec_client: ClientIdentity, tmp_path: Path
 ) -> None:
