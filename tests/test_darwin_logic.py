@@ -21,6 +21,8 @@ import sys
 
 import pytest
 
+from .csources import CLANG_INSTALL, find_clang
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOUBLE = os.path.join(ROOT, "tests", "darwin_double")
 SOURCES = [
@@ -194,7 +196,7 @@ def test_p12_walk_fuzz_smoke(tmp_path):
     """csrc/p12_walk.c under libFuzzer, ASan and UBSan for a few seconds,
     seeded with real PKCS#12 files (PBES2/AES and legacy 3DES, as
     cryptography writes them).  Outside CI a missing libFuzzer skips."""
-    clang = shutil.which(os.environ.get("CLANG", "clang")) or shutil.which("clang-14")
+    clang = find_clang()
     exe = str(tmp_path / "fuzz_p12_walk")
     cmd = [
         clang or "clang",
@@ -211,7 +213,9 @@ def test_p12_walk_fuzz_smoke(tmp_path):
     ]
     build = subprocess.run(cmd, capture_output=True, text=True) if clang else None
     if build is None or build.returncode != 0:
-        why = "clang with libFuzzer is required: " + (build.stderr[-300:] if build else "no clang")
+        why = f"clang with libFuzzer is required ({CLANG_INSTALL}): " + (
+            build.stderr[-300:] if build else "no clang"
+        )
         if os.environ.get("CI"):
             pytest.fail(why)
         pytest.skip(why)

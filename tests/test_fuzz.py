@@ -9,7 +9,7 @@ kc_kill_key on a throwaway SoftHSM2 token for KEYCHAIN_EXT_FUZZ_SECONDS
 comes from scripts/long-runs, summarized in LONG_RUNS.md).  Every input must end in success or a documented status with
 nothing left on the token; any crash, sanitizer report or leak fails.
 
-Needs clang and its libFuzzer runtime (Debian: clang, libclang-rt-14-dev).
+Needs clang and its libFuzzer runtime (Debian: clang, libclang-rt-dev).
 In CI (env CI set) a missing tool fails; elsewhere the test skips, saying why.
 """
 
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from .csources import CLANG_INSTALL, find_clang
+
 RUN = Path(__file__).resolve().parent / "fuzz" / "run"
 SECONDS = int(os.environ.get("KEYCHAIN_EXT_FUZZ_SECONDS", "10"))
 # ~300 exec/s on one core with the 20,000-iteration seeds; keep a wide margin
@@ -37,9 +39,9 @@ def _missing(what: str) -> None:
 
 
 def _require_toolchain() -> None:
-    clang = shutil.which(os.environ.get("CLANG", "clang")) or shutil.which("clang-14")
+    clang = find_clang()
     if clang is None:
-        _missing("clang not found: apt-get install clang libclang-rt-14-dev")
+        _missing(f"clang not found: {CLANG_INSTALL}")
     probe = subprocess.run(
         [clang, "-fsanitize=fuzzer,address,undefined", "-x", "c", "-", "-o", os.devnull],
         input="#include <stddef.h>\n#include <stdint.h>\n"
@@ -50,7 +52,7 @@ def _require_toolchain() -> None:
     )
     if probe.returncode != 0:
         _missing(
-            "clang cannot link a libFuzzer target (apt-get install libclang-rt-14-dev): "
+            f"clang cannot link a libFuzzer target ({CLANG_INSTALL}): "
             + probe.stderr.strip()[-300:]
         )
     if shutil.which("pkg-config") is None:
