@@ -6,8 +6,7 @@ PY := .venv/bin/python
 deps:
 	scripts/install-deps
 
-demo: deps
-	$(PY) -m pip install -q -e '.[demo]'
+demo: deps  # the test extra that deps installs holds the demo's
 	$(PY) examples/demo.py
 
 test: deps
@@ -20,7 +19,7 @@ test-darwin-double: deps
 	PY=$(PY) scripts/test-darwin-double
 
 bench: deps
-	$(PY) -m pip install -q -e '.[bench]'
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m benchmarks
 
 clean:
