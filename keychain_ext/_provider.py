@@ -128,6 +128,7 @@ class _LibCrypto:
             ("OSSL_STORE_expect", i, [p, i]),
             ("OSSL_STORE_load", p, [p]),
             ("OSSL_STORE_eof", i, [p]),
+            ("OSSL_STORE_error", i, [p]),
             ("OSSL_STORE_INFO_get_type", i, [p]),
             ("OSSL_STORE_INFO_get1_CERT", p, [p]),
             ("OSSL_STORE_INFO_free", None, [p]),
@@ -418,6 +419,8 @@ def certificate_pem(uri: str) -> str:
         while not lib.OSSL_STORE_eof(store):
             info = lib.OSSL_STORE_load(store)
             if not info:
+                if lib.OSSL_STORE_error(store):
+                    break  # a failing load never reaches eof: looping on it hangs
                 continue
             try:
                 if lib.OSSL_STORE_INFO_get_type(info) == _STORE_INFO_CERT:
