@@ -200,7 +200,9 @@ class _Routes:
 
         handle = pycurl.Curl()
         if self.keychain is not None:
-            self.setup_pycurl(handle, self.ident)
+            # the engine rows; pycurl's default, the provider, loads the key per
+            # connection as the curl rows' --key does
+            self.setup_pycurl(handle, self.ident, route="engine")
         else:
             handle.setopt(pycurl.SSLCERT, self.spec["cert"])
             handle.setopt(pycurl.SSLKEY, self.spec["key"])

@@ -88,6 +88,7 @@ struct kc_keychain {
     pthread_mutex_t lock;           /* serializes this handle's calls */
     module *mod;
     CK_SLOT_ID slot;
+    char token[TOKEN_LABEL_LEN + 1];   /* finds the slot again (ensure_session) */
     CK_SESSION_HANDLE session;
     pid_t pid;                      /* process that opened session/lock */
     char *pin;                      /* to log in again after fork() */

@@ -490,6 +490,14 @@ static int32_t ensure_session(kc_keychain *kc, kc_error *err)
     pthread_mutex_unlock(&modules_lock);
     if (st)
         return st;
+    /* A reopen (after fork, or after another user of the module finalized
+     * it): slot IDs may have changed -- SoftHSM2 numbers its slots afresh
+     * in every C_Initialize -- so the token is found again by its label. */
+    if (kc->session != CK_INVALID_HANDLE) {
+        CK_FLAGS flags;
+        if ((st = find_slot(kc->mod, kc->token, 0, &kc->slot, &flags, err)))
+            return st;
+    }
     if ((st = login(kc->mod, kc->slot, kc->pin, err)))
         return st;
     rv = kc->mod->f->C_OpenSession(kc->slot,
@@ -592,6 +600,7 @@ static int32_t open_keychain(const kc_options *opts, kc_keychain **out,
     pthread_mutex_init(&kc->lock, NULL);
     kc->mod = m;
     kc->slot = slot;
+    snprintf(kc->token, sizeof kc->token, "%s", opts->token);
     kc->lock_fd = -1;
     kc->pid = 0; /* ensure_session opens session and lock file */
     kc->pin = strdup(opts->pin);

@@ -45,6 +45,7 @@ _PEM = "PKCS#11 PROVIDER URI"
 _PEM_DESCRIPTION = b"PKCS#11 Provider URI v1.0"
 _INFO_CONFIG_DIR, _INFO_MODULES_DIR = 1001, 1003  # OPENSSL_info() (crypto.h)
 _STORE_INFO_CERT = 5  # OSSL_STORE_INFO_CERT (store.h)
+_EMPTY_LOADS = 64  # empty OSSL_STORE_load results before a store counts as stuck
 
 # The provider's settings in every configuration keychain_ext writes:
 # (name, value, why), the reason written into the file as a comment.
@@ -161,19 +162,14 @@ class _DlInfo(ctypes.Structure):
     ]
 
 
-def _ssl_libcrypto_path() -> Optional[str]:
-    """The file of the libcrypto that the ``_ssl`` extension itself links:
-    a symbol looked up through its handle resolves in its own dependencies,
-    and dladdr names the file.  (Another libcrypto of the same version may
-    be in the process: a wheel's bundled copy, ours among them.)  None when
-    ``_ssl`` has OpenSSL linked in."""
-    import _ssl
-
-    ssl_file = getattr(_ssl, "__file__", None)
-    if not ssl_file:
-        return None  # built into the interpreter
+def linked_libcrypto(extension_file: str) -> Optional[str]:
+    """The file of the libcrypto that the shared object ``extension_file``
+    (already loaded) links: a symbol looked up through its handle resolves
+    in its own dependencies, and dladdr names the file.  (Another libcrypto
+    of the same version may be in the process: a wheel's bundled copy, ours
+    among them.)  None when it has OpenSSL linked in, or links none."""
     try:
-        symbol = ctypes.CDLL(ssl_file, mode=os.RTLD_NOLOAD).OpenSSL_version
+        symbol = ctypes.CDLL(extension_file, mode=os.RTLD_NOLOAD).OpenSSL_version
         dladdr = ctypes.CDLL(None).dladdr
     except (OSError, AttributeError):
         return None
@@ -182,7 +178,16 @@ def _ssl_libcrypto_path() -> Optional[str]:
     if not dladdr(ctypes.cast(symbol, ctypes.c_void_p), ctypes.byref(info)) or not info.dli_fname:
         return None
     path = os.fsdecode(info.dli_fname)
-    return None if os.path.realpath(path) == os.path.realpath(ssl_file) else path
+    return None if os.path.realpath(path) == os.path.realpath(extension_file) else path
+
+
+def ssl_libcrypto_path() -> Optional[str]:
+    """The shared libcrypto that Python's ``ssl`` links, or None (built in,
+    or OpenSSL linked in statically)."""
+    import _ssl
+
+    ssl_file = getattr(_ssl, "__file__", None)
+    return linked_libcrypto(ssl_file) if ssl_file else None
 
 
 def _process_libcrypto() -> _LibCrypto:
@@ -204,7 +209,7 @@ def _process_libcrypto() -> _LibCrypto:
             detail="the pkcs11 provider route is implemented on Linux only",
             operation="provider",
         )
-    path = _ssl_libcrypto_path()
+    path = ssl_libcrypto_path()
     if path is not None:
         lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
         version = lib.OpenSSL_version
@@ -416,11 +421,16 @@ def certificate_pem(uri: str) -> str:
         raise ItemNotFoundError(detail=f"OpenSSL cannot open {uri}: {crypto.errors()}")
     try:
         lib.OSSL_STORE_expect(store, _STORE_INFO_CERT)
+        empty = 0
         while not lib.OSSL_STORE_eof(store):
             info = lib.OSSL_STORE_load(store)
             if not info:
-                if lib.OSSL_STORE_error(store):
-                    break  # a failing load never reaches eof: looping on it hangs
+                # An empty load is allowed before eof, but a failing store may
+                # neither report an error nor ever reach eof (a provider whose
+                # module another user finalized): looping on it hangs.
+                empty += 1
+                if lib.OSSL_STORE_error(store) or empty > _EMPTY_LOADS:
+                    break
                 continue
             try:
                 if lib.OSSL_STORE_INFO_get_type(info) == _STORE_INFO_CERT:

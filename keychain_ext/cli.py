@@ -31,7 +31,7 @@ from typing import Any, Callable, NoReturn, Optional
 from . import _provider, _store
 from ._backend import ItemInfo, Pkcs11Token
 from ._version import __version__
-from .curl import client_env, curl_args, pycurl_problem
+from .curl import client_env, curl_args, engine_problem, pycurl_problem
 from .errors import (
     AuthFailedError,
     DecodeError,
@@ -386,17 +386,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             good &= check(True, f"token '{kc.token}' present and logged in ({count} identities)")
     except (KeychainError, OSError) as exc:
         good &= check(False, "token", cli_message(str(exc)))
-    engines = ""
-    try:
-        out = subprocess.run(["openssl", "version", "-e"], capture_output=True, text=True).stdout
-        engines = out.split('"')[1] if '"' in out else ""
-    except OSError:
-        pass
-    engine = any(os.path.exists(os.path.join(engines, n)) for n in ("pkcs11.so", "libpkcs11.so"))
+    engine_missing = engine_problem()
     engine = check(
-        engine,
-        "OpenSSL pkcs11 engine (the engine route: curl_args, setup_pycurl, older curl)",
-        "apt-get install libengine-pkcs11-openssl",
+        engine_missing is None,
+        "OpenSSL pkcs11 engine (the fallback route: curl_args, setup_pycurl without the "
+        "provider; deprecated, gone in OpenSSL 4)",
+        engine_missing or "",
     )
     try:  # loading it is the test
         init_args = args.init_args or os.environ.get("KEYCHAIN_EXT_INIT_ARGS")
@@ -414,7 +409,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     curl = shutil.which("curl")
     good &= check(curl is not None, f"curl {curl or 'not found'}", "apt-get install curl")
     problem = pycurl_problem()
-    check(problem is None, "pycurl can use the engine (optional)", problem or "")
+    check(problem is None, "pycurl (optional)", problem or "")
     if args.json:
         print(json.dumps({"ok": bool(good), "checks": checks}, indent=2))
     else:

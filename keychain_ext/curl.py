@@ -1,10 +1,12 @@
 """Hand a pre-authorized identity to curl (command line), pycurl, or any
 OpenSSL 3 program in a child process.
 
-PKCS#11 tokens: curl_args and setup_pycurl go through OpenSSL's ``pkcs11``
-engine (Debian: libengine-pkcs11-openssl) with the certificate and key named
-by PKCS#11 URIs (RFC 7512); client_env also hands a child OpenSSL 3's pkcs11
-provider (see keychain_ext._provider) where it is installed.  The PIN never
+PKCS#11 tokens: client_env hands a child OpenSSL 3's pkcs11 provider (see
+keychain_ext._provider) where it is installed, and setup_pycurl loads it
+into this process where pycurl shares ``ssl``'s OpenSSL: the default route.
+curl_args and setup_pycurl's fallback go through OpenSSL's deprecated
+``pkcs11`` engine (Debian: libengine-pkcs11-openssl) with the certificate
+and key named by PKCS#11 URIs (RFC 7512).  The PIN never
 travels in argv: the URIs carry ``pin-source=file:`` pointing at a 0600
 file, and pycurl gets it through KEYPASSWD, in memory.
 
@@ -19,9 +21,12 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from . import _provider
 from ._backend import DarwinKeychain, Pkcs11Token
 from .errors import (
     InteractionNotAllowedError,
@@ -34,6 +39,7 @@ from .keychain import Identity
 log = logging.getLogger(__name__)
 
 ENGINE = "pkcs11"
+ENGINE_INSTALL = "apt-get install libengine-pkcs11-openssl"
 
 PYCURL_HELP = (
     "pip install --force-reinstall --no-binary pycurl pycurl "
@@ -127,6 +133,20 @@ def client_env(
     return env
 
 
+def engine_problem() -> Optional[str]:
+    """Why OpenSSL's pkcs11 engine (libp11) is not there for curl, or None."""
+    try:
+        out = subprocess.run(
+            ["openssl", "version", "-e"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "the openssl command is missing: apt-get install openssl"
+    engines = out.split('"')[1] if '"' in out else ""
+    if not any(os.path.exists(os.path.join(engines, n)) for n in ("pkcs11.so", "libpkcs11.so")):
+        return f"OpenSSL's pkcs11 engine is not in {engines or '?'}: {ENGINE_INSTALL}"
+    return None
+
+
 def pycurl_problem(darwin: bool = False) -> Optional[str]:
     """Why pycurl cannot use the pkcs11 engine here (``darwin``: the
     keychain through Secure Transport), or None if it can."""
@@ -151,40 +171,63 @@ def pycurl_problem(darwin: bool = False) -> Optional[str]:
     return None
 
 
-def _certificate_pem(identity: Identity) -> Optional[bytes]:
-    """The identity's certificate as PEM bytes, where pycurl can take it
-    in memory (CURLOPT_SSLCERT_BLOB, libcurl 7.71) and OpenSSL's pkcs11
-    provider can read it (Identity.provider_files); else None.
-
-    libcurl loads the client certificate again for every connection: named
-    by its URI, that is a search of the token by the engine each time, whose
-    cost grows with the objects on the token (benchmarks/HANDSHAKES.md).
-    The key stays in the token and is still looked up per connection, so a
-    killed identity stops working."""
+def _pycurl_shares_ssls_openssl() -> bool:
+    """pycurl's libcurl uses the libcrypto of Python's ``ssl``: the one
+    keychain_ext loads the pkcs11 provider into in this process."""
     import pycurl
 
-    if not hasattr(pycurl, "SSLCERT_BLOB"):
+    native = sys.modules.get("pycurl._pycurl", pycurl)  # 7.46 and later: a package around it
+    ours = _provider.ssl_libcrypto_path()
+    theirs = _provider.linked_libcrypto(native.__file__ or "")
+    return ours is not None and theirs is not None and os.path.samefile(ours, theirs)
+
+
+def _provider_files(identity: Identity) -> Optional[_provider.ProviderFiles]:
+    """The identity's provider files where pycurl in this process can use
+    them (its OpenSSL is ``ssl``'s, the provider is installed and sees the
+    token), else None."""
+    if not _pycurl_shares_ssls_openssl():
         return None
     try:
-        return identity.provider_files().cert.read_bytes()
+        return identity.provider_files()
     except (ItemNotFoundError, UnimplementedError, ParamError):
         return None  # no provider here, it cannot see the token, or serves another module
 
 
-def setup_pycurl(handle: Any, identity: Identity) -> None:
+ROUTES = ("provider", "engine")
+
+
+def setup_pycurl(handle: Any, identity: Identity, *, route: Optional[str] = None) -> None:
     """Set the options that make a ``pycurl.Curl`` handle authenticate with
-    ``identity``: SSLENGINE, SSLKEY as the key's PKCS#11 URI of type ENG,
-    the certificate in memory (SSLCERT_BLOB, where the provider can read
-    it; else SSLCERT as its URI of type ENG), and KEYPASSWD (the PIN, in
-    memory).  Ephemeral identities work here: the
-    engine shares this process's PKCS#11 module.  macOS: SSLCERT is the
-    identity's keychain nickname (libcurl with Secure Transport).
+    ``identity``.
+
+    PKCS#11 tokens, ``route`` (default: the provider where it can serve
+    this process, else the engine):
+
+    - ``"provider"``: OpenSSL 3's pkcs11 provider, loaded into this
+      process's OpenSSL (pycurl's libcurl must use the libcrypto of Python's
+      ``ssl``): SSLCERT the certificate's PEM file, SSLKEY the provider's
+      PEM naming the key, which stays in the token.
+    - ``"engine"``: OpenSSL's pkcs11 engine (deprecated; gone in OpenSSL 4):
+      SSLENGINE, SSLKEY the key's PKCS#11 URI of type ENG, the certificate in
+      memory where the provider can read it (SSLCERT_BLOB; else its URI),
+      KEYPASSWD the PIN, in memory.  libp11 0.4.13 (Debian 13) finalizes the
+      PKCS#11 module when libcurl lets go of the engine: every session of
+      the process ends, an ephemeral identity's objects with them.
+
+    Ephemeral identities work on both: provider and engine share this
+    process's PKCS#11 module.  macOS: SSLCERT is the identity's keychain
+    nickname (libcurl with Secure Transport).
 
     Raises:
-        UnimplementedError: pycurl cannot load the engine (PyPI wheel);
-            the message says how to install one that can; or the identity
-            is not on a PKCS#11 token.
+        UnimplementedError: pycurl cannot use either route here (e.g. the
+            PyPI wheel; the message says how to install one that can), the
+            route asked for cannot serve, or the identity is not on a
+            PKCS#11 token.
+        ParamError: an unknown ``route``.
     """
+    if route is not None and route not in ROUTES:
+        raise ParamError(detail=f"route must be one of {ROUTES}, not {route!r}")
     darwin = isinstance(identity.store, DarwinKeychain)
     problem = pycurl_problem(darwin)
     if problem:
@@ -195,6 +238,25 @@ def setup_pycurl(handle: Any, identity: Identity) -> None:
         handle.setopt(pycurl.SSLCERT, identity.label)  # the keychain nickname
         return
     token = _token(identity, "setup_pycurl")
+    files = _provider_files(identity) if route != "engine" else None
+    if files is not None:
+        handle.setopt(pycurl.SSLCERTTYPE, "PEM")
+        handle.setopt(pycurl.SSLCERT, str(files.cert))
+        handle.setopt(pycurl.SSLKEYTYPE, "PEM")
+        handle.setopt(pycurl.SSLKEY, str(files.key))
+        return
+    if route == "provider":
+        raise UnimplementedError(
+            detail=_provider.problem()
+            or "the pkcs11 provider cannot serve pycurl here: pycurl's libcurl does not "
+            "use the OpenSSL of Python's ssl, or the provider cannot see the token",
+            operation="setup_pycurl",
+        )
+    _setup_engine(handle, identity, token)
+
+
+def _setup_engine(handle: Any, identity: Identity, token: Pkcs11Token) -> None:
+    import pycurl
 
     # the engine reads the module path when it first loads: the identity's
     # module, never one left there for another token
@@ -213,8 +275,18 @@ def setup_pycurl(handle: Any, identity: Identity) -> None:
         with open(token.pin_file, encoding="utf-8") as f:
             pin = f.read().rstrip("\r\n")
     handle.setopt(pycurl.SSLENGINE, ENGINE)
-    cert = _certificate_pem(identity)
-    if cert is not None:  # in memory: no search of the token per connection
+    # The certificate in memory where the provider reads it: named by its
+    # URI, libcurl has the engine search the token for it on every
+    # connection, a cost that grows with the objects on the token
+    # (benchmarks/HANDSHAKES.md).  The key is still looked up per
+    # connection, so a killed identity stops working.
+    try:
+        cert: Optional[bytes] = (
+            identity.provider_files().cert.read_bytes() if hasattr(pycurl, "SSLCERT_BLOB") else None
+        )
+    except (ItemNotFoundError, UnimplementedError, ParamError):
+        cert = None
+    if cert is not None:
         handle.setopt(pycurl.SSLCERTTYPE, "PEM")
         handle.setopt(pycurl.SSLCERT_BLOB, cert)
     else:
