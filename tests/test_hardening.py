@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -319,7 +320,8 @@ def _embedded(
 def test_only_softhsm2_is_ever_initialized(token: Token) -> None:
     """A module that is not SoftHSM2 (p11-kit's proxy here; a blank smart
     card in life) is never initialized."""
-    proxy = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so"
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    proxy = os.path.join("/usr/lib", multiarch, "p11-kit-proxy.so")
     if not os.path.exists(proxy):
         pytest.skip("p11-kit-proxy.so not installed")
     from keychain_ext import ParamError

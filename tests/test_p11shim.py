@@ -18,10 +18,6 @@ from pathlib import Path
 import pytest
 
 SHIM_DIR = Path(__file__).resolve().parent / "p11shim"
-SOFTHSM_PATHS = (
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-)
 LABEL = "p11shim-t"
 N_OBJECTS = 12  # PyKCS11 fetches 10 per C_FindObjects: 10, 2, 0
 CKR_GENERAL_ERROR = 0x05
@@ -43,7 +39,9 @@ def _load_build():
 
 
 def _softhsm() -> str:
-    for path in (os.environ.get("SOFTHSM2_MODULE"), *SOFTHSM_PATHS):
+    from keychain_ext._store import SOFTHSM2_MODULES  # where each distribution puts it
+
+    for path in (os.environ.get("SOFTHSM2_MODULE"), *SOFTHSM2_MODULES):
         if path and os.path.exists(path):
             return path
     _missing("SoftHSM2 not found (apt-get install softhsm2, or set SOFTHSM2_MODULE)")
