@@ -322,15 +322,21 @@ def test_foreign_objects_survive_purge_and_reclaim(
 # ---------------------------------------------------------- PID namespaces
 
 
-def _unshare_works() -> bool:
+def _unshare_problem() -> str:
+    """Why a PID namespace cannot be made here ("" if it can)."""
     if shutil.which("unshare") is None:
-        return False
+        return "unshare is not installed (util-linux)"
     probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
-                           capture_output=True)  # fmt: skip
-    return probe.returncode == 0
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    if probe.returncode == 0:
+        return ""
+    return f"unshare --pid --fork --mount-proc fails here (needs root): {probe.stderr.strip()}"
 
 
-@pytest.mark.skipif(not _unshare_works(), reason="unshare --pid needs root (CI runs as root)")
+UNSHARE_PROBLEM = _unshare_problem()
+
+
+@pytest.mark.skipif(bool(UNSHARE_PROBLEM), reason=UNSHARE_PROBLEM)
 def test_owner_in_another_pid_namespace_keeps_its_identity(
     token: Token, kc: Keychain, ec_client: ClientIdentity, rsa_client: ClientIdentity
 ) -> None:
