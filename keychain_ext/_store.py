@@ -69,7 +69,9 @@ P12_CAP = 1 << 20
 SECRET_CAP = 64 << 10
 
 
-def read_regular(path: "str | os.PathLike[str]", cap: int, what: str, *, follow: bool = True) -> bytes:
+def read_regular(
+    path: str | os.PathLike[str], cap: int, what: str, *, follow: bool = True
+) -> bytes:
     """The bytes of the regular file ``path``, at most ``cap`` of them.
 
     Opened non-blocking (a FIFO never waits for a writer) and checked with
@@ -126,9 +128,7 @@ def _check_dir(fd: int, path: str, *, final: bool) -> None:
                 errno.EPERM, f"directory is mode {mode:04o}, not 0700: chmod 700 it", path
             )
     elif st.st_uid not in (0, uid) or (mode & 0o022 and not mode & stat.S_ISVTX):
-        raise PermissionError(
-            errno.EPERM, "directory on the way is writable by another user", path
-        )
+        raise PermissionError(errno.EPERM, "directory on the way is writable by another user", path)
 
 
 def private_dir(path: Path) -> Path:
@@ -303,7 +303,9 @@ def sweep_unheld(directory: Path) -> None:
             continue
         try:
             st = os.fstat(fd)
-            if st.st_uid != os.geteuid() or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            if st.st_uid != os.geteuid() or not (
+                stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+            ):
                 log.warning("%s is not a file keychain_ext made: left alone", path)
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
