@@ -60,6 +60,10 @@ int32_t fail_ck(kc_error *err, CK_RV rv, const char *what);
 int32_t fail_ssl(kc_error *err, int32_t status, const char *what);
 const char *ckr_name(CK_RV rv);
 int transient(CK_RV rv);
+/* openat(dir, path, flags | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, mode) of a
+ * regular file only: a symlink, FIFO, directory or device planted in a
+ * state directory is refused (-1, errno ELOOP or EINVAL), never waited on. */
+int open_regular(int dir, const char *path, int flags, mode_t mode);
 void backoff(int attempt);
 
 /* -------------------------------------------------------- p11_session.c */

@@ -5,11 +5,29 @@
 #define _GNU_SOURCE
 #include "p11.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <openssl/err.h>
+
+int open_regular(int dir, const char *path, int flags, mode_t mode)
+{
+    struct stat st;
+    int fd = openat(dir, path, flags | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, mode);
+    if (fd < 0)
+        return -1;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        errno = EINVAL;
+        return -1;
+    }
+    return fd;
+}
 
 int32_t fail(kc_error *err, int32_t status, int64_t native, const char *fmt,
              ...)

@@ -83,9 +83,19 @@ static int32_t ensure_subdir(const char *dir, const char *sub, kc_error *err)
     char path[4096];
     if (!path_in(path, sizeof path, dir, sub, NULL))
         return fail(err, KC_errSecParam, 0, "state directory path too long");
+    struct stat st;
+    int fd;
     if (mkdir(path, 0700) != 0 && errno != EEXIST)
         return fail(err, KC_errSecIO, errno, "cannot create %s: %s", path,
                     strerror(errno));
+    /* not a symlink someone planted, and the caller's own */
+    fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 || fstat(fd, &st) != 0 || st.st_uid != geteuid()) {
+        if (fd >= 0)
+            close(fd);
+        return fail(err, KC_errSecIO, errno, "%s is not a directory of this user", path);
+    }
+    close(fd);
     return KC_errSecSuccess;
 }
 
@@ -147,7 +157,7 @@ static int32_t owner_attach(kc_keychain *kc, owner_ref *me, kc_error *err)
             st = fail(err, KC_errSecParam, 0, "state directory path too long");
             goto out;
         }
-        fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+        fd = open_regular(AT_FDCWD, path, O_RDWR | O_CREAT, 0600);
         if (fd < 0 || flock(fd, LOCK_EX | LOCK_NB) != 0) {
             st = fail(err, KC_errSecIO, errno, "cannot hold owner file %s: %s",
                       path, strerror(errno));
@@ -215,8 +225,8 @@ static int owner_alive(kc_keychain *kc, const owner_ref *o)
     if (strspn(o->id, "0123456789abcdef") != OWNER_ID_LEN ||
         !path_in(path, sizeof path, kc->state_dir, "owners", o->id))
         return -1;
-    if ((fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)) < 0)
-        return -1; /* another host or mount namespace: cannot tell */
+    if ((fd = open_regular(AT_FDCWD, path, O_RDONLY, 0)) < 0)
+        return -1; /* another host or mount namespace, not a file: cannot tell */
     if (flock(fd, LOCK_EX | LOCK_NB) == 0)
         alive = 0; /* nobody holds it: its process has ended */
     else
@@ -366,7 +376,7 @@ int32_t lease_read(kc_keychain *kc, const char *label, lease *l, int *found,
         return KC_errSecSuccess;
     if (!lease_path(kc, label, path, sizeof path))
         return fail(err, KC_errSecParam, 0, "state directory path too long");
-    if ((fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)) < 0) {
+    if ((fd = open_regular(AT_FDCWD, path, O_RDONLY, 0)) < 0) {
         if (errno == ENOENT)
             return KC_errSecSuccess;
         return fail(err, KC_errSecIO, errno, "cannot read lease %s: %s", path,
@@ -408,7 +418,7 @@ int32_t lease_write(kc_keychain *kc, const lease *l, kc_error *err)
     if (len >= sizeof text)
         return fail(err, KC_errSecAllocate, 0, "lease too large");
     snprintf(tmp, sizeof tmp, "%s.%ld.tmp", path, (long)getpid());
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+    fd = open_regular(AT_FDCWD, tmp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
     if (fd < 0)
         return fail(err, KC_errSecIO, errno, "cannot write lease %s: %s", tmp,
                     strerror(errno));
@@ -453,8 +463,8 @@ int32_t lease_all(kc_keychain *kc, lease **out, size_t *n, kc_error *err)
     while ((e = readdir(d))) {
         if (strlen(e->d_name) != 2 * SHA256_DIGEST_LENGTH)
             continue; /* ".", "..", temporary files */
-        if ((fd = openat(dirfd(d), e->d_name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)) < 0)
-            continue;
+        if ((fd = open_regular(dirfd(d), e->d_name, O_RDONLY, 0)) < 0)
+            continue; /* gone, or not a file keychain_ext wrote */
         if (!(grown = realloc(leases, (*n + 1) * sizeof *leases))) {
             close(fd);
             free(leases);

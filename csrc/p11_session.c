@@ -351,7 +351,7 @@ static int open_lock_file(const char *state_dir)
         errno = ENAMETOOLONG;
         return -1;
     }
-    return open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    return open_regular(AT_FDCWD, path, O_RDWR | O_CREAT, 0600);
 }
 
 /* A wait for the token lock by a helper thread, so that the caller can

@@ -62,16 +62,140 @@ def softhsm2_module() -> str:
     )
 
 
+# Caps on what is read from a file a user names: a PKCS#12 identity is a few
+# KiB, a PIN or password one line; a device or a sparse file must not be
+# read whole (memory) and a FIFO must not be waited on (a hang).
+P12_CAP = 1 << 20
+SECRET_CAP = 64 << 10
+
+
+def read_regular(
+    path: str | os.PathLike[str], cap: int, what: str, *, follow: bool = True
+) -> bytes:
+    """The bytes of the regular file ``path``, at most ``cap`` of them.
+
+    Opened non-blocking (a FIFO never waits for a writer) and checked with
+    fstat before any read: a FIFO, device or directory, or a file larger
+    than ``cap``, is a ParamError at once that names ``what``, never its
+    content.  ``follow``: a path the user gave may be a symlink (a secret
+    mounted by Kubernetes or a secrets manager is one; reading through a
+    link gains an attacker nothing the caller could not read); files
+    keychain_ext made itself are opened with O_NOFOLLOW.
+
+    Raises:
+        ParamError: not a regular file, or larger than cap.
+        FileNotFoundError, PermissionError: as open() reports them.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ParamError(detail=f"the {what} {path} is not a regular file", operation="read")
+        too_large = ParamError(
+            detail=f"the {what} {path} is larger than {cap} bytes", operation="read"
+        )
+        if st.st_size > cap:
+            raise too_large
+        chunks, size = [], 0
+        while size <= cap:  # a file growing after fstat: stop at cap + 1
+            chunk = os.read(fd, cap + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > cap:
+            raise too_large
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _check_dir(fd: int, path: str, *, final: bool) -> None:
+    """A directory on the way to a private one is safe when only root or
+    the caller can change it: owned by one of them, and not writable by
+    group or others unless sticky (/tmp: others cannot rename our entries).
+    The directory itself must be the caller's and 0700."""
+    st = os.fstat(fd)
+    mode, uid = stat.S_IMODE(st.st_mode), os.geteuid()
+    if final:
+        if st.st_uid != uid:
+            raise PermissionError(errno.EPERM, "directory belongs to another user", path)
+        if mode & 0o077:
+            # never chmod a directory keychain_ext did not create: it may be
+            # someone's on purpose
+            raise PermissionError(
+                errno.EPERM, f"directory is mode {mode:04o}, not 0700: chmod 700 it", path
+            )
+    elif st.st_uid not in (0, uid) or (mode & 0o022 and not mode & stat.S_ISVTX):
+        raise PermissionError(errno.EPERM, "directory on the way is writable by another user", path)
+
+
 def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) readable by this user only; refuse a
-    directory that others can read or that belongs to someone else."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid():
-        raise PermissionError(errno.EPERM, "directory belongs to another user", str(path))
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(path, 0o700)
+    """Create ``path`` (and missing parents, 0700) readable by this user only.
+
+    Walked from ``/`` one component at a time with O_NOFOLLOW relative to the
+    parent's descriptor, so no symlink is followed and no component can be
+    swapped between check and use; each existing ancestor is checked (see
+    _check_dir).  Only directories created here are chmodded.
+
+    Raises:
+        PermissionError: a symlink on the path, an ancestor another user can
+            change, or a final directory not the caller's or not 0700.
+    """
+    path = Path(os.path.abspath(path))
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open("/", flags)
+    try:
+        parts = path.parts[1:]
+        for i, name in enumerate(parts):
+            here = os.path.join("/", *parts[: i + 1])
+            created = False
+            try:
+                os.mkdir(name, 0o700, dir_fd=fd)
+                created = True
+            except FileExistsError:
+                pass
+            try:
+                child = os.open(name, flags, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise PermissionError(
+                        errno.EPERM, "not a directory or a symlink: refused", here
+                    ) from None
+                raise
+            os.close(fd)
+            fd = child
+            if created:
+                os.fchmod(fd, 0o700)  # ours: whatever the umask did
+            _check_dir(fd, here, final=i == len(parts) - 1)
+    finally:
+        os.close(fd)
     return path
+
+
+def _runtime_dir() -> Optional[str]:
+    """$XDG_RUNTIME_DIR if it is the caller's directory.  Root after `su`
+    or `sudo -E` still has the user's: a directory that user controls, so
+    it is not used."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if not runtime:
+        return None
+    try:
+        st = os.stat(runtime)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    if st.st_uid != os.geteuid():
+        log.warning(
+            "XDG_RUNTIME_DIR %s belongs to uid %d, not this user (uid %d): not used",
+            runtime,
+            st.st_uid,
+            os.geteuid(),
+        )
+        return None
+    return runtime
 
 
 def base_dir() -> Path:
@@ -79,8 +203,8 @@ def base_dir() -> Path:
     env = os.environ.get("KEYCHAIN_EXT_HOME")
     if env:
         return private_dir(Path(env))
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
+    runtime = _runtime_dir()
+    if runtime:
         return private_dir(Path(runtime) / "keychain_ext")
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
     return private_dir(Path(data) / "keychain_ext")
@@ -152,20 +276,38 @@ def release_secret(path: Path, fd: int) -> None:
 WRITING_SECONDS = 60
 
 
+# The names keychain_ext gives held secret files and directories
+# (write_secret's and hold_private_dir's, of f"{pid}-{new_pin()}"), also
+# under their temporary names: the sweep touches nothing else.
+_HELD_NAME = re.compile(r"\.?[0-9]+-[A-Za-z0-9_-]{24}(\.[0-9]+\.tmp)?")
+
+
 def sweep_unheld(directory: Path) -> None:
     """Remove the secret files and directories in directory that no process
     holds any more (their writer ended without removing them), and the
-    temporary ones a writer that died mid-write left."""
+    temporary ones a writer that died mid-write left.
+
+    Only entries named as keychain_ext names them, of the caller, regular
+    files or directories: a foreign file, a symlink or a FIFO planted there
+    is left alone (and never opened blocking)."""
     for path in directory.iterdir():
+        if not _HELD_NAME.fullmatch(path.name):
+            continue  # not ours
         try:
             if path.name.startswith(".") and (
                 time.time() - path.lstat().st_mtime < WRITING_SECONDS
             ):
                 continue  # maybe being written right now
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             continue
         try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or not (
+                stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+            ):
+                log.warning("%s is not a file keychain_ext made: left alone", path)
+                continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             continue  # held: still needed
@@ -179,14 +321,27 @@ def read_secret(path: Path, what: Optional[str] = None) -> str:
     """A PIN or password from a file (one line; trailing newline dropped).
 
     ``what`` ("PIN file", "password file") names a file the user gave: it
-    gets a warning when group or others can read it."""
-    with open(path, encoding="utf-8") as f:
-        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-        if what is not None and mode & 0o044:
+    may be a symlink, and gets a warning when group or others can read it.
+    Without it the file is keychain_ext's own, opened with O_NOFOLLOW.
+
+    Raises:
+        ParamError: not a regular file, larger than SECRET_CAP, or not
+            UTF-8 (the message shows no byte of it).
+    """
+    name = what or "secret file"
+    data = read_regular(path, SECRET_CAP, name, follow=what is not None)
+    if what is not None:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o044:
             log.warning(
                 "%s %s is readable by group or others (mode %04o): chmod 600 it", what, path, mode
             )
-        return f.read().rstrip("\r\n")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        # the exception's text quotes the byte and its position: not shown
+        raise ParamError(detail=f"the {name} {path} is not UTF-8 text", operation="read") from None
+    return text.rstrip("\r\n")
 
 
 @contextlib.contextmanager

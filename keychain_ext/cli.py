@@ -63,6 +63,8 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (InvalidOwnerEditError, 13),
     (KeychainError, 11),
     (OSError, 12),
+    (MemoryError, 14),
+    (Exception, 15),  # a bug: reported as one line (JSON under --json) too
 ]
 
 PASSWORD_ENV = "KEYCHAIN_EXT_P12_PASSWORD"
@@ -591,13 +593,23 @@ def _log_to_stderr(args: argparse.Namespace) -> logging.Handler:
 def _report(exc: BaseException, args: argparse.Namespace) -> None:
     """One line on stderr: text, or under --json {"error": class name,
     "status": OSStatus or null, "message": ...}."""
+    if isinstance(exc, KeychainError):
+        message = exc.detail
+    elif isinstance(exc, (OSError, UsageError)):
+        message = str(exc)
+    elif isinstance(exc, MemoryError):
+        message = "out of memory"
+    else:
+        # a surprise's text may quote its input (UnicodeDecodeError shows a
+        # byte of a secret): only its class; --verbose adds the traceback
+        message = f"internal error ({type(exc).__name__}): please report it"
     if args.json:
         status = exc.status if isinstance(exc, KeychainError) else None
-        message = exc.detail if isinstance(exc, KeychainError) else str(exc)
         record = {"error": type(exc).__name__, "status": status, "message": cli_message(message)}
         print(json.dumps(record), file=sys.stderr)
         return
-    print(f"{PROG}: error: {cli_message(str(exc))}", file=sys.stderr)
+    text = str(exc) if isinstance(exc, KeychainError) else message
+    print(f"{PROG}: error: {cli_message(text)}", file=sys.stderr)
     if args.verbose and not isinstance(exc, UsageError):
         if isinstance(exc, KeychainError):
             print(
@@ -632,7 +644,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _usage_error(exc, args, parser)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
-    except (KeychainError, OSError) as exc:
+    except Exception as exc:  # KeychainError, OSError, MemoryError, a bug: one line each
         _report(exc, args)
         return exit_code(exc)
     finally:

@@ -103,8 +103,8 @@ def _p12_bytes(p12: P12Source) -> bytes:
     if isinstance(p12, (bytes, bytearray, memoryview)):
         return bytes(p12)
     if isinstance(p12, (str, os.PathLike)):
-        with open(p12, "rb") as f:  # FileNotFoundError, PermissionError, ...
-            return f.read()
+        # a FIFO, a device or a huge file: ParamError at once, nothing read
+        return _store.read_regular(p12, _store.P12_CAP, "PKCS#12 file")
     raise TypeError(f"p12 must be a path or bytes, not {type(p12).__name__}")
 
 
@@ -514,6 +514,7 @@ class Keychain:
 
         Raises:
             FileNotFoundError, PermissionError: p12 path unreadable.
+            ParamError: p12 path not a regular file, or larger than 1 MiB.
             TypeError: an argument of the wrong type.
             ParamError: empty label, NUL byte, label too long.
             DuplicateItemError: the label or the key is already present.

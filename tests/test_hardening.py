@@ -410,8 +410,12 @@ def test_what_a_writer_that_died_mid_write_left_is_swept(
 
     pins = _store.private_dir(_store.base_dir() / "pins")
     old = time.time() - 2 * _store.WRITING_SECONDS
-    dead_file, dead_dir = pins / ".1-dead.1.tmp", pins / ".1-dead-dir"
-    fresh, held = pins / ".1-fresh.1.tmp", pins / ".1-held.1.tmp"
+    # named as keychain_ext names them: the sweep touches nothing else
+    def tmp_name() -> str:
+        return f".1-{_store.new_pin()}.1.tmp"
+
+    dead_file, dead_dir = pins / tmp_name(), pins / f".1-{_store.new_pin()}"
+    fresh, held = pins / tmp_name(), pins / tmp_name()
     dead_dir.mkdir(mode=0o700)
     (dead_dir / "key.pem").write_text("names a key")
     for path in (dead_file, fresh, held):

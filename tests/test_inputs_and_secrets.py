@@ -207,7 +207,9 @@ def test_secret_files_and_directories_are_private(tmp_path: Path) -> None:
     loose = tmp_path / "loose"
     loose.mkdir(mode=0o755)
     loose.chmod(0o755)
-    assert stat.S_IMODE(private_dir(loose).stat().st_mode) == 0o700
+    with pytest.raises(PermissionError, match="not 0700"):
+        private_dir(loose)  # not ours to chmod: refused
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o755
 
 
 def test_mac_iteration_count_is_capped(

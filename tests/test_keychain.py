@@ -159,8 +159,8 @@ def test_wrong_password(kc: Keychain, token: Token, rsa_client: ClientIdentity) 
 def test_missing_and_unreadable_files(kc: Keychain, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         kc.preauth_key(tmp_path / "missing.p12", "pw", "bad")
-    with pytest.raises(IsADirectoryError):
-        kc.preauth_key(tmp_path, "pw", "bad")
+    with pytest.raises(ParamError, match="not a regular file"):
+        kc.preauth_key(tmp_path, "pw", "bad")  # a directory: refused before any read
     with pytest.raises(TypeError):
         kc.preauth_key(42, "pw", "bad")  # type: ignore[arg-type]
 
